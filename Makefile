@@ -1,0 +1,29 @@
+# Set-up is automatic: `make demo` and `make test` create .venv and install what they need.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.dymu-installed
+# torch 2.13.0 is the CPU wheel available on this machine; the package itself only needs torch>=2.4.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: demo test bench install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/dymu demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/encoder_speed.py
+
+clean:
+	rm -rf $(VENV) dymu-demo .pytest_cache

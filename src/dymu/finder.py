@@ -1,0 +1,271 @@
+"""Threshold finding (DyMU §3.1): learn one similarity threshold per layer from a set of images.
+
+Each batch of B images runs the encoder with a fixed merge budget per layer: the r_i * B best edges of
+the whole batch merge (so simple images absorb more of the budget than busy ones). The batch statistic
+of layer i is the score of the best edge that did not merge; the threshold is the mean of that statistic
+over all batches. Statistics are stored per batch in fp64 and summed in batch order, so a resumed run and
+a multi-process run give the same thresholds as one uninterrupted process on the same batches.
+
+Batches are fixed by position in the image list (batch k = images[k*B:(k+1)*B]); an image that fails to
+decode is dropped from its batch and reported, it never shifts other batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import merge as M
+from .api import run_encoder, _check_pixels
+from .images import load_batch
+from .thresholds import Thresholds
+from .vision import DymuError, get_patch, patch_tower, tower_info, unpatch_tower
+
+CHECKPOINT_FORMAT = "dymu-threshold-search"
+CHECKPOINT_VERSION = 1
+DEFAULT_MEASURE_IMAGES = 256
+
+
+def _distributed():
+    """(rank, world_size), initialising torch.distributed when launched by torchrun."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _fingerprint(names: list[str]) -> str:
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+
+
+def budgets_for(info, target_tokens: int, schedule: str) -> list[int]:
+    """Per-layer merge budget (tokens removed per image), zeros after the read layer."""
+    if not isinstance(target_tokens, int) or not 1 <= target_tokens <= info.num_patches:
+        raise DymuError(f"--target-tokens must be between 1 and {info.num_patches} (the patch count), got {target_tokens}")
+    r_total = info.num_patches - target_tokens
+    rs = M.merge_schedule(info.merge_layers, r_total, schedule)
+    try:
+        M.check_schedule(rs, info.num_tokens, info.protected)
+    except ValueError as exc:
+        raise DymuError(f"target {target_tokens} tokens with the {schedule} schedule: {exc}") from None
+    return rs + [0] * (info.num_layers - info.merge_layers)
+
+
+class _Checkpoint:
+    """Atomic JSON checkpoint of a threshold search (one file per rank)."""
+
+    def __init__(self, path: Path | None, config: dict):
+        self.path = path
+        self.config = config
+
+    def load(self) -> dict | None:
+        if self.path is None or not self.path.is_file():
+            return None
+        try:
+            data = json.loads(self.path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise DymuError(f"cannot resume: checkpoint {self.path} is corrupt; delete it to start over") from None
+        if data.get("format") != CHECKPOINT_FORMAT or data.get("version") != CHECKPOINT_VERSION:
+            raise DymuError(f"cannot resume: {self.path} is not a dymu threshold-search checkpoint of version {CHECKPOINT_VERSION}")
+        for key, value in self.config.items():
+            if data["config"].get(key) != value:
+                raise DymuError(
+                    f"cannot resume from {self.path}: it was made with {key}={data['config'].get(key)!r}, this run has {key}={value!r}"
+                )
+        return data
+
+    def save(self, statistics: dict, skipped: list) -> None:
+        if self.path is None:
+            return
+        data = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": self.config,
+                "statistics": statistics, "skipped": skipped}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, self.path)
+
+    def delete(self) -> None:
+        if self.path is not None and self.path.exists():
+            self.path.unlink()
+
+
+def calibration_statistics(model, pixel_values: torch.Tensor, budgets: list[int]) -> dict[int, float]:
+    """One batch in budget mode: {layer: statistic} for the layers whose budget is positive."""
+    patch = get_patch(model)
+    state = patch.state
+    state.mode, state.budgets = "budget", budgets
+    try:
+        run_encoder(patch, pixel_values)
+        return dict(state.statistics)
+    finally:
+        state.mode, state.budgets = "threshold", None
+
+
+def find_thresholds(
+    model,
+    images,
+    target_tokens: int,
+    schedule: str = "constant",
+    batch_size: int = 32,
+    processor=None,
+    checkpoint=None,
+    resume: bool = False,
+    progress: bool = True,
+    measure: int = DEFAULT_MEASURE_IMAGES,
+    on_batch: Callable[[int], None] | None = None,
+) -> Thresholds:
+    """Learn per-layer thresholds so that the images merge to about ``target_tokens`` tokens on average.
+
+    model: a CLIP/SigLIP vision model or a LLaVA-style VLM (its tower is used, up to its read layer).
+    images: a list of image paths / PIL images, or a pixel tensor (N, 3, H, W).
+    target_tokens: tokens out of the last merging layer, CLS not counted (the reference's "Xout").
+    schedule: constant | linear | reverse-linear. checkpoint: a file to save progress to after every batch;
+    resume=True continues from it. measure: encode up to this many images with the result to record the
+    achieved token count (0 = skip). on_batch(k) is called after batch k is done (tests use it to interrupt).
+    """
+    from tqdm.auto import tqdm
+
+    info = tower_info(model)
+    if batch_size < 1:
+        raise DymuError(f"--batch-size must be >= 1, got {batch_size}")
+    budgets = budgets_for(info, target_tokens, schedule)
+    is_tensor = isinstance(images, torch.Tensor)
+    if is_tensor:
+        pixels = _check_pixels(images, info)
+        names = [f"<tensor {i}>" for i in range(len(images))]
+    else:
+        images = list(images)
+        names = [str(getattr(im, "filename", "") or im) if not isinstance(im, (str, Path)) else str(im) for im in images]
+        if processor is None:
+            raise DymuError("find_thresholds needs the model's image processor to read image files (processor=...)")
+    if not names:
+        raise DymuError("no images to find thresholds on")
+    rank, world = _distributed()
+    num_batches = math.ceil(len(names) / batch_size)
+    config = {"identity": info.identity() | {"name_or_path": ""}, "target_tokens": target_tokens, "schedule": schedule,
+              "batch_size": batch_size, "images": _fingerprint(names), "num_images": len(names), "world_size": world, "rank": rank}
+    ckpt_path = None
+    if checkpoint is not None:
+        ckpt_path = Path(checkpoint)
+        if world > 1:
+            ckpt_path = ckpt_path.with_name(f"{ckpt_path.name}.rank{rank}-of-{world}")
+    ckpt = _Checkpoint(ckpt_path, config)
+    statistics: dict[str, list[float] | None] = {}  # batch index -> per-layer statistics (None: no readable image)
+    skipped: list[dict] = []
+    if resume:
+        data = ckpt.load()
+        if data is not None:
+            statistics, skipped = data["statistics"], data["skipped"]
+
+    mine = [k for k in range(num_batches) if k % world == rank]
+    todo = [k for k in mine if str(k) not in statistics]
+    owned = get_patch(model) is None
+    if owned:
+        patch_tower(model, [math.inf] * info.num_layers)
+    try:
+        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="finding thresholds", unit="batch",
+                   disable=not progress or rank != 0)
+        for k in todo:
+            chunk = slice(k * batch_size, (k + 1) * batch_size)
+            if is_tensor:
+                batch, failures = pixels[chunk], []
+            else:
+                batch, _, failures = load_batch(images[chunk], processor)
+                skipped += failures
+                if batch is not None:
+                    batch = _check_pixels(batch, info)
+            if batch is None:
+                statistics[str(k)] = None
+            else:
+                stats = calibration_statistics(model, batch, budgets)
+                statistics[str(k)] = [stats.get(layer, math.nan) for layer in range(info.num_layers)]
+            ckpt.save(statistics, skipped)
+            bar.update(1)
+            if on_batch is not None:
+                on_batch(k)
+        bar.close()
+    finally:
+        if owned:
+            unpatch_tower(model)
+
+    if world > 1:
+        statistics, skipped = _gather(statistics, skipped, world)
+    rows = [statistics[str(k)] for k in range(num_batches) if statistics.get(str(k)) is not None]
+    if not rows:
+        raise DymuError("no readable images: every image failed to decode (see the skipped list)")
+    table = torch.tensor(rows, dtype=torch.float64)  # (batches, layers), summed in batch order
+    sums = torch.zeros(info.num_layers, dtype=torch.float64)
+    for row in table:
+        sums += torch.nan_to_num(row, nan=0.0)
+    values = [float(sums[i] / len(rows)) if budgets[i] > 0 else math.inf for i in range(info.num_layers)]
+
+    failed = {s["image"] for s in skipped}
+    result = Thresholds(
+        values=values,
+        model=info.identity(),
+        schedule=schedule,
+        target_tokens=target_tokens,
+        budgets=budgets,
+        batch_size=batch_size,
+        images={"count": len(names) - len(failed), "batches": len(rows), "used": [n for n in names if n not in failed], "skipped": skipped},
+        source="dymu find-thresholds",
+    )
+    if measure and rank == 0:
+        subset = pixels[:measure] if is_tensor else [im for im, n in zip(images, names) if n not in failed][:measure]
+        result.achieved_tokens = measure_tokens(model, subset, result, processor=processor, batch_size=batch_size, progress=progress)
+    ckpt.delete()
+    return result
+
+
+def _gather(statistics: dict, skipped: list, world: int):
+    import torch.distributed as dist
+
+    parts = [None] * world
+    dist.all_gather_object(parts, (statistics, skipped))
+    merged_stats, merged_skipped = {}, []
+    for stats, bad in parts:
+        merged_stats.update(stats)
+        merged_skipped += bad
+    return merged_stats, merged_skipped
+
+
+def measure_tokens(model, images, thresholds: Thresholds, processor=None, batch_size: int = 32, progress: bool = False) -> dict:
+    """Encode images with the thresholds; mean / std of the token counts (CLS not counted)."""
+    from tqdm.auto import tqdm
+
+    from .api import apply, encode, remove
+
+    previous = get_patch(model)
+    previous_thresholds = getattr(previous, "thresholds", None) if previous is not None else None
+    apply(model, thresholds)
+    counts: list[int] = []
+    try:
+        for start in tqdm(range(0, len(images), batch_size), desc="measuring tokens", unit="batch", disable=not progress):
+            chunk = images[start : start + batch_size]
+            if isinstance(chunk, torch.Tensor):
+                pixel_values = chunk
+            else:
+                pixel_values, _, _ = load_batch(chunk, processor)
+                if pixel_values is None:
+                    continue
+            counts += encode(model, pixel_values).num_tokens
+    finally:
+        if previous_thresholds is not None:
+            apply(model, previous_thresholds)
+        elif previous is not None:
+            patch_tower(model, previous.state.thresholds)
+        else:
+            remove(model)
+    if not counts:
+        return {"mean": math.nan, "std": math.nan, "count": 0}
+    values = torch.tensor(counts, dtype=torch.float64)
+    return {"mean": float(values.mean()), "std": float(values.std(unbiased=False)), "count": len(counts)}

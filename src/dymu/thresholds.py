@@ -1,0 +1,167 @@
+"""The thresholds artifact: per-layer similarity thresholds plus how they were made.
+
+File format (JSON, ``format: "dymu-thresholds"``, ``version: 1``)::
+
+    {
+      "format": "dymu-thresholds", "version": 1,
+      "model": {"model_type": "clip_vision_model", "num_layers": 24, "hidden_size": 1024,
+                "image_size": 336, "patch_size": 14, "has_cls": true, "read_layer": 22,
+                "name_or_path": "..."},
+      "thresholds": [0.93, ..., null],          # one per encoder layer; null = never merge
+      "schedule": "constant", "target_tokens": 195, "budgets": [16, ...],
+      "batch_size": 32, "images": {"count": 25, "used": [...], "skipped": [{"image": ..., "error": ...}]},
+      "achieved_tokens": {"mean": 190.2, "std": 80.1, "count": 25},
+      "source": "dymu find-thresholds"
+    }
+
+``model`` is the identity check: loading onto an encoder of another family, layer count, hidden size or
+patch grid fails with a one-line message. ``read_layer`` may differ (a bare CLIP vs the tower of a
+LLaVA that reads layer -2): layers after the read layer simply do not merge.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FORMAT = "dymu-thresholds"
+VERSION = 1
+#: identity fields that must match between a thresholds file and the model it is applied to
+IDENTITY_KEYS = ("model_type", "num_layers", "hidden_size", "image_size", "patch_size")
+
+
+class ThresholdsError(ValueError):
+    """A thresholds file that cannot be read or does not fit the model."""
+
+
+@dataclass
+class Thresholds:
+    values: list[float]  # one per encoder layer, math.inf = never merge
+    model: dict | None = None  # identity of the encoder they were found on (None: unchecked)
+    schedule: str | None = None
+    target_tokens: int | None = None
+    budgets: list[int] | None = None
+    batch_size: int | None = None
+    images: dict = field(default_factory=dict)
+    achieved_tokens: dict | None = None
+    source: str = "dymu"
+    path: str | None = field(default=None, compare=False)  # the file it was loaded from, for messages
+
+    def __post_init__(self):
+        self.values = [float(v) for v in self.values]
+        for i, v in enumerate(self.values):
+            if math.isnan(v):
+                raise ThresholdsError(f"threshold of layer {i} is NaN")
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __iter__(self):
+        return iter(self.values)
+
+    def __getitem__(self, index):
+        return self.values[index]
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": self.model,
+            "thresholds": [None if math.isinf(v) and v > 0 else v for v in self.values],
+            "schedule": self.schedule,
+            "target_tokens": self.target_tokens,
+            "budgets": self.budgets,
+            "batch_size": self.batch_size,
+            "images": self.images,
+            "achieved_tokens": self.achieved_tokens,
+            "source": self.source,
+        }
+
+    def save(self, path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1, allow_nan=True) + "\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def from_json(cls, data, origin: str = "thresholds") -> "Thresholds":
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ThresholdsError(f"{origin}: not a dymu thresholds file (missing \"format\": \"{FORMAT}\")")
+        if data.get("version") != VERSION:
+            raise ThresholdsError(f"{origin}: thresholds format version {data.get('version')!r}, this dymu reads version {VERSION}")
+        raw = data.get("thresholds")
+        if not isinstance(raw, list) or not raw:
+            raise ThresholdsError(f"{origin}: \"thresholds\" must be a non-empty list")
+        try:
+            values = [math.inf if v is None else float(v) for v in raw]
+        except (TypeError, ValueError):
+            raise ThresholdsError(f"{origin}: \"thresholds\" must hold numbers or null") from None
+        return cls(
+            values=values,
+            model=data.get("model"),
+            schedule=data.get("schedule"),
+            target_tokens=data.get("target_tokens"),
+            budgets=data.get("budgets"),
+            batch_size=data.get("batch_size"),
+            images=data.get("images") or {},
+            achieved_tokens=data.get("achieved_tokens"),
+            source=data.get("source", "dymu"),
+        )
+
+    @classmethod
+    def load(cls, path) -> "Thresholds":
+        path = Path(path)
+        if not path.is_file():
+            raise ThresholdsError(f"thresholds file not found: {path}")
+        try:
+            data = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ThresholdsError(f"{path}: not valid JSON ({exc})") from None
+        result = cls.from_json(data, origin=str(path))
+        result.path = str(path)
+        return result
+
+    def check(self, identity: dict, origin: str = "thresholds") -> None:
+        """Raise ThresholdsError if these thresholds were made for another encoder."""
+        if len(self.values) != identity["num_layers"]:
+            raise ThresholdsError(
+                f"{origin}: has {len(self.values)} layer thresholds but the model's vision encoder has {identity['num_layers']} layers"
+            )
+        if self.model is None:
+            return
+        for key in IDENTITY_KEYS:
+            if key in self.model and self.model[key] != identity.get(key):
+                raise ThresholdsError(
+                    f"{origin}: made for {key}={self.model[key]!r} ({self.model.get('name_or_path') or 'unknown model'}), "
+                    f"but the model has {key}={identity.get(key)!r}"
+                )
+
+    def describe(self) -> str:
+        finite = [v for v in self.values if math.isfinite(v)]
+        text = f"{len(finite)}/{len(self.values)} merging layers"
+        if self.target_tokens is not None:
+            text += f", target {self.target_tokens} tokens"
+        if self.schedule:
+            text += f", {self.schedule} schedule"
+        if self.achieved_tokens:
+            text += f", measured {self.achieved_tokens['mean']:.1f}±{self.achieved_tokens['std']:.1f} tokens"
+        return text
+
+
+def as_thresholds(thresholds, origin: str | None = None) -> Thresholds:
+    """Accept a Thresholds, a path to a thresholds file, or a plain list of per-layer floats."""
+    if isinstance(thresholds, Thresholds):
+        return thresholds
+    if isinstance(thresholds, (str, os.PathLike)):
+        return Thresholds.load(thresholds)
+    try:
+        values = [float(v) for v in thresholds]
+    except TypeError:
+        raise ThresholdsError(
+            f"thresholds must be a dymu.Thresholds, a path or a list of floats, not {type(thresholds).__name__}"
+        ) from None
+    return Thresholds(values=values, source=origin or "list")

@@ -1,0 +1,198 @@
+"""Pictures of token-merge groups: which original patches ended up in which merged token.
+
+Inputs come from ``dymu.encode``: ``source[i]`` maps each original patch (raster order over a square
+``g x g`` grid) to the merged token that holds it. Only numpy, Pillow and matplotlib are used;
+matplotlib is imported lazily with the Agg backend so importing ``dymu`` never touches a GUI.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+MAX_PIXEL = 255  # largest uint8 value
+OUTLINE_COLOUR = (20, 20, 20)  # dark grey line between different merge groups
+BACKGROUND = (255, 255, 255)  # white canvas for composed figures
+TEXT_COLOUR = (0, 0, 0)
+MARGIN = 8  # pixels around / between panels in composed figures
+ELLIPSIS = "..."
+
+BAR_FIG_WIDTH_IN = 8.0  # bar chart width in inches
+BAR_HEIGHT_PER_NAME_IN = 0.25  # vertical space per bar
+BAR_EXTRA_HEIGHT_IN = 1.5  # title, axis labels, ticks
+BAR_MIN_HEIGHT_IN = 3.0
+BAR_DPI = 100
+
+
+def _to_numpy(x) -> np.ndarray:
+    """A torch tensor (any device / float dtype) or array-like as a numpy array."""
+    if hasattr(x, "detach"):  # torch.Tensor, without importing torch here
+        x = x.detach().cpu()
+        if x.is_floating_point():
+            x = x.float()  # bfloat16 / float16 have no (or a lossy) numpy path
+        return x.numpy()
+    return np.asarray(x)
+
+
+def denormalize(pixel_values, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """Undo processor normalisation: ``(3, H, W)`` float tensor/array -> ``(H, W, 3)`` uint8 image.
+
+    Inverts ``pixel = (x / 255 - mean) / std`` per channel, rounding to the nearest integer.
+    """
+    values = _to_numpy(pixel_values).astype(np.float64)  # (3, H, W)
+    if values.ndim != 3 or values.shape[0] != 3:
+        raise ValueError(f"expected pixel values of shape (3, H, W), got {tuple(values.shape)}")
+    mean_arr = np.asarray(mean, dtype=np.float64).reshape(3, 1, 1)
+    std_arr = np.asarray(std, dtype=np.float64).reshape(3, 1, 1)
+    unit = values * std_arr + mean_arr  # (3, H, W) in [0, 1]
+    image = np.clip(np.rint(unit * MAX_PIXEL), 0, MAX_PIXEL).astype(np.uint8)
+    return np.ascontiguousarray(image.transpose(1, 2, 0))  # (H, W, 3)
+
+
+def _pixel_labels(source, height: int, width: int) -> np.ndarray:
+    """Group index of every pixel: ``(num_patches,)`` source -> ``(H, W)`` int array."""
+    labels = _to_numpy(source).astype(np.int64).reshape(-1)  # (num_patches,)
+    grid = math.isqrt(labels.size)
+    if grid * grid != labels.size or grid == 0:
+        raise ValueError(f"source has {labels.size} patches, not a square grid")
+    if height % grid or width % grid:
+        raise ValueError(f"image of {height}x{width} pixels does not split into a {grid}x{grid} patch grid")
+    _, dense = np.unique(labels, return_inverse=True)  # group ids -> 0..n_groups-1
+    patch_labels = dense.reshape(grid, grid)  # (g, g), row-major like the patch sequence
+    return np.repeat(np.repeat(patch_labels, height // grid, axis=0), width // grid, axis=1)  # (H, W)
+
+
+def merge_map(image: np.ndarray, source) -> np.ndarray:
+    """Fill each merge group with the mean colour of its pixels and outline group boundaries.
+
+    ``image`` is ``(H, W, 3)`` uint8, ``source`` ``(num_patches,)``. Returns ``(H, W, 3)`` uint8.
+    A pixel is drawn in ``OUTLINE_COLOUR`` when its right or bottom neighbour is in another group.
+    Groups need not be contiguous.
+    """
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")
+    height, width = image.shape[:2]
+    pixels = _pixel_labels(source, height, width)  # (H, W)
+    flat = pixels.reshape(-1)  # (H*W,)
+    n_groups = int(flat.max()) + 1
+    counts = np.bincount(flat, minlength=n_groups).astype(np.float64)  # (n_groups,)
+    colours = image.reshape(-1, 3).astype(np.float64)  # (H*W, 3)
+    sums = np.stack([np.bincount(flat, weights=colours[:, c], minlength=n_groups) for c in range(3)], axis=1)
+    means = np.rint(sums / counts[:, None]).astype(np.uint8)  # (n_groups, 3)
+    out = means[pixels]  # (H, W, 3)
+
+    boundary = np.zeros((height, width), dtype=bool)  # (H, W)
+    boundary[:, :-1] |= pixels[:, :-1] != pixels[:, 1:]  # right neighbour differs
+    boundary[:-1, :] |= pixels[:-1, :] != pixels[1:, :]  # bottom neighbour differs
+    out[boundary] = OUTLINE_COLOUR
+    return out
+
+
+def _fit_text(draw: ImageDraw.ImageDraw, text: str, font, max_width: int) -> str:
+    """``text``, shortened with an ellipsis if it is wider than ``max_width`` pixels."""
+    if draw.textlength(text, font=font) <= max_width:
+        return text
+    while text and draw.textlength(text + ELLIPSIS, font=font) > max_width:
+        text = text[:-1]
+    return text + ELLIPSIS
+
+
+def _text_height(font) -> int:
+    left, top, right, bottom = font.getbbox("Ag")
+    return int(bottom) + 2  # a little leading below descenders
+
+
+def save_merge_figure(path: str | Path, image: np.ndarray, source, title: str) -> None:
+    """Write a PNG: a title line above the image (left) and its merge map (right), on white."""
+    image = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
+    mapped = merge_map(image, source)  # (H, W, 3)
+    height, width = image.shape[:2]
+    font = ImageFont.load_default()
+    title_height = _text_height(font)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    canvas_width = max(2 * width + 3 * MARGIN, int(math.ceil(probe.textlength(title, font=font))) + 2 * MARGIN)
+    canvas = Image.new("RGB", (canvas_width, height + title_height + 3 * MARGIN), BACKGROUND)
+    ImageDraw.Draw(canvas).text((MARGIN, MARGIN), title, fill=TEXT_COLOUR, font=font)
+    top = title_height + 2 * MARGIN
+    canvas.paste(Image.fromarray(image), (MARGIN, top))
+    canvas.paste(Image.fromarray(mapped), (2 * MARGIN + width, top))
+    canvas.save(path, format="PNG")
+
+
+def save_overview(
+    path: str | Path,
+    entries: Sequence[tuple[str, np.ndarray]],
+    columns: int = 5,
+    thumb: int = 192,
+) -> None:
+    """Write one PNG with a grid of ``(caption, merge_map)`` thumbnails (each fits ``thumb`` x ``thumb``)."""
+    if not entries:
+        raise ValueError("save_overview needs at least one entry")
+    if columns < 1 or thumb < 1:
+        raise ValueError("columns and thumb must be positive")
+    columns = min(columns, len(entries))
+    rows = math.ceil(len(entries) / columns)
+    font = ImageFont.load_default()
+    caption_height = _text_height(font)
+    cell_w = thumb + MARGIN
+    cell_h = thumb + caption_height + 2 * MARGIN
+    canvas = Image.new("RGB", (columns * cell_w + MARGIN, rows * cell_h + MARGIN), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    for k, (caption, array) in enumerate(entries):
+        row, col = divmod(k, columns)
+        x0, y0 = MARGIN + col * cell_w, MARGIN + row * cell_h
+        picture = Image.fromarray(np.asarray(array, dtype=np.uint8))
+        picture.thumbnail((thumb, thumb), Image.Resampling.LANCZOS)  # keeps aspect ratio
+        canvas.paste(picture, (x0 + (thumb - picture.width) // 2, y0))
+        draw.text((x0, y0 + thumb + MARGIN // 2), _fit_text(draw, caption, font, thumb), fill=TEXT_COLOUR, font=font)
+    canvas.save(path, format="PNG")
+
+
+def _bar_figsize(count: int) -> tuple[float, float]:
+    """Figure size in inches for a horizontal bar chart with ``count`` bars."""
+    height = max(BAR_MIN_HEIGHT_IN, BAR_HEIGHT_PER_NAME_IN * count + BAR_EXTRA_HEIGHT_IN)
+    return BAR_FIG_WIDTH_IN, height
+
+
+def save_token_bar_chart(
+    path: str | Path,
+    names: Sequence[str],
+    tokens: Sequence[int],
+    num_patches: int,
+    title: str,
+) -> None:
+    """Write a PNG horizontal bar chart of tokens per image (fewest at the top), dashed line at the mean."""
+    if len(names) != len(tokens):
+        raise ValueError(f"{len(names)} names but {len(tokens)} token counts")
+    if not names:
+        raise ValueError("save_token_bar_chart needs at least one image")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = sorted(range(len(names)), key=lambda i: (tokens[i], names[i]))
+    sorted_names = [names[i] for i in order]
+    sorted_tokens = [tokens[i] for i in order]
+    mean = float(np.mean(sorted_tokens))
+
+    fig, ax = plt.subplots(figsize=_bar_figsize(len(names)), dpi=BAR_DPI)
+    try:
+        positions = np.arange(len(sorted_names))
+        ax.barh(positions, sorted_tokens, color="tab:blue")
+        ax.set_yticks(positions, sorted_names)
+        ax.invert_yaxis()  # fewest tokens at the top
+        ax.axvline(mean, color="tab:red", linestyle="--", label=f"mean {mean:.1f}")
+        ax.set_xlim(0, num_patches)
+        ax.set_xlabel(f"tokens (of {num_patches} patches)")
+        ax.set_title(f"{title} ({num_patches} patches)")
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        fig.savefig(path, format="png", dpi=BAR_DPI)
+    finally:
+        plt.close(fig)

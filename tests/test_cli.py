@@ -1,0 +1,198 @@
+"""Command line: outputs, clear one-line errors, reference import."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from dymu.cli import main
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def clip_thresholds(tmp_path_factory, model_dirs, image_paths):
+    out = tmp_path_factory.mktemp("thr") / "clip.json"
+    assert main(["find-thresholds", str(model_dirs["tiny-clip"]), *image_paths[:8], "--target-tokens", "250",
+                 "--batch-size", "8", "--out", str(out)]) == 0
+    return out
+
+
+def test_find_thresholds_writes_a_versioned_file(clip_thresholds):
+    data = json.loads(Path(clip_thresholds).read_text())
+    assert data["format"] == "dymu-thresholds" and data["version"] == 1
+    assert data["model"]["num_layers"] == 4 and data["model"]["hidden_size"] == 64
+    assert len(data["thresholds"]) == 4 and data["target_tokens"] == 250 and data["schedule"] == "constant"
+    assert data["achieved_tokens"]["count"] == 8 and data["images"]["count"] == 8
+
+
+def test_encode_table_json_and_viz(capsys, model_dirs, image_dir, clip_thresholds, tmp_path):
+    images = [image_dir / "checkerboard.png", image_dir / "grass.png"]
+    code, out, _ = run(capsys, "encode", model_dirs["tiny-clip"], *images, "--thresholds", clip_thresholds, "--json")
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [Path(r["image"]).name for r in rows] == ["checkerboard.png", "grass.png"]
+    assert all(r["patches"] == 576 for r in rows) and rows[0]["tokens"] < rows[1]["tokens"]
+    code, out, _ = run(capsys, "encode", model_dirs["tiny-clip"], *images, "--thresholds", clip_thresholds,
+                       "--viz", tmp_path / "viz")
+    assert code == 0 and "checkerboard.png" in out and "mean" in out
+    assert sorted(p.name for p in (tmp_path / "viz").iterdir()) == ["checkerboard.png", "grass.png", "overview.png"]
+
+
+def test_corrupt_image_in_folder_is_skipped_and_reported(capsys, model_dirs, image_dir, clip_thresholds, tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "a.png").write_bytes((image_dir / "coins.png").read_bytes())
+    (folder / "b.jpg").write_bytes(b"garbage")
+    (folder / "notes.txt").write_text("ignored: not an image type")
+    code, out, err = run(capsys, "encode", model_dirs["tiny-clip"], folder, "--thresholds", clip_thresholds, "--json")
+    assert code == 0
+    assert [Path(json.loads(line)["image"]).name for line in out.splitlines()] == ["a.png"]
+    assert "skipped 1 image" in err and "b.jpg" in err
+    code, _, err = run(capsys, "find-thresholds", model_dirs["tiny-clip"], folder, "--target-tokens", "300",
+                       "--out", tmp_path / "t.json")
+    assert code == 0 and "b.jpg" in err
+    assert [s["image"] for s in json.loads((tmp_path / "t.json").read_text())["images"]["skipped"]] == [str(folder / "b.jpg")]
+
+
+def _one_line_error(code, err, *fragments):
+    assert code == 2
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert len(lines) == 1, err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_bad_inputs_give_clear_errors(capsys, model_dirs, image_dir, clip_thresholds, tmp_path):
+    clip_dir = model_dirs["tiny-clip"]
+    _one_line_error(*run(capsys, "encode", clip_dir, tmp_path / "missing.png", "--thresholds", clip_thresholds)[::2],
+                    "image not found", "missing.png")
+    (tmp_path / "doc.txt").write_text("x")
+    _one_line_error(*run(capsys, "encode", clip_dir, tmp_path / "doc.txt", "--thresholds", clip_thresholds)[::2],
+                    "unsupported image type", "doc.txt")
+    (tmp_path / "empty").mkdir()
+    _one_line_error(*run(capsys, "encode", clip_dir, tmp_path / "empty", "--thresholds", clip_thresholds)[::2],
+                    "no images", "empty")
+    corrupt = tmp_path / "only.png"
+    corrupt.write_bytes(b"nope")
+    _one_line_error(*run(capsys, "encode", clip_dir, corrupt, "--thresholds", clip_thresholds)[::2], "no readable images")
+    image = image_dir / "coins.png"
+    _one_line_error(*run(capsys, "encode", tmp_path / "no-such-model", image, "--thresholds", clip_thresholds)[::2],
+                    "model folder not found", "no-such-model")
+    _one_line_error(*run(capsys, "encode", model_dirs["tiny-siglip"], image, "--thresholds", clip_thresholds)[::2],
+                    "model_type", "clip_vision_model", "siglip_vision_model")
+    wrong_layers = json.loads(Path(clip_thresholds).read_text())
+    wrong_layers["thresholds"] = wrong_layers["thresholds"] + [0.5]
+    (tmp_path / "wrong.json").write_text(json.dumps(wrong_layers))
+    _one_line_error(*run(capsys, "encode", clip_dir, image, "--thresholds", tmp_path / "wrong.json")[::2],
+                    "5 layer thresholds", "4 layers")
+    (tmp_path / "bad.json").write_text("{not json")
+    _one_line_error(*run(capsys, "encode", clip_dir, image, "--thresholds", tmp_path / "bad.json")[::2], "not valid JSON")
+    future = dict(wrong_layers, version=99)
+    (tmp_path / "future.json").write_text(json.dumps(future))
+    _one_line_error(*run(capsys, "encode", clip_dir, image, "--thresholds", tmp_path / "future.json")[::2], "version 99")
+    _one_line_error(*run(capsys, "encode", clip_dir, image, "--thresholds", tmp_path / "absent.json")[::2],
+                    "thresholds file not found")
+    _one_line_error(*run(capsys, "find-thresholds", clip_dir, image, "--target-tokens", "5", "--out", tmp_path / "x.json")[::2],
+                    "target 5 tokens")
+    _one_line_error(*run(capsys, "find-thresholds", clip_dir, image, "--target-tokens", "9999", "--out", tmp_path / "x.json")[::2],
+                    "--target-tokens")
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({"image": "x"}))
+    _one_line_error(*run(capsys, "find-thresholds", clip_dir, manifest, "--target-tokens", "300", "--out", tmp_path / "x.json")[::2],
+                    "manifest must be a JSON list")
+
+
+def test_manifest_with_image_root(capsys, model_dirs, image_dir, clip_thresholds, tmp_path):
+    manifest = tmp_path / "train.json"
+    manifest.write_text(json.dumps([{"image": "coins.png"}, {"id": 3}, {"image": "moon.png"}]))
+    code, out, err = run(capsys, "encode", model_dirs["tiny-clip"], manifest, "--image-root", image_dir,
+                         "--thresholds", clip_thresholds, "--json")
+    assert code == 0 and [Path(json.loads(l)["image"]).name for l in out.splitlines()] == ["coins.png", "moon.png"]
+    assert "train.json[1]" in err
+
+
+def test_make_model_presets(capsys, tmp_path):
+    from dymu.models import load_model
+
+    code, out, _ = run(capsys, "make-model", "tiny-siglip", tmp_path / "s", "--seed", "3", "--layers", "2")
+    assert code == 0
+    model = load_model(tmp_path / "s")
+    assert type(model).__name__ == "SiglipVisionModel" and model.config.num_hidden_layers == 2
+    assert (tmp_path / "s" / "preprocessor_config.json").is_file()
+    code, _, err = run(capsys, "make-model", "tiny-siglip", tmp_path / "t", "--layers", "0")
+    assert code == 2 and "--layers" in err
+
+
+def test_full_clip_checkpoint_loads_its_vision_side(tmp_path):
+    from transformers import CLIPConfig, CLIPModel
+
+    from dymu.models import load_model
+
+    config = CLIPConfig(text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
+                        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                           image_size=56, patch_size=14), projection_dim=8)
+    torch.manual_seed(0)
+    full = CLIPModel(config).eval()
+    full.save_pretrained(tmp_path / "clip")
+    vision = load_model(tmp_path / "clip")
+    assert type(vision).__name__ == "CLIPVisionModel"
+    x = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(vision(x).last_hidden_state, full.vision_model(x).last_hidden_state, rtol=0, atol=0)
+
+
+def _reference_checkpoint(path, prefix, blocks, values, name, extra=None):
+    state = {f"{prefix}.{i}.threshold": torch.tensor(v, dtype=torch.bfloat16) for i, v in zip(range(blocks), values)}
+    state.update(extra or {})
+    torch.save({"name": name, "state_dict": state}, path)
+
+
+def test_import_reference_clip_checkpoint(capsys, tmp_path, model_dirs):
+    values = [0.99609375, 0.97265625, 1.0, 0.84765625]
+    ckpt = tmp_path / "clip_72out.pt"
+    extra = {"module.visual.conv1.weight": torch.zeros(64, 3, 14, 14),
+             "module.visual.positional_embedding": torch.zeros(577, 64)}
+    _reference_checkpoint(ckpt, "module.visual.transformer.resblocks", 4, values, "ViT-L-14-336-tome-72out-linear", extra)
+    out = tmp_path / "imported.json"
+    code, stdout, _ = run(capsys, "import-thresholds", ckpt, "--out", out)
+    assert code == 0
+    data = json.loads(out.read_text())
+    # 1.0 is the reference's never-updated sentinel -> never merge (null)
+    assert data["thresholds"] == [0.99609375, 0.97265625, None, 0.84765625]
+    assert data["model"]["model_type"] == "clip_vision_model" and data["model"]["num_layers"] == 4
+    assert (data["model"]["hidden_size"], data["model"]["image_size"], data["model"]["patch_size"]) == (64, 336, 14)
+    assert data["target_tokens"] == 72 and data["schedule"] == "linear"
+    # it applies to a matching HF model (tiny-clip has width 64, 336px, patch 14, 4 layers)
+    import dymu
+    from dymu.models import load_model
+
+    model = load_model(model_dirs["tiny-clip"])
+    dymu.apply(model, out)
+    from dymu.vision import get_patch
+
+    assert get_patch(model).state.thresholds[2] == math.inf
+
+
+def test_import_reference_onevision_checkpoint_drops_last_layer(capsys, tmp_path):
+    ckpt = tmp_path / "ov.pt"
+    _reference_checkpoint(ckpt, "module.vision_model.encoder.layers", 27, [0.9] * 27, "google/siglip-so400m-patch14-384-81out")
+    out = tmp_path / "ov.json"
+    code, _, _ = run(capsys, "import-thresholds", ckpt, "--out", out, "--num-layers", "26")
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert len(data["thresholds"]) == 26 and data["model"]["model_type"] == "siglip_vision_model"
+    assert (data["model"]["hidden_size"], data["model"]["patch_size"]) == (1152, 14)
+
+
+def test_import_rejects_non_threshold_checkpoints(capsys, tmp_path):
+    torch.save({"state_dict": {"visual.conv1.weight": torch.zeros(1)}}, tmp_path / "plain.pt")
+    _one_line_error(*run(capsys, "import-thresholds", tmp_path / "plain.pt", "--out", tmp_path / "x.json")[::2], "no per-block")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    _one_line_error(*run(capsys, "import-thresholds", tmp_path / "junk.pt", "--out", tmp_path / "x.json")[::2], "not a readable torch checkpoint")

@@ -1,0 +1,118 @@
+"""Threshold finding: target accuracy, resume, multi-process, bad images, file format."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dymu
+from dymu.finder import find_thresholds
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _interrupt_after(batch_index):
+    def on_batch(k):
+        if k == batch_index:
+            raise Interrupt
+
+    return on_batch
+
+
+@pytest.mark.parametrize("family,target", [("clip", 200), ("siglip", 300)])
+def test_mean_tokens_within_ten_percent_of_target(family, target, request, image_paths):
+    model, processor = request.getfixturevalue(family)
+    # one calibration batch (see feasibility notes: per-batch thresholds vary a lot on small sets)
+    thresholds = find_thresholds(model, image_paths, target_tokens=target, batch_size=len(image_paths),
+                                 processor=processor, progress=False)
+    achieved = thresholds.achieved_tokens
+    assert achieved["count"] == len(image_paths)
+    assert abs(achieved["mean"] - target) <= 0.1 * target, achieved
+    # independent check of the recorded figure, and dynamic behaviour: flat images get fewer tokens
+    from dymu.images import load_batch
+
+    dymu.apply(model, thresholds)
+    pixel_values, names, _ = load_batch(image_paths, processor)
+    counts = dict(zip((Path(n).stem for n in names), dymu.encode(model, pixel_values).num_tokens))
+    assert abs(sum(counts.values()) / len(counts) - achieved["mean"]) < 1e-9
+    assert counts["checkerboard"] < counts["grass"] and counts["checkerboard"] < target < counts["gravel"]
+
+
+def test_schedules_and_metadata(clip, image_paths, tmp_path):
+    model, processor = clip
+    result = find_thresholds(model, image_paths[:6], target_tokens=250, schedule="reverse-linear", batch_size=3,
+                             processor=processor, progress=False, measure=0)
+    assert result.budgets == dymu.merge.merge_schedule(4, 576 - 250, "reverse-linear")
+    assert result.images["count"] == 6 and result.images["batches"] == 2
+    assert result.model["num_layers"] == 4 and result.model["model_type"] == "clip_vision_model"
+    path = tmp_path / "t.json"
+    result.save(path)
+    loaded = dymu.Thresholds.load(path)
+    assert loaded.values == result.values and loaded.budgets == result.budgets
+    data = json.loads(path.read_text())
+    assert data["format"] == "dymu-thresholds" and data["version"] == 1
+
+
+def test_resume_gives_the_same_thresholds_as_an_uninterrupted_run(clip, image_paths, tmp_path):
+    model, processor = clip
+    kwargs = dict(target_tokens=220, batch_size=4, processor=processor, progress=False, measure=0)
+    reference = find_thresholds(model, image_paths[:14], **kwargs)
+    checkpoint = tmp_path / "run.partial"
+    with pytest.raises(Interrupt):
+        find_thresholds(model, image_paths[:14], checkpoint=checkpoint, on_batch=_interrupt_after(1), **kwargs)
+    saved = json.loads(checkpoint.read_text())
+    assert sorted(saved["statistics"]) == ["0", "1"]
+    done = []
+    resumed = find_thresholds(model, image_paths[:14], checkpoint=checkpoint, resume=True, on_batch=done.append, **kwargs)
+    assert done == [2, 3], "only the batches not yet done are run again"
+    assert resumed.values == reference.values
+    assert not checkpoint.exists(), "the checkpoint is removed once the run completes"
+
+
+def test_resume_rejects_a_checkpoint_of_another_run(clip, image_paths, tmp_path):
+    model, processor = clip
+    checkpoint = tmp_path / "run.partial"
+    with pytest.raises(Interrupt):
+        find_thresholds(model, image_paths[:8], target_tokens=220, batch_size=4, processor=processor, progress=False,
+                        measure=0, checkpoint=checkpoint, on_batch=_interrupt_after(0))
+    with pytest.raises(dymu.DymuError, match="target_tokens"):
+        find_thresholds(model, image_paths[:8], target_tokens=300, batch_size=4, processor=processor, progress=False,
+                        measure=0, checkpoint=checkpoint, resume=True)
+
+
+def test_corrupt_image_is_skipped_and_reported(clip, image_paths, tmp_path):
+    model, processor = clip
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    images = image_paths[:3] + [str(bad)] + image_paths[3:5]
+    result = find_thresholds(model, images, target_tokens=250, batch_size=3, processor=processor, progress=False, measure=0)
+    assert [s["image"] for s in result.images["skipped"]] == [str(bad)]
+    assert "cannot read image" in result.images["skipped"][0]["error"]
+    assert result.images["count"] == 5 and str(bad) not in result.images["used"]
+    clean = find_thresholds(model, image_paths[:3], target_tokens=250, batch_size=3, processor=processor, progress=False, measure=0)
+    assert len(clean.values) == 4
+
+
+def test_torchrun_two_processes_match_one_process(model_dirs, image_paths, tmp_path):
+    model_dir = model_dirs["tiny-clip"]
+    images = image_paths[:12]
+    common = [str(model_dir), *images, "--target-tokens", "220", "--batch-size", "3", "--measure", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    single = tmp_path / "single.json"
+    subprocess.run([sys.executable, "-m", "dymu.cli", "find-thresholds", *common, "--out", str(single)],
+                   check=True, env=env, capture_output=True, timeout=300)
+    double = tmp_path / "double.json"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.run([*torchrun, "-m", "dymu.cli", "find-thresholds", *common, "--out", str(double)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = json.loads(single.read_text()), json.loads(double.read_text())
+    assert one["thresholds"] == two["thresholds"]
+    assert one["images"]["batches"] == two["images"]["batches"] == 4

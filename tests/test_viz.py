@@ -1,0 +1,119 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dymu import viz
+
+GRID = 4  # patches per side
+PATCH = 6  # pixels per patch side
+SIDE = GRID * PATCH
+NUM_PATCHES = GRID * GRID
+MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP normalisation
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _random_image(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(SIDE, SIDE, 3), dtype=np.uint8)
+
+
+def test_identity_source_fills_each_patch_with_its_mean():
+    image = _random_image()
+    out = viz.merge_map(image, torch.arange(NUM_PATCHES))
+    assert out.shape == image.shape and out.dtype == np.uint8
+
+    ys, xs = np.mgrid[0:SIDE, 0:SIDE]
+    outline = ((xs % PATCH == PATCH - 1) & (xs < SIDE - 1)) | ((ys % PATCH == PATCH - 1) & (ys < SIDE - 1))
+    assert np.all(out[outline] == viz.OUTLINE_COLOUR)
+    for r in range(GRID):
+        for c in range(GRID):
+            block = np.s_[r * PATCH:(r + 1) * PATCH, c * PATCH:(c + 1) * PATCH]
+            expected = np.rint(image[block].reshape(-1, 3).mean(axis=0)).astype(np.uint8)
+            inner = out[block][~outline[block]]
+            assert len(inner) > 0
+            np.testing.assert_array_equal(inner, np.broadcast_to(expected, inner.shape))
+
+
+def test_single_group_is_one_colour_without_outlines():
+    image = _random_image(1)
+    out = viz.merge_map(image, np.zeros(NUM_PATCHES, dtype=np.int64))
+    expected = np.rint(image.reshape(-1, 3).mean(axis=0)).astype(np.uint8)
+    np.testing.assert_array_equal(out, np.broadcast_to(expected, out.shape))
+
+
+def test_left_right_halves_give_one_outline_column():
+    left, right = (200, 30, 10), (10, 90, 250)
+    image = np.empty((SIDE, SIDE, 3), dtype=np.uint8)
+    half = SIDE // 2
+    image[:, :half] = left
+    image[:, half:] = right
+    source = (np.arange(NUM_PATCHES) % GRID >= GRID // 2).astype(np.int64)  # column >= GRID/2 -> group 1
+    out = viz.merge_map(image, torch.from_numpy(source))
+
+    outline = np.all(out == viz.OUTLINE_COLOUR, axis=2)
+    assert outline.any(axis=0).nonzero()[0].tolist() == [half - 1]
+    assert outline[:, half - 1].all()
+    np.testing.assert_array_equal(out[:, : half - 1], np.broadcast_to(left, (SIDE, half - 1, 3)))
+    np.testing.assert_array_equal(out[:, half:], np.broadcast_to(right, (SIDE, half, 3)))
+
+
+def test_non_contiguous_group_ids_and_bad_shapes():
+    image = _random_image(2)
+    a = viz.merge_map(image, np.arange(NUM_PATCHES) % 2)
+    b = viz.merge_map(image, (np.arange(NUM_PATCHES) % 2) * 7 + 3)  # same groups, other ids
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError):
+        viz.merge_map(image, np.zeros(NUM_PATCHES - 1))  # not a square grid
+    with pytest.raises(ValueError):
+        viz.merge_map(image[:-1], np.zeros(NUM_PATCHES))  # height not divisible by grid
+
+
+def test_denormalize_round_trip():
+    image = _random_image(3)
+    mean = torch.tensor(MEAN).view(3, 1, 1)
+    std = torch.tensor(STD).view(3, 1, 1)
+    pixel_values = (torch.from_numpy(image).permute(2, 0, 1).float() / 255 - mean) / std  # (3, H, W)
+    back = viz.denormalize(pixel_values, MEAN, STD)
+    assert back.shape == image.shape and back.dtype == np.uint8
+    np.testing.assert_array_equal(back, image)
+    np.testing.assert_array_equal(viz.denormalize(pixel_values.bfloat16(), MEAN, STD).shape, image.shape)
+    with pytest.raises(ValueError):
+        viz.denormalize(pixel_values[None], MEAN, STD)
+
+
+def test_save_merge_figure(tmp_path):
+    path = tmp_path / "fig.png"
+    viz.save_merge_figure(path, _random_image(), torch.arange(NUM_PATCHES) // 2, "x.png: 8 tokens / 16 patches")
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        assert im.width > 2 * SIDE and im.height > SIDE
+        pixels = np.asarray(im.convert("RGB"))
+    assert tuple(pixels[0, 0]) == viz.BACKGROUND
+
+
+def test_save_overview(tmp_path):
+    maps = [(f"img{i}.png: {i} tokens", viz.merge_map(_random_image(i), np.arange(NUM_PATCHES) % (i + 1))) for i in range(7)]
+    path = tmp_path / "overview.png"
+    thumb = 40
+    viz.save_overview(path, maps, columns=3, thumb=thumb)
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        assert im.width == 3 * (thumb + viz.MARGIN) + viz.MARGIN
+        assert im.height > 3 * thumb  # three rows of thumbnails plus captions
+    with pytest.raises(ValueError):
+        viz.save_overview(tmp_path / "empty.png", [])
+
+
+def test_save_token_bar_chart(tmp_path):
+    names = ["a.png", "b.png", "c.png", "d.png"]
+    path = tmp_path / "bars.png"
+    viz.save_token_bar_chart(path, names, [120, 80, 200, 150], num_patches=576, title="tokens per image")
+    width_in, height_in = viz._bar_figsize(len(names))
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        assert im.size == (round(width_in * viz.BAR_DPI), round(height_in * viz.BAR_DPI))
+    import matplotlib.pyplot as plt
+
+    assert plt.get_fignums() == []  # figure was closed
+    with pytest.raises(ValueError):
+        viz.save_token_bar_chart(tmp_path / "bad.png", names, [1, 2], 576, "t")
