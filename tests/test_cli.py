@@ -196,3 +196,22 @@ def test_import_rejects_non_threshold_checkpoints(capsys, tmp_path):
     _one_line_error(*run(capsys, "import-thresholds", tmp_path / "plain.pt", "--out", tmp_path / "x.json")[::2], "no per-block")
     (tmp_path / "junk.pt").write_bytes(b"junk")
     _one_line_error(*run(capsys, "import-thresholds", tmp_path / "junk.pt", "--out", tmp_path / "x.json")[::2], "not a readable torch checkpoint")
+
+
+def test_vlm_folder_uses_its_tower_processor_and_feature_layer(capsys, image_paths, tmp_path):
+    """A LLaVA checkpoint folder: thresholds cover its 4 tower layers, merging stops at vision_feature_layer=-2."""
+    from dymu.models import make_image_processor
+
+    from .test_encoder import _tiny_llava
+
+    folder = tmp_path / "llava"
+    _tiny_llava().save_pretrained(folder)
+    make_image_processor("clip", 336).save_pretrained(folder)
+    out = tmp_path / "llava.json"
+    code, _, err = run(capsys, "find-thresholds", folder, *image_paths[:6], "--target-tokens", "250", "--out", out)
+    assert code == 0, err
+    data = json.loads(out.read_text())
+    assert data["model"]["read_layer"] == 2 and data["budgets"][3] == 0 and data["thresholds"][3] is None
+    assert sum(data["budgets"]) == 576 - 250
+    code, stdout, _ = run(capsys, "encode", folder, *image_paths[:6], "--thresholds", out, "--json")
+    assert code == 0 and len(stdout.splitlines()) == 6

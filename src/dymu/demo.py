@@ -84,7 +84,7 @@ def run_demo(out_dir: Path, layers: int | None = None, target_tokens: int | None
         figures.append((f"{stem}: {encoding.num_tokens[i]}", merge_map(image, encoding.source[i])))
     save_overview(out_dir / "overview.png", figures)
     save_token_bar_chart(out_dir / "tokens_per_image.png", [Path(n).stem for n in names], encoding.num_tokens,
-                         encoding.num_patches, f"DToMe tokens per image (random-weight CLIP-L/14-336, target {target_tokens})")
+                         encoding.num_patches, f"DToMe tokens per image, target {target_tokens}")
     print(f"      {out_dir}/overview.png, {out_dir}/tokens_per_image.png, {maps_dir}/*.png, {out_dir}/thresholds.json")
     print(f"\ndone in {time.time() - started:.0f} s. The same on a real checkpoint (needs the hub):")
     print(f"  dymu find-thresholds {REAL_CHECKPOINT} IMAGES --target-tokens {target_tokens} --out clip-l-336-mid.json")

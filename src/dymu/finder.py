@@ -144,7 +144,7 @@ def find_thresholds(
         names = [f"<tensor {i}>" for i in range(len(images))]
     else:
         images = list(images)
-        names = [str(getattr(im, "filename", "") or im) if not isinstance(im, (str, Path)) else str(im) for im in images]
+        names = [str(im) if isinstance(im, (str, Path)) else f"<image {i}>" for i, im in enumerate(images)]
         if processor is None:
             raise DymuError("find_thresholds needs the model's image processor to read image files (processor=...)")
     if not names:
