@@ -47,8 +47,9 @@ def test_mean_tokens_within_ten_percent_of_target(family, target, request, image
 
 def test_schedules_and_metadata(clip, image_paths, tmp_path):
     model, processor = clip
+    # no processor given: the one saved in the model's checkpoint folder is used
     result = find_thresholds(model, image_paths[:6], target_tokens=250, schedule="reverse-linear", batch_size=3,
-                             processor=processor, progress=False, measure=0)
+                             progress=False, measure=0)
     assert result.budgets == dymu.merge.merge_schedule(4, 576 - 250, "reverse-linear")
     assert result.images["count"] == 6 and result.images["batches"] == 2
     assert result.model["num_layers"] == 4 and result.model["model_type"] == "clip_vision_model"

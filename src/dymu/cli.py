@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -59,8 +60,11 @@ def cmd_find_thresholds(args) -> None:
     )
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
-        return
+    if dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if rank != 0:
+            return
     result.images["skipped"] = image_set.skipped + result.images.get("skipped", [])
     result.save(out)
     _report_skipped(result.images["skipped"])
@@ -202,8 +206,11 @@ def main(argv=None) -> int:
     try:
         args.func(args)
     except (DymuError, ValueError, OSError) as exc:
+        if os.environ.get("DYMU_DEBUG"):
+            raise
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"dymu {args.command}: error: {message}", file=sys.stderr)
+        print(f"dymu {args.command}: error: {message} (DYMU_DEBUG=1 shows the traceback)"
+              if not isinstance(exc, DymuError) else f"dymu {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dymu {args.command}: interrupted", file=sys.stderr)

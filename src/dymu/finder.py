@@ -48,6 +48,16 @@ def _fingerprint(names: list[str]) -> str:
     return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
 
 
+def _default_processor(model):
+    """The image processor saved with the model's checkpoint folder, for image files given without one."""
+    from .models import load_processor
+
+    name = getattr(getattr(model, "config", None), "_name_or_path", "")
+    if not name or not Path(name).is_dir():
+        raise DymuError("find_thresholds needs the model's image processor to read image files (processor=...)")
+    return load_processor(name)
+
+
 def budgets_for(info, target_tokens: int, schedule: str) -> list[int]:
     """Per-layer merge budget (tokens removed per image), zeros after the read layer."""
     if not isinstance(target_tokens, int) or not 1 <= target_tokens <= info.num_patches:
@@ -146,7 +156,7 @@ def find_thresholds(
         images = list(images)
         names = [str(im) if isinstance(im, (str, Path)) else f"<image {i}>" for i, im in enumerate(images)]
         if processor is None:
-            raise DymuError("find_thresholds needs the model's image processor to read image files (processor=...)")
+            processor = _default_processor(model)
     if not names:
         raise DymuError("no images to find thresholds on")
     rank, world = _distributed()

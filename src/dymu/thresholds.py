@@ -27,13 +27,15 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .vision import DymuError
+
 FORMAT = "dymu-thresholds"
 VERSION = 1
 #: identity fields that must match between a thresholds file and the model it is applied to
 IDENTITY_KEYS = ("model_type", "num_layers", "hidden_size", "image_size", "patch_size")
 
 
-class ThresholdsError(ValueError):
+class ThresholdsError(DymuError):
     """A thresholds file that cannot be read or does not fit the model."""
 
 

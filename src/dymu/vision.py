@@ -103,7 +103,9 @@ def tower_info(model: nn.Module) -> TowerInfo:
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "vision_config", None) is not None and config.model_type not in ("clip", "siglip"):
         inner = getattr(model, "model", model)
-        tower = getattr(inner, "vision_tower", None) or getattr(model, "vision_tower", None)
+        tower = getattr(inner, "vision_tower", None)
+        if tower is None:
+            tower = getattr(model, "vision_tower", None)
         if tower is None:
             raise DymuError(f"{type(model).__name__} has no vision_tower")
         read_layer = _read_layer_from_feature_layer(config.vision_feature_layer, tower.config.num_hidden_layers)
