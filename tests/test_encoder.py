@@ -169,7 +169,8 @@ def test_onevision_tower_is_siglip_read_at_last_layer():
     model = _tiny_onevision()
     info = tower_info(model)
     assert info.model_type == "siglip_vision_model" and info.read_layer == 2 and info.protected == 0
-    dymu.apply(model, [-math.inf] * 3)
+    with pytest.warns(UserWarning, match="only the vision tower"):
+        dymu.apply(model, [-math.inf] * 3)
     assert dymu.encode(model, torch.randn(1, 3, 384, 384)).layer_tokens == [[365, 183, 92]]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -13,25 +14,42 @@ from .thresholds import Thresholds, as_thresholds
 from .vision import DymuError, get_patch, patch_tower, tower_info, unpatch_tower
 
 
-def apply(model: nn.Module, thresholds) -> nn.Module:
+def apply(model: nn.Module, thresholds, vtu: str = "fast") -> nn.Module:
     """Make the vision encoder of ``model`` merge tokens dynamically. Patches the instance in place.
 
     ``thresholds``: a ``dymu.Thresholds``, a path to a thresholds file, or a list with one float per encoder
     layer (``float("inf")`` = never merge). Works on ``CLIPVisionModel``, ``SiglipVisionModel`` and the
     vision tower of LLaVA / LLaVA-OneVision models (merging stops at ``vision_feature_layer``).
-    Returns ``model``. Applying again replaces the previous thresholds.
+    On a LLaVA model the language model is patched too, so stock ``generate`` works: ``vtu="fast"`` (virtual
+    token unmerging, Q/K/V expanded before RoPE), ``"exact"`` (the paper's C/S decomposition) or ``"none"``
+    (compact: merged tokens fed directly; build inputs with ``dymu.prepare_inputs``).
+    Returns ``model``. Applying again replaces the previous settings.
     """
+    from .llava import is_vlm, patch_vlm, supports_language_side
+
     info = tower_info(model)
     thresholds = as_thresholds(thresholds)
     thresholds.check(info.identity(), origin=_origin(thresholds))
     patch_tower(model, thresholds.values)
     get_patch(model).thresholds = thresholds
+    if is_vlm(model) and not supports_language_side(model):
+        warnings.warn(f"dymu: {type(model).__name__}: only the vision tower merges (use dymu.encode); "
+                      "generation with merged tokens is supported for LLaVA-1.5 so far", stacklevel=2)
+    elif is_vlm(model):
+        try:
+            patch_vlm(model, vtu)
+        except Exception:
+            unpatch_tower(model)
+            raise
     return model
 
 
 def remove(model: nn.Module) -> nn.Module:
     """Restore the original model exactly (no-op on an unpatched model)."""
+    from .llava import unpatch_vlm
+
     unpatch_tower(model)
+    unpatch_vlm(model)
     return model
 
 

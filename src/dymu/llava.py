@@ -1,0 +1,273 @@
+"""Thin adapter: DyMU on LLaVA-style VLMs (LlavaForConditionalGeneration; Llama / Qwen2 language models).
+
+Patches the model *instance*:
+
+* ``model.model.get_image_features``: the vision tower merges (``dymu.vision``), the projector runs on the
+  merged tokens, and each image's features are expanded back to its placeholder positions (virtual mode,
+  ``vtu="fast"|"exact"``) or returned merged (compact mode, ``vtu="none"``). Each feature tensor carries its
+  merge groups (``_dymu_source``), which survive ``generate``'s beam expansion (it repeats list entries).
+* ``model.model.forward``: builds the ``VirtualMap`` of the prompt (image placeholder positions + groups) and
+  hands it to the language model for this one forward (prefill). Decode steps see no images: stock path.
+* language model: the first decoder layer compresses the full-length hidden states to the unique tokens,
+  every attention layer expands Q/K/V to the full positions before RoPE, stores full-length K/V in the cache
+  and reduces its output back (``dymu.vtu``); the last layer expands again. Norms and MLPs run on the unique
+  tokens only. Positions, masks, cache length and left padding are exactly those of the unmerged model.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from dataclasses import dataclass, field
+from types import MethodType
+
+import torch
+from torch import nn
+
+from . import vtu as V
+from .vision import DymuError
+
+VTU_MODES = ("fast", "exact", "none")
+PATCH_ATTRIBUTE = "_dymu_llava_patch"
+
+
+@dataclass
+class LlavaState:
+    vtu: str
+    pending: V.VirtualMap | None = None  # built by the VLM forward, taken by the first decoder layer
+    active: V.VirtualMap | None = None  # map of the forward in flight
+
+
+@dataclass
+class LlavaPatch:
+    state: LlavaState
+    modules: list = field(default_factory=list)
+
+
+def is_vlm(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None) in ("llava", "llava_onevision")
+
+
+def supports_language_side(model: nn.Module) -> bool:
+    """VTU / compact generation is implemented for LLaVA-1.5 (LlavaModel with a Llama or Qwen2 decoder)."""
+    return type(getattr(model, "model", model)).__name__ == "LlavaModel"
+
+
+def _vlm_parts(model: nn.Module):
+    """(LlavaModel-like base, language model) of a VLM."""
+    base = getattr(model, "model", model)
+    language_model = getattr(base, "language_model", None)
+    if language_model is None or not hasattr(base, "multi_modal_projector"):
+        raise DymuError(f"{type(model).__name__}: expected a LLaVA-style model with a language_model and multi_modal_projector")
+    return base, language_model
+
+
+def _model_module(module: nn.Module):
+    return sys.modules[type(module).__module__]
+
+
+def _selected_tokens(encoding, index: int, strategy: str, protected: int):
+    """Tokens and groups of image ``index`` as the VLM reads them (CLS kept only by the "full" strategy)."""
+    tokens, source = encoding.tokens[index], encoding.source[index]
+    if strategy == "full" and protected:
+        tokens = torch.cat((encoding.cls[index][None], tokens))
+        source = torch.cat((source.new_zeros(1), source + 1))
+    return tokens, source
+
+
+def _get_image_features(state: LlavaState):
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    from .api import encode
+    from .vision import tower_info
+
+    def get_image_features(self, pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs):
+        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
+        if layer != self.config.vision_feature_layer:
+            raise DymuError(f"dymu merges up to the configured vision_feature_layer {self.config.vision_feature_layer}, got {layer}")
+        if not isinstance(layer, int):
+            raise DymuError("dymu supports a single vision_feature_layer (merged token sets differ between layers)")
+        if kwargs.get("image_sizes") is not None and type(self).__name__ != "LlavaModel":
+            raise DymuError(f"{type(self).__name__}: image_sizes (AnyRes crops) are not supported yet")
+        info = tower_info(self)
+        encoding = encode(self, pixel_values)
+        features = []
+        for i in range(len(encoding)):
+            tokens, source = _selected_tokens(encoding, i, strategy, info.protected)
+            projected = self.multi_modal_projector(tokens[None])[0]  # (n_i, text hidden)
+            feature = projected if state.vtu == "none" else projected[source]  # (n_i or positions, hidden)
+            feature._dymu_source = source
+            features.append(feature)
+        return BaseModelOutputWithPooling(pooler_output=features, last_hidden_state=None)
+
+    return get_image_features
+
+
+def _image_mask(base, input_ids, inputs_embeds) -> torch.Tensor:
+    token = base.config.image_token_id
+    if input_ids is not None:
+        return input_ids == token
+    embedded = base.get_input_embeddings()(torch.full((), token, dtype=torch.long, device=inputs_embeds.device))
+    return (inputs_embeds == embedded).all(-1)
+
+
+def _vlm_forward(state: LlavaState):
+    def forward(self, *args, **kwargs):
+        bound = inspect.signature(type(self).forward).bind(self, *args, **kwargs)
+        arguments = dict(bound.arguments)
+        arguments.pop("self")
+        extra = arguments.pop("kwargs", {})
+        state.pending = None
+        if arguments.get("pixel_values") is not None and arguments.get("mm_encoder_outputs") is None:
+            arguments["mm_encoder_outputs"] = {"image": self.get_image_features(
+                pixel_values=arguments.pop("pixel_values"),
+                vision_feature_layer=arguments.get("vision_feature_layer"),
+                vision_feature_select_strategy=arguments.get("vision_feature_select_strategy"),
+                image_sizes=arguments.get("image_sizes"),
+            )}
+        image_outputs = (arguments.get("mm_encoder_outputs") or {}).get("image")
+        if image_outputs is not None:
+            features = list(image_outputs.pooler_output)
+            sources = [getattr(f, "_dymu_source", None) for f in features]
+            mask = _image_mask(self, arguments.get("input_ids"), arguments.get("inputs_embeds"))
+            visual_tokens = sum(f.shape[0] for f in features)
+            if int(mask.sum()) != visual_tokens:
+                hint = "build compact inputs with dymu.prepare_inputs" if state.vtu == "none" else "put one <image> per image in the prompt"
+                raise DymuError(
+                    f"{len(features)} image(s) give {visual_tokens} visual tokens but the prompt(s) have "
+                    f"{int(mask.sum())} image placeholder tokens ({hint})"
+                )
+            if state.vtu != "none" and all(s is not None for s in sources):
+                try:
+                    state.pending = V.build_map(mask, sources)
+                except ValueError as exc:
+                    raise DymuError(str(exc)) from None
+        return type(self).forward(self, **arguments, **extra)
+
+    return forward
+
+
+def _decoder_layer_forward(state: LlavaState, first: bool, last: bool):
+    def forward(self, hidden_states, *args, **kwargs):
+        if first:
+            state.active, state.pending = state.pending, None
+            if state.active is not None:
+                if hidden_states.shape[1] != state.active.num_full:
+                    state.active = None
+                else:
+                    hidden_states = V.compress(hidden_states, state.active)  # (batch, unique, hidden)
+        output = type(self).forward(self, hidden_states, *args, **kwargs)
+        if last and state.active is not None:
+            output = V.expand(output, state.active)  # (batch, full, hidden)
+            state.active = None
+        return output
+
+    return forward
+
+
+def _to_additive(mask: torch.Tensor | None, query: torch.Tensor, kv_length: int) -> torch.Tensor:
+    """HF masks (None = causal, bool = keep, float = additive) as an additive float mask (batch|1, 1, q, kv)."""
+    dtype = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
+    q_length = query.shape[-2]
+    if mask is None:
+        q_pos = torch.arange(kv_length - q_length, kv_length, device=query.device)
+        keep = torch.arange(kv_length, device=query.device)[None, :] <= q_pos[:, None]
+        mask = keep[None, None]
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=query.device).masked_fill(~mask, torch.finfo(dtype).min)
+    return mask[..., :kv_length].to(dtype)
+
+
+def _attention_forward(state: LlavaState):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        vmap = state.active
+        if vmap is None:
+            return type(self).forward(self, hidden_states, position_embeddings=position_embeddings,
+                                      attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
+        module = _model_module(self)
+        batch, unique, _ = hidden_states.shape  # (batch, unique, hidden)
+        shape = (batch, unique, -1, self.head_dim)
+        query = V.expand_heads(self.q_proj(hidden_states).view(shape).transpose(1, 2), vmap)  # (batch, heads, full, d)
+        key = V.expand_heads(self.k_proj(hidden_states).view(shape).transpose(1, 2), vmap)  # (batch, kv heads, full, d)
+        value = V.expand_heads(self.v_proj(hidden_states).view(shape).transpose(1, 2), vmap)
+        cos, sin = position_embeddings  # (batch, full, d)
+        if state.vtu == "exact":
+            attn_output, attn_weights = _exact_attention(self, module, query, key, value, cos, sin, attention_mask, past_key_values)
+        else:
+            query, key = module.apply_rotary_pos_emb(query, key, cos, sin)
+            if past_key_values is not None:
+                key, value = past_key_values.update(key, value, self.layer_idx)
+            interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, module.eager_attention_forward)
+            if getattr(self, "sliding_window", None) is not None:
+                kwargs["sliding_window"] = self.sliding_window
+            attn_output, attn_weights = interface(
+                self, query, key, value, attention_mask,
+                dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **kwargs,
+            )  # (batch, full, heads, d)
+        attn_output = attn_output.reshape(batch, vmap.num_full, -1)
+        attn_output = V.reduce(attn_output, vmap)  # (batch, unique, heads * d)
+        return self.o_proj(attn_output), attn_weights
+
+    return forward
+
+
+def _exact_attention(self, module, query, key, value, cos, sin, attention_mask, past_key_values):
+    """Scores from the C/S decomposition on merged Q/K (no rotated Q is formed); eager softmax."""
+    if past_key_values is not None:
+        if past_key_values.get_seq_length(self.layer_idx) != 0:
+            raise DymuError("vtu='exact' needs an empty KV cache at prefill")
+        rotated_key = key * cos[:, None] + V.rotate_half(key) * sin[:, None]
+        past_key_values.update(rotated_key, value, self.layer_idx)  # the cache holds what the fast path stores
+    groups = query.shape[1] // key.shape[1]
+    key, value = module.repeat_kv(key, groups), module.repeat_kv(value, groups)
+    scores = V.exact_scores(query, key, cos, sin, self.scaling)  # (batch, heads, full, full)
+    scores = scores + _to_additive(attention_mask, query, key.shape[-2]).to(scores.dtype)
+    softmax_dtype = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
+    weights = torch.softmax(scores, dim=-1, dtype=softmax_dtype).to(query.dtype)
+    output = (weights @ value).transpose(1, 2).contiguous()  # (batch, full, heads, d)
+    return output, weights
+
+
+def patch_vlm(model: nn.Module, vtu: str) -> LlavaPatch:
+    if vtu not in VTU_MODES:
+        raise DymuError(f"vtu must be one of {', '.join(VTU_MODES)}, got {vtu!r}")
+    base, language_model = _vlm_parts(model)
+    if type(base).__name__ != "LlavaModel":
+        raise DymuError(f"{type(base).__name__}: the language-model side of dymu supports LLaVA-1.5 (LlavaModel) so far")
+    unpatch_vlm(model)
+    state = LlavaState(vtu=vtu)
+    patch = LlavaPatch(state=state)
+    base.get_image_features = MethodType(_get_image_features(state), base)
+    base.forward = MethodType(_vlm_forward(state), base)
+    patch.modules.append(base)
+    layers = language_model.layers
+    for index, layer in enumerate(layers):
+        if index == 0 or index == len(layers) - 1:
+            layer.forward = MethodType(_decoder_layer_forward(state, index == 0, index == len(layers) - 1), layer)
+            patch.modules.append(layer)
+        layer.self_attn.forward = MethodType(_attention_forward(state), layer.self_attn)
+        patch.modules.append(layer.self_attn)
+    setattr(base, PATCH_ATTRIBUTE, patch)
+    return patch
+
+
+def get_vlm_patch(model: nn.Module) -> LlavaPatch | None:
+    base = getattr(model, "model", model)
+    return getattr(base, PATCH_ATTRIBUTE, None)
+
+
+def unpatch_vlm(model: nn.Module) -> bool:
+    base = getattr(model, "model", model)
+    patch = getattr(base, PATCH_ATTRIBUTE, None)
+    if patch is None:
+        return False
+    for module in patch.modules:
+        for name in ("forward", "get_image_features"):
+            if name in module.__dict__:
+                delattr(module, name)
+    delattr(base, PATCH_ATTRIBUTE)
+    return True

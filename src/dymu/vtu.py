@@ -1,0 +1,135 @@
+"""Virtual token unmerging (VTU, DyMU §3.2): pure tensor functions, no model knowledge.
+
+The language model sees a *full-length* sequence (every image keeps all its placeholder positions, so
+positions, masks and the KV cache are those of the unmerged model) but computes on the *unique* tokens:
+text tokens plus one token per merge group. ``VirtualMap`` links the two per batch row:
+
+* ``compress``: full -> unique (every member of a group carries the same features; take one copy),
+* ``expand``: unique -> full (copy each unique token to all its positions),
+* ``reduce``: full -> unique by the mean over each token's positions (``(MᵀM)⁻¹Mᵀ`` in the paper).
+
+Attention (``fast_scores`` / ``exact_scores``) runs at full length with RoPE at the full positions; the
+exact path evaluates the paper's C/S decomposition on the merged Q/K, reassociated into matrix products.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class VirtualMap:
+    """Full sequence positions <-> unique tokens, per batch row."""
+
+    full_to_unique: torch.Tensor  # (batch, full) unique index of every position
+    unique_to_full: torch.Tensor  # (batch, unique) first full position of each unique token (padding -> 0)
+    counts: torch.Tensor  # (batch, unique) positions per unique token, 0 on padding
+    unique_lengths: torch.Tensor  # (batch,) unique tokens per row
+
+    @property
+    def num_full(self) -> int:
+        return self.full_to_unique.shape[1]
+
+    @property
+    def num_unique(self) -> int:
+        return self.unique_to_full.shape[1]
+
+
+def build_map(image_mask: torch.Tensor, sources: list[torch.Tensor]) -> VirtualMap:
+    """Build the map from image placeholder positions and each image's merge groups.
+
+    image_mask: (batch, full) bool, True on image placeholder positions. Images fill them in row-major
+    order (as ``masked_scatter`` does): image k takes the next ``len(sources[k])`` positions, all in one row.
+    sources[k]: (positions of image k,) group index of every position of image k (raster order).
+    """
+    batch, full = image_mask.shape
+    device = image_mask.device
+    positions = torch.arange(full, device=device)
+    representative = positions.expand(batch, full).clone()  # (batch, full) first position of each one's group
+    placeholders = image_mask.nonzero()  # (total, 2) rows, columns in row-major order
+    expected = sum(int(s.numel()) for s in sources)
+    if expected != placeholders.shape[0]:
+        raise ValueError(
+            f"{len(sources)} image(s) need {expected} image placeholder tokens but the prompt(s) have {placeholders.shape[0]}"
+        )
+    offset = 0
+    for source in sources:
+        count = source.numel()
+        rows, columns = placeholders[offset : offset + count].unbind(-1)
+        offset += count
+        if count and not bool((rows == rows[0]).all()):
+            raise ValueError("an image's placeholder tokens are split across batch rows")
+        groups = int(source.max()) + 1 if count else 0
+        first = torch.full((groups,), full, dtype=torch.long, device=device)
+        first = first.scatter_reduce(0, source.to(device), columns, reduce="amin")
+        if count:
+            representative[rows[0], columns] = first[source.to(device)]
+    is_first = representative == positions  # (batch, full)
+    unique_index = is_first.long().cumsum(-1) - 1  # (batch, full)
+    full_to_unique = unique_index.gather(1, representative)
+    unique_lengths = is_first.sum(-1)
+    num_unique = int(unique_lengths.max()) if batch else 0
+    unique_to_full = torch.zeros(batch, num_unique, dtype=torch.long, device=device)
+    rows, columns = is_first.nonzero().unbind(-1)
+    unique_to_full[rows, unique_index[rows, columns]] = columns
+    counts = torch.zeros(batch, num_unique, dtype=torch.long, device=device).scatter_add_(
+        1, full_to_unique, torch.ones_like(full_to_unique)
+    )
+    return VirtualMap(full_to_unique=full_to_unique, unique_to_full=unique_to_full, counts=counts, unique_lengths=unique_lengths)
+
+
+def compress(hidden: torch.Tensor, vmap: VirtualMap) -> torch.Tensor:
+    """(batch, full, dim) -> (batch, unique, dim): one copy per unique token."""
+    return hidden.gather(1, vmap.unique_to_full[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
+def expand(hidden: torch.Tensor, vmap: VirtualMap) -> torch.Tensor:
+    """(batch, unique, dim) -> (batch, full, dim)."""
+    return hidden.gather(1, vmap.full_to_unique[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
+def expand_heads(states: torch.Tensor, vmap: VirtualMap) -> torch.Tensor:
+    """(batch, heads, unique, head_dim) -> (batch, heads, full, head_dim)."""
+    batch, heads, _, head_dim = states.shape
+    index = vmap.full_to_unique[:, None, :, None].expand(batch, heads, -1, head_dim)
+    return states.gather(2, index)
+
+
+def reduce(hidden: torch.Tensor, vmap: VirtualMap) -> torch.Tensor:
+    """(batch, full, dim) -> (batch, unique, dim): mean over each unique token's positions (fp32 or wider)."""
+    acc = torch.float32 if hidden.dtype in (torch.float16, torch.bfloat16) else hidden.dtype
+    batch, _, dim = hidden.shape
+    sums = torch.zeros(batch, vmap.num_unique, dim, dtype=acc, device=hidden.device)
+    sums.scatter_add_(1, vmap.full_to_unique[..., None].expand(-1, -1, dim), hidden.to(acc))
+    return (sums / vmap.counts.clamp_min(1)[..., None].to(acc)).to(hidden.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def exact_scores(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scaling: float) -> torch.Tensor:
+    """RoPE attention logits at full length from the paper's C/S decomposition.
+
+    q: (batch, heads, full, head_dim) merged queries gathered to full length, *before* RoPE; k likewise
+    (heads already repeated for GQA); cos, sin: (batch, full, head_dim) HF tables (halves duplicated).
+
+    A = C M (Q·K) Mᵀ C + S M (Q·K) Mᵀ S + S M (Q×K) Mᵀ C − C M (Q×K) Mᵀ S with Q·K = q¹k¹ᵀ + q²k²ᵀ and
+    Q×K = q¹k²ᵀ − q²k¹ᵀ, reassociated into one product of width 4·head_dim:
+    [Cq, Sq, S(q¹, −q²), Cq] · [Ck, Sk, C(k², k¹), S(−k², k¹)]ᵀ.
+    """
+    half = q.shape[-1] // 2
+    c, s = cos[:, None], sin[:, None]  # (batch, 1, full, head_dim)
+    q1, q2 = q[..., :half], q[..., half:]
+    k1, k2 = k[..., :half], k[..., half:]
+    cq, sq = c * q, s * q
+    ck, sk = c * k, s * k
+    cross_q = torch.cat((s[..., :half] * q1, -s[..., half:] * q2), dim=-1)
+    cross_k = torch.cat((c[..., :half] * k2, c[..., half:] * k1), dim=-1)
+    cross_k2 = torch.cat((-s[..., :half] * k2, s[..., half:] * k1), dim=-1)
+    left = torch.cat((cq, sq, cross_q, cq), dim=-1)  # (batch, heads, full, 4 * head_dim)
+    right = torch.cat((ck, sk, cross_k, cross_k2), dim=-1)
+    return (left @ right.transpose(-1, -2)) * scaling  # (batch, heads, full, full)

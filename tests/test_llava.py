@@ -1,0 +1,221 @@
+"""DyMU on LLaVA: virtual token unmerging (fast and exact), stock generate, batching, positions."""
+
+import math
+
+import pytest
+import torch
+
+import dymu
+from dymu import vtu as V
+from dymu.llava import get_vlm_patch
+
+IMAGE_TOKEN = 99
+PAD = 0
+PATCHES = 576
+#: thresholds that merge the tiny random tower to very different counts per image
+MERGING = [0.6, 0.5, 0.4, 0.3]
+
+
+def tiny_llava(kv_heads=2, seed=0, layers=2):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+                              image_size=336, patch_size=14, hidden_act="quick_gelu")
+    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                       num_key_value_heads=kv_heads, vocab_size=100, pad_token_id=PAD, bos_token_id=1, eos_token_id=98)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
+                                                      vision_feature_layer=-2)).eval()
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+def prompt(prefix, suffix, images=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    parts = [torch.randint(2, 90, (prefix,), generator=g)]
+    for _ in range(images):
+        parts += [torch.full((PATCHES,), IMAGE_TOKEN), torch.randint(2, 90, (suffix,), generator=g)]
+    return torch.cat(parts)
+
+
+def left_pad(rows):
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), PAD)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def images(image_dir):
+    from dymu.images import load_batch
+    from dymu.models import make_image_processor
+
+    values, _, _ = load_batch([str(image_dir / f"{n}.png") for n in ("checkerboard", "grass", "coins")], make_image_processor("clip", 336))
+    return values
+
+
+def logits(model, ids, mask, pixels):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+
+
+@pytest.mark.parametrize("vtu", ["fast", "exact"])
+def test_no_merging_equals_stock_model_and_generate(vtu, images):
+    model = tiny_llava()
+    ids, mask = left_pad([prompt(5, 7, seed=1), prompt(2, 4, seed=2)])
+    pixels = images[:2]
+    stock = logits(model, ids, mask, pixels)
+    stock_tokens = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=5, do_sample=False)
+    dymu.apply(model, [math.inf] * 4, vtu=vtu)
+    patched = logits(model, ids, mask, pixels)
+    if vtu == "fast":
+        assert torch.equal(patched, stock), "singleton groups: the fast path is the stock computation"
+    else:  # padding positions attend to nothing: their (unused) logits are backend-defined
+        torch.testing.assert_close(patched[mask.bool()], stock[mask.bool()], rtol=1e-5, atol=1e-5)
+    tokens = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=5, do_sample=False)
+    assert torch.equal(tokens, stock_tokens)
+    dymu.remove(model)
+    assert get_vlm_patch(model) is None
+    assert torch.equal(logits(model, ids, mask, pixels), stock)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["MHA", "GQA"])
+def test_exact_vtu_equals_fast_vtu(kv_heads, images):
+    model = tiny_llava(kv_heads=kv_heads)
+    ids, mask = left_pad([prompt(5, 7, seed=1), prompt(2, 4, seed=2)])
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
+        model = model.to(dtype)
+        pixels = images[:2].to(dtype)
+        dymu.apply(model, MERGING, vtu="fast")
+        assert max(dymu.encode(model, pixels).num_tokens) < PATCHES // 2, "inputs must really be merged"
+        fast = logits(model, ids, mask, pixels)
+        dymu.apply(model, MERGING, vtu="exact")
+        exact = logits(model, ids, mask, pixels)
+        torch.testing.assert_close(exact[mask.bool()], fast[mask.bool()], rtol=tol, atol=tol)
+
+
+def test_one_vtu_attention_layer_equals_expand_attend_mean():
+    """Spec §9 oracles 8-9: VTU attention == stock RoPE attention at full length, then the mean per group."""
+    model = tiny_llava(kv_heads=2).double()
+    language_model = model.model.language_model
+    ids, mask = left_pad([prompt(3, 5, seed=3), prompt(1, 2, seed=4)])
+    g = torch.Generator().manual_seed(5)
+    sources = [torch.randint(0, 40, (PATCHES,), generator=g), torch.randint(0, 200, (PATCHES,), generator=g)]
+    vmap = V.build_map(ids == IMAGE_TOKEN, sources)
+    unique_hidden = torch.randn(2, vmap.num_unique, 64, dtype=torch.float64, generator=g)
+    full_hidden = V.expand(unique_hidden, vmap)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    cos_sin = language_model.rotary_emb(full_hidden, positions)
+    from transformers.masking_utils import create_causal_mask
+
+    causal = create_causal_mask(config=language_model.config, inputs_embeds=full_hidden, attention_mask=mask,
+                                past_key_values=None, position_ids=positions)
+    attention = language_model.layers[0].self_attn
+    with torch.no_grad():
+        reference = V.reduce(attention(full_hidden, position_embeddings=cos_sin, attention_mask=causal)[0], vmap)
+        dymu.apply(model, MERGING, vtu="fast")
+        state = get_vlm_patch(model).state
+        for mode in ("fast", "exact"):
+            state.vtu, state.active = mode, vmap
+            merged = attention(unique_hidden, position_embeddings=cos_sin, attention_mask=causal)[0]
+            state.active = None
+            valid = torch.arange(vmap.num_unique)[None] < vmap.unique_lengths[:, None]
+            valid &= mask.gather(1, vmap.unique_to_full).bool()  # padding rows attend to nothing
+            torch.testing.assert_close(merged[valid], reference[valid], rtol=1e-10, atol=1e-10)
+
+
+def test_map_groups_positions_and_checks_counts():
+    ids, _ = left_pad([prompt(2, 3, images=2, seed=6), prompt(1, 1, seed=7)])
+    sources = [torch.zeros(PATCHES, dtype=torch.long), torch.arange(PATCHES) % 3, torch.arange(PATCHES)]
+    vmap = V.build_map(ids == IMAGE_TOKEN, sources)
+    # row 0: 2 + 1 (one group) + 3 + 3 (three groups) + 3 text tokens; row 1: pads + 1 + 576 + 1
+    assert vmap.unique_lengths.tolist() == [2 + 1 + 3 + 3 + 3, ids.shape[1] - (PATCHES + 2) + 1 + PATCHES + 1]
+    assert torch.equal(vmap.counts.sum(-1), torch.full((2,), ids.shape[1]))
+    # mapping is non-decreasing on text and surjective
+    for row in range(2):
+        own = vmap.full_to_unique[row]
+        assert torch.equal(torch.unique(own), torch.arange(int(vmap.unique_lengths[row])))
+    hidden = torch.randn(2, vmap.num_unique, 4)
+    assert torch.equal(V.compress(V.expand(hidden, vmap), vmap)[:, :12][0], hidden[0, :12])
+    with pytest.raises(ValueError, match="placeholder"):
+        V.build_map(ids == IMAGE_TOKEN, sources[:2])
+
+
+def test_left_padded_batch_equals_each_prompt_alone(images):
+    model = tiny_llava(kv_heads=2)
+    dymu.apply(model, MERGING, vtu="fast")
+    counts = dymu.encode(model, images).num_tokens
+    assert len(set(counts)) == 3, "the three images must merge to different counts"
+    rows = [prompt(5, 7, seed=1), prompt(2, 4, seed=2), prompt(9, 3, seed=3)]
+    ids, mask = left_pad(rows)
+    batched = logits(model, ids, mask, images)
+    batched_tokens = model.generate(input_ids=ids, attention_mask=mask, pixel_values=images, max_new_tokens=5, do_sample=False)
+    for i, row in enumerate(rows):
+        alone = logits(model, row[None], torch.ones(1, len(row), dtype=torch.long), images[i : i + 1])
+        torch.testing.assert_close(batched[i, -len(row):], alone[0], rtol=1e-4, atol=1e-4)
+        alone_tokens = model.generate(input_ids=row[None], pixel_values=images[i : i + 1], max_new_tokens=5, do_sample=False)
+        assert torch.equal(batched_tokens[i, -5:], alone_tokens[0, -5:])
+
+
+def test_two_images_in_one_prompt(images):
+    model = tiny_llava()
+    ids, mask = left_pad([prompt(3, 4, images=2, seed=8), prompt(2, 5, seed=9)])
+    pixels = images  # row 0 takes images 0 and 1, row 1 takes image 2
+    stock = logits(model, ids, mask, pixels)
+    dymu.apply(model, [math.inf] * 4)
+    assert torch.equal(logits(model, ids, mask, pixels), stock)
+    dymu.apply(model, MERGING)
+    batched = logits(model, ids, mask, pixels)
+    row = ids[0][mask[0].bool()]
+    alone = logits(model, row[None], torch.ones(1, len(row), dtype=torch.long), pixels[:2])
+    torch.testing.assert_close(batched[0, -len(row):], alone[0], rtol=1e-4, atol=1e-4)
+    tokens = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=3, num_beams=2)
+    assert tokens.shape == (2, ids.shape[1] + 3)
+
+
+def test_positions_and_cache_are_full_length(images):
+    """The first text token after an image keeps its unmerged RoPE position; the KV cache has full length."""
+    model = tiny_llava()
+    ids = prompt(4, 6, seed=10)[None]
+    seen = {}
+
+    def capture(name):
+        def hook(module, args, kwargs):
+            seen[name] = kwargs["position_embeddings"][0].clone()  # cos: (batch, positions, head_dim)
+        return hook
+
+    attention = model.model.language_model.layers[1].self_attn
+    handle = attention.register_forward_pre_hook(capture("stock"), with_kwargs=True)
+    with torch.no_grad():
+        stock = model(input_ids=ids, pixel_values=images[:1], use_cache=True)
+    handle.remove()
+    dymu.apply(model, MERGING)
+    handle = attention.register_forward_pre_hook(capture("merged"), with_kwargs=True)
+    with torch.no_grad():
+        merged = model(input_ids=ids, pixel_values=images[:1], use_cache=True)
+    handle.remove()
+    assert dymu.encode(model, images[:1]).num_tokens[0] < PATCHES
+    first_text = 4 + PATCHES
+    assert torch.equal(seen["merged"], seen["stock"])
+    assert torch.equal(seen["merged"][0, first_text], seen["stock"][0, first_text])
+    assert merged.past_key_values.get_seq_length() == stock.past_key_values.get_seq_length() == ids.shape[1]
+
+
+def test_bad_inputs(images, model_dirs):
+    model = tiny_llava()
+    with pytest.raises(dymu.DymuError, match="vtu must be one of"):
+        dymu.apply(model, MERGING, vtu="sometimes")
+    assert get_vlm_patch(model) is None and not dymu.is_applied(model)
+    from dymu.models import load_model
+
+    siglip_thresholds = dymu.find_thresholds(load_model(model_dirs["tiny-siglip"]), images[:2].new_zeros(2, 3, 384, 384),
+                                             target_tokens=400, progress=False, measure=0)
+    with pytest.raises(dymu.ThresholdsError, match="siglip_vision_model"):
+        dymu.apply(model, siglip_thresholds)
+    dymu.apply(model, MERGING)
+    text_only = torch.randint(2, 90, (1, 12))
+    with pytest.raises(dymu.DymuError, match="0 image placeholder tokens"):
+        logits(model, text_only, torch.ones_like(text_only), images[:1])
