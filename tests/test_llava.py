@@ -219,3 +219,90 @@ def test_bad_inputs(images, model_dirs):
     text_only = torch.randint(2, 90, (1, 12))
     with pytest.raises(dymu.DymuError, match="0 image placeholder tokens"):
         logits(model, text_only, torch.ones_like(text_only), images[:1])
+
+
+@pytest.fixture(scope="module")
+def tiny_llava_dir(tmp_path_factory):
+    from dymu.models import make_model
+
+    return make_model("tiny-llava", tmp_path_factory.mktemp("llava") / "tiny-llava")
+
+
+def test_preset_ships_a_real_processor_and_compact_mode_works(tiny_llava_dir, image_dir):
+    from dymu.data import bundled_image
+    from dymu.models import load_model, load_processor
+
+    model, processor = load_model(tiny_llava_dir), load_processor(tiny_llava_dir, full=True)
+    assert type(processor).__name__ == "LlavaProcessor"
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}],
+                                         add_generation_prompt=True)
+    photos = [bundled_image("checkerboard"), bundled_image("grass")]
+    stock_inputs = processor(images=photos, text=[text, text], return_tensors="pt", padding=True)
+    assert int((stock_inputs["input_ids"] == model.config.image_token_id).sum()) == 2 * PATCHES
+    with torch.no_grad():
+        stock = model(**stock_inputs).logits
+    # compact mode with no merging is the stock model
+    dymu.apply(model, [math.inf] * 4, vtu="none")
+    inputs = dymu.prepare_inputs(model, processor, photos, [text, text])
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, stock)
+    # compact mode really shrinks the sequence and the KV cache; batch == one by one
+    dymu.apply(model, MERGING, vtu="none")
+    inputs = dymu.prepare_inputs(model, processor, photos, [text, text])
+    counts = get_vlm_patch(model).state.last_encoding.num_tokens
+    assert inputs["attention_mask"].sum(-1).tolist() == [stock_inputs["attention_mask"][i].sum().item() - PATCHES + counts[i] for i in range(2)]
+    batched = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    for i in range(2):
+        alone = model.generate(**dymu.prepare_inputs(model, processor, photos[i : i + 1], [text]), max_new_tokens=4, do_sample=False)
+        assert torch.equal(batched[i, -4:], alone[0, -4:])
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+    assert out.past_key_values.get_seq_length() == inputs["input_ids"].shape[1] < stock_inputs["input_ids"].shape[1]
+    with pytest.raises(dymu.DymuError, match="<image> tokens in the prompts"):
+        dymu.prepare_inputs(model, processor, photos, [text, "no image here"])
+
+
+def test_config_section_and_enable(tiny_llava_dir, image_paths, tmp_path, capsys):
+    import json
+    import shutil
+
+    from dymu.cli import main
+    from dymu.models import load_model
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_llava_dir, folder)
+    thresholds = tmp_path / "thr.json"
+    assert main(["find-thresholds", str(folder), *image_paths[:6], "--target-tokens", "200", "--out", str(thresholds), "--measure", "0"]) == 0
+    assert main(["enable", str(folder), "--thresholds", str(thresholds), "--vtu", "exact"]) == 0
+    section = json.loads((folder / "config.json").read_text())["dymu"]
+    assert section == {"thresholds": "dymu_thresholds.json", "vtu": "exact"}
+    model = dymu.from_pretrained(folder)
+    assert get_vlm_patch(model).state.vtu == "exact" and dymu.is_applied(model)
+    reference = load_model(folder)
+    dymu.apply(reference, thresholds, vtu="exact")
+    ids = prompt(3, 4, seed=11)[None]
+    pixels = torch.randn(1, 3, 336, 336)
+    ids[ids == IMAGE_TOKEN] = model.config.image_token_id
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, pixel_values=pixels).logits, reference(input_ids=ids, pixel_values=pixels).logits)
+    capsys.readouterr()
+    code = main(["generate", str(folder), "--image", image_paths[0], "--prompt", "What?", "--max-new-tokens", "3", "--compare"])
+    out = capsys.readouterr().out
+    assert code == 0 and "[DyMU (vtu=exact)]" in out and "[unmerged]" in out and "estimated prefill FLOPs" in out
+
+
+def test_generate_cli_errors(tiny_llava_dir, image_paths, tmp_path, capsys, model_dirs):
+    from dymu.cli import main
+
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    assert main(["generate", str(tiny_llava_dir), "--image", str(bad), "--prompt", "hi"]) == 2
+    assert "cannot read image" in capsys.readouterr().err
+    siglip_thr = tmp_path / "siglip.json"
+    assert main(["find-thresholds", str(model_dirs["tiny-siglip"]), *image_paths[:3], "--target-tokens", "400", "--out", str(siglip_thr), "--measure", "0"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(tiny_llava_dir), "--image", image_paths[0], "--prompt", "hi", "--thresholds", str(siglip_thr)]) == 2
+    err = capsys.readouterr().err
+    assert "siglip_vision_model" in err and str(siglip_thr) in err
+    assert main(["generate", str(tiny_llava_dir), "--image", image_paths[0], "--prompt", "<image> <image> two?"]) == 2
+    assert "2 <image> placeholder(s) but 1 --image" in capsys.readouterr().err

@@ -40,7 +40,10 @@ def _report_skipped(skipped: list[dict]) -> None:
 def cmd_make_model(args) -> None:
     from .models import make_model
 
-    out = make_model(args.preset, args.out_dir, seed=args.seed, layers=args.layers)
+    import torch
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    out = make_model(args.preset, args.out_dir, seed=args.seed, layers=args.layers, dtype=dtype)
     print(f"wrote random-weight {args.preset} checkpoint to {out}")
 
 
@@ -144,6 +147,134 @@ def cmd_import_thresholds(args) -> None:
     print(f"wrote {args.out}: {result.describe()} ({result.model.get('model_type')}, {len(result)} layers)")
 
 
+def _prompt_text(processor, prompt: str, num_images: int) -> str:
+    """Use the prompt as is when it holds <image> placeholders; otherwise wrap it with the chat template."""
+    if "<image>" in prompt:
+        if prompt.count("<image>") != num_images:
+            raise DymuError(f"the prompt has {prompt.count('<image>')} <image> placeholder(s) but {num_images} --image given")
+        return prompt
+    if getattr(processor, "chat_template", None):
+        content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]
+        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return "<image>\n" * num_images + prompt
+
+
+def _run_generate(model, processor, images, text, max_new_tokens: int, compact: bool) -> dict:
+    import time
+
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from . import api
+
+    class FirstStep(LogitsProcessor):
+        """Timestamps the first call, which follows the prefill forward."""
+
+        def __init__(self):
+            self.first = None
+
+        def __call__(self, input_ids, scores):
+            if self.first is None:
+                self.first = time.perf_counter()
+            return scores
+
+    if compact:
+        inputs = api_prepare(model, processor, images, text)
+    else:
+        inputs = processor(images=images, text=[text], return_tensors="pt", padding=True)
+    clock = FirstStep()
+    start = time.perf_counter()
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                logits_processor=LogitsProcessorList([clock]))
+    end = time.perf_counter()
+    new_tokens = output[0, inputs["input_ids"].shape[1]:]
+    return {"answer": processor.decode(new_tokens, skip_special_tokens=True).strip(), "prefill": clock.first - start,
+            "decode": end - clock.first, "new_tokens": len(new_tokens), "prompt_length": inputs["input_ids"].shape[1]}
+
+
+def api_prepare(model, processor, images, text):
+    from .llava import prepare_inputs
+
+    return prepare_inputs(model, processor, images, [text])
+
+
+def _estimated_flops_ratio(model, prompt_length: int, vtu: str) -> float:
+    """Estimated prefill FLOPs (vision encoder + language model) relative to the unmerged model."""
+    from .flops import decoder_prefill_flops, encoder_flops
+    from .llava import get_vlm_patch
+    from .vision import tower_info
+
+    info = tower_info(model)
+    encoding = get_vlm_patch(model).state.last_encoding
+    text = model.config.text_config
+    head_dim = info.hidden_size // info.num_heads
+    vision = dict(num_tokens=info.num_tokens, protected=info.protected, hidden=info.hidden_size,
+                  intermediate=info.intermediate_size, head_dim=head_dim)
+    full_vision = sum(encoder_flops([info.num_patches] * (info.read_layer + 1), merging=False, **vision) for _ in encoding.tokens)
+    merged_vision = sum(encoder_flops(t, **vision) for t in encoding.layer_tokens)
+    merged_tokens = sum(encoding.num_tokens)
+    full = prompt_length if vtu != "none" else prompt_length - merged_tokens + info.num_patches * len(encoding.tokens)
+    unique = full - info.num_patches * len(encoding.tokens) + merged_tokens
+    kv_hidden = text.num_key_value_heads * (text.hidden_size // text.num_attention_heads)
+    language = dict(hidden=text.hidden_size, kv_hidden=kv_hidden, intermediate=text.intermediate_size, layers=text.num_hidden_layers)
+    stock = full_vision + decoder_prefill_flops(full, full, mode="stock", **language)
+    merged = merged_vision + decoder_prefill_flops(full, unique, mode=vtu, **language)
+    return merged / stock
+
+
+def cmd_generate(args) -> None:
+    from . import api
+    from .images import open_image
+    from .models import config_section, describe, load_model, load_processor, _section_thresholds
+
+    images = [open_image(path) for path in args.image]
+    model = load_model(args.model)
+    processor = load_processor(args.model, full=True)
+    print(f"model: {args.model} ({describe(model)})", file=sys.stderr)
+    section = config_section(args.model) or {}
+    thresholds = args.thresholds or (_section_thresholds(args.model, section) if section else None)
+    vtu = args.vtu or section.get("vtu", "fast")
+    text = _prompt_text(processor, args.prompt, len(images))
+    runs = []
+    if thresholds is not None:
+        api.apply(model, thresholds, vtu=vtu)
+        merged = _run_generate(model, processor, images, text, args.max_new_tokens, compact=vtu == "none")
+        encoding = __import__("dymu.llava", fromlist=["get_vlm_patch"]).get_vlm_patch(model).state.last_encoding
+        merged["tokens"] = encoding.num_tokens
+        merged["flops"] = _estimated_flops_ratio(model, merged["prompt_length"], vtu)
+        runs.append((f"DyMU (vtu={vtu})", merged))
+        api.remove(model)
+    if thresholds is None or args.compare:
+        runs.append(("unmerged", _run_generate(model, processor, images, text, args.max_new_tokens, compact=False)))
+    from .vision import tower_info
+
+    patches = tower_info(model).num_patches
+    for label, run in runs:
+        print(f"[{label}] {run['answer']}")
+        counts = run.get("tokens", [patches] * len(images))
+        per_image = ", ".join(f"{Path(p).name}: {n}/{patches}" for p, n in zip(args.image, counts))
+        flops = f"; estimated prefill FLOPs {100 * run['flops']:.1f}% of unmerged" if "flops" in run else ""
+        print(f"  visual tokens {per_image}; prefill {run['prefill'] * 1000:.0f} ms, decode {run['decode'] * 1000:.0f} ms "
+              f"for {run['new_tokens']} tokens{flops}")
+    if thresholds is None:
+        print("(no thresholds: pass --thresholds FILE or enable them with `dymu enable`)", file=sys.stderr)
+
+
+def cmd_enable(args) -> None:
+    from .models import enable
+
+    path = enable(args.checkpoint, args.thresholds, vtu=args.vtu)
+    print(f"wrote the \"dymu\" section of {path}: dymu.from_pretrained and every dymu command now apply these thresholds")
+
+
+def cmd_convert_llava(args) -> None:
+    from .convert import convert_llava
+
+    out = convert_llava(args.src, args.dst, vision_tower=args.vision_tower)
+    print(f"wrote transformers LLaVA checkpoint to {out}")
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -157,13 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dymu {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from .models import PRESETS
+    from .models import ALL_PRESETS
 
     p = sub.add_parser("make-model", help="write a random-weight checkpoint of a real architecture")
-    p.add_argument("preset", choices=sorted(PRESETS))
+    p.add_argument("preset", choices=ALL_PRESETS)
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--layers", type=int, help="number of encoder layers (default: the preset's)")
+    p.add_argument("--layers", type=int, help="encoder layers (vision presets) or language-model layers (LLaVA presets)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weight dtype (llava-1.5-7b at full depth needs bfloat16 on 24 GiB)")
     p.set_defaults(func=cmd_make_model)
 
     p = sub.add_parser("find-thresholds", help="learn per-layer merge thresholds from a set of images")
@@ -185,6 +317,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--viz", metavar="DIR", help="write a merge-map PNG per image and overview.png here")
     p.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("generate", help="answer a prompt about images with DyMU (and optionally the unmerged model)")
+    p.add_argument("model", help="local LLaVA checkpoint folder or hub id")
+    p.add_argument("--image", action="append", required=True, help="an image file (repeat for several images)")
+    p.add_argument("--prompt", required=True, help="the question; <image> placeholders optional (added by the chat template)")
+    p.add_argument("--thresholds", help="thresholds file (default: the checkpoint's \"dymu\" config section)")
+    p.add_argument("--vtu", choices=["fast", "exact", "none"], help="virtual token unmerging mode (default: fast)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--compare", action="store_true", help="also run the unmerged model and print both answers")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("enable", help="store thresholds in a checkpoint's config.json so loading applies DyMU")
+    p.add_argument("checkpoint")
+    p.add_argument("--thresholds", required=True)
+    p.add_argument("--vtu", default="fast", choices=["fast", "exact", "none"])
+    p.set_defaults(func=cmd_enable)
+
+    p = sub.add_parser("convert-llava", help="convert an original LLaVA checkpoint (liuhaotian layout) to transformers format")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--vision-tower", help="local CLIP checkpoint folder (default: the source's mm_vision_tower)")
+    p.set_defaults(func=cmd_convert_llava)
 
     p = sub.add_parser("import-thresholds", help="convert a DyMU reference threshold checkpoint to a dymu thresholds file")
     p.add_argument("checkpoint")

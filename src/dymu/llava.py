@@ -34,6 +34,7 @@ PATCH_ATTRIBUTE = "_dymu_llava_patch"
 @dataclass
 class LlavaState:
     vtu: str
+    last_encoding: object = None  # dymu.Encoding of the last images encoded (token counts, per-layer counts)
     pending: V.VirtualMap | None = None  # built by the VLM forward, taken by the first decoder layer
     active: V.VirtualMap | None = None  # map of the forward in flight
 
@@ -93,16 +94,76 @@ def _get_image_features(state: LlavaState):
             raise DymuError(f"{type(self).__name__}: image_sizes (AnyRes crops) are not supported yet")
         info = tower_info(self)
         encoding = encode(self, pixel_values)
+        state.last_encoding = encoding
         features = []
         for i in range(len(encoding)):
             tokens, source = _selected_tokens(encoding, i, strategy, info.protected)
             projected = self.multi_modal_projector(tokens[None])[0]  # (n_i, text hidden)
-            feature = projected if state.vtu == "none" else projected[source]  # (n_i or positions, hidden)
-            feature._dymu_source = source
+            if state.vtu == "none":  # compact: merged tokens in raster order of the first patch each covers
+                feature = projected[raster_order(source, projected.shape[0])]
+            else:  # virtual: every placeholder position gets its group's token
+                feature = projected[source]
+                feature._dymu_source = source
             features.append(feature)
         return BaseModelOutputWithPooling(pooler_output=features, last_hidden_state=None)
 
     return get_image_features
+
+
+def raster_order(source: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Token indices sorted by the first patch (raster order) each token covers. source: (patches,)."""
+    first = torch.full((num_tokens,), source.numel(), dtype=torch.long, device=source.device)
+    first = first.scatter_reduce(0, source, torch.arange(source.numel(), device=source.device), reduce="amin")
+    return torch.argsort(first)
+
+
+def prepare_inputs(model, processor, images, text, **processor_kwargs) -> dict:
+    """Inputs for compact mode (``vtu="none"``): each image's placeholders shrink to its merged token count.
+
+    Encodes the images once, then returns ``input_ids``, ``attention_mask`` (left padded) and
+    ``mm_encoder_outputs`` for ``model(**inputs)`` / ``model.generate(**inputs)``.
+    """
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    patch = get_vlm_patch(model)
+    if patch is None or patch.state.vtu != "none":
+        raise DymuError("dymu.prepare_inputs is for compact mode: dymu.apply(model, thresholds, vtu=\"none\") first")
+    base, _ = _vlm_parts(model)
+    try:
+        inputs = processor(images=images, text=text, return_tensors="pt", padding=True, **processor_kwargs)
+    except ValueError as exc:
+        raise DymuError(str(exc).splitlines()[0]) from None
+    with torch.no_grad():
+        features = base.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+    token = base.config.image_token_id
+    rows, image = [], 0
+    for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"]):
+        ids = ids[mask.bool()]
+        pieces, start = [], 0
+        is_image = (ids == token).long()
+        starts = ((is_image[1:] - is_image[:-1]) == 1).nonzero().flatten() + 1
+        starts = ([0] if bool(is_image[0]) else []) + starts.tolist()
+        for run_start in starts:
+            run_end = run_start
+            while run_end < len(ids) and ids[run_end] == token:
+                run_end += 1
+            if image >= len(features):
+                raise DymuError(f"the prompts have more image placeholders than the {len(features)} image(s) given")
+            pieces += [ids[start:run_start], ids.new_full((features[image].shape[0],), token)]
+            start, image = run_end, image + 1
+        pieces.append(ids[start:])
+        rows.append(torch.cat(pieces))
+    if image != len(features):
+        raise DymuError(f"{len(features)} image(s) given but the prompts have {image} image placeholder(s)")
+    pad = processor.tokenizer.pad_token_id or 0
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row):] = row
+        attention_mask[i, width - len(row):] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=list(features))}}
 
 
 def _image_mask(base, input_ids, inputs_embeds) -> torch.Tensor:

@@ -41,12 +41,66 @@ PRESETS = {
 }
 
 
-def build_preset(name: str, seed: int = 0, layers: int | None = None):
-    """Return (model, image_processor) with random weights for a preset."""
+#: LLaVA presets: vision preset + Llama text config. ``--layers`` cuts the language model's depth.
+LLAVA_PRESETS = {
+    "llava-1.5-7b": (
+        "clip-vit-l-14-336",
+        dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+             vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5),
+    ),
+    "tiny-llava": (
+        "tiny-clip",
+        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=576, max_position_embeddings=2048, rms_norm_eps=1e-5),
+    ),
+}
+ALL_PRESETS = (*PRESETS, *LLAVA_PRESETS)
+
+
+def build_llava_preset(name: str, seed: int = 0, layers: int | None = None, dtype: torch.dtype | None = None):
+    """Return (LlavaForConditionalGeneration, LlavaProcessor) with random weights and a real tokenizer."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    from .tokenizer import CHAT_TEMPLATE, build_tokenizer
+
+    vision_name, text_kwargs = LLAVA_PRESETS[name]
+    vision_kwargs = PRESETS[vision_name][1]
+    text_kwargs = dict(text_kwargs)
+    if layers is not None:
+        if layers < 1:
+            raise DymuError(f"--layers must be >= 1, got {layers}")
+        text_kwargs["num_hidden_layers"] = layers
+    tokenizer = build_tokenizer()
+    if len(tokenizer) > text_kwargs["vocab_size"]:
+        raise DymuError(f"{name}: tokenizer has {len(tokenizer)} tokens, more than the vocabulary {text_kwargs['vocab_size']}")
+    text = LlamaConfig(**text_kwargs, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id)
+    config = LlavaConfig(vision_config=CLIPVisionConfig(**vision_kwargs), text_config=text,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+                         vision_feature_select_strategy="default", image_seq_length=(336 // 14) ** 2)
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        model = LlavaForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    processor = LlavaProcessor(image_processor=make_image_processor("clip", vision_kwargs["image_size"]), tokenizer=tokenizer,
+                               patch_size=vision_kwargs["patch_size"], vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
+    return model, processor
+
+
+def build_preset(name: str, seed: int = 0, layers: int | None = None, dtype: torch.dtype | None = None):
+    """Return (model, processor) with random weights for a preset (an image processor for bare encoders)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
+    if name in LLAVA_PRESETS:
+        return build_llava_preset(name, seed=seed, layers=layers, dtype=dtype)
     if name not in PRESETS:
-        raise DymuError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        raise DymuError(f"unknown preset {name!r}; choose one of: {', '.join(ALL_PRESETS)}")
     family, kwargs = PRESETS[name]
     kwargs = dict(kwargs)
     if layers is not None:
@@ -58,6 +112,8 @@ def build_preset(name: str, seed: int = 0, layers: int | None = None):
         model = CLIPVisionModel(CLIPVisionConfig(**kwargs))
     else:
         model = SiglipVisionModel(SiglipVisionConfig(**kwargs))
+    if dtype is not None:
+        model = model.to(dtype)
     model.eval()
     return model, make_image_processor(family, kwargs["image_size"])
 
@@ -76,8 +132,8 @@ def make_image_processor(family: str, image_size: int):
     return SiglipImageProcessorPil(size={"height": image_size, "width": image_size}, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD)
 
 
-def make_model(name: str, out_dir, seed: int = 0, layers: int | None = None) -> Path:
-    model, processor = build_preset(name, seed=seed, layers=layers)
+def make_model(name: str, out_dir, seed: int = 0, layers: int | None = None, dtype: torch.dtype | None = None) -> Path:
+    model, processor = build_preset(name, seed=seed, layers=layers, dtype=dtype)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -138,11 +194,16 @@ def _model_class(model_type: str, name: str):
     return classes[model_type]
 
 
-def load_processor(name_or_path):
-    """The image processor saved with a checkpoint (PIL backend when torchvision is absent)."""
-    from transformers import AutoImageProcessor
+def load_processor(name_or_path, full: bool = False):
+    """The image processor saved with a checkpoint (PIL backend when torchvision is absent).
+
+    ``full=True`` returns the checkpoint's multimodal processor (tokenizer + image processor) instead.
+    """
+    from transformers import AutoImageProcessor, AutoProcessor
 
     try:
+        if full:
+            return AutoProcessor.from_pretrained(str(name_or_path))
         return AutoImageProcessor.from_pretrained(str(name_or_path))
     except Exception as exc:
         raise DymuError(f"cannot load the image processor of {name_or_path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
@@ -161,3 +222,67 @@ def describe(model) -> str:
 
 def config_json(path) -> dict:
     return json.loads((Path(path) / "config.json").read_text())
+
+
+#: key of the DyMU settings inside a checkpoint's config.json
+CONFIG_SECTION = "dymu"
+#: file name the thresholds get inside a checkpoint folder (``dymu enable``)
+THRESHOLDS_IN_CHECKPOINT = "dymu_thresholds.json"
+
+
+def config_section(name_or_path) -> dict | None:
+    """The ``"dymu"`` section of a local checkpoint's config.json, if any."""
+    path = Path(str(name_or_path)).expanduser() / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        section = json.loads(path.read_text()).get(CONFIG_SECTION)
+    except json.JSONDecodeError as exc:
+        raise DymuError(f"{path}: not valid JSON ({exc})") from None
+    if section is not None and (not isinstance(section, dict) or "thresholds" not in section):
+        raise DymuError(f"{path}: the \"{CONFIG_SECTION}\" section needs a \"thresholds\" entry (a file name or a list)")
+    return section
+
+
+def _section_thresholds(name_or_path, section: dict):
+    thresholds = section["thresholds"]
+    if isinstance(thresholds, str):
+        path = Path(str(name_or_path)).expanduser() / thresholds
+        return str(path)
+    return [float("inf") if t is None else float(t) for t in thresholds]
+
+
+def from_pretrained(name_or_path, dtype: torch.dtype | None = None, thresholds=None, vtu: str | None = None):
+    """Load a model; apply DyMU from its config.json ``"dymu"`` section (or from ``thresholds``/``vtu``)."""
+    from .api import apply
+
+    model = load_model(name_or_path, dtype=dtype)
+    section = config_section(name_or_path) or {}
+    if thresholds is None and section:
+        thresholds = _section_thresholds(name_or_path, section)
+    if thresholds is not None:
+        apply(model, thresholds, vtu=vtu or section.get("vtu", "fast"))
+    return model
+
+
+def enable(checkpoint, thresholds, vtu: str = "fast") -> Path:
+    """Write a ``"dymu"`` section into a checkpoint folder's config.json (the thresholds file is copied in)."""
+    from .llava import VTU_MODES
+    from .thresholds import Thresholds
+
+    folder = Path(str(checkpoint)).expanduser()
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise DymuError(f"not a checkpoint folder (no config.json): {folder}")
+    if vtu not in VTU_MODES:
+        raise DymuError(f"--vtu must be one of {', '.join(VTU_MODES)}, got {vtu!r}")
+    loaded = Thresholds.load(thresholds)
+    model = load_model(folder)  # checks the thresholds against the real encoder, as dymu.apply will
+    from .vision import tower_info
+
+    loaded.check(tower_info(model).identity(), origin=str(thresholds))
+    loaded.save(folder / THRESHOLDS_IN_CHECKPOINT)
+    config = json.loads(config_path.read_text())
+    config[CONFIG_SECTION] = {"thresholds": THRESHOLDS_IN_CHECKPOINT, "vtu": vtu}
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return config_path
