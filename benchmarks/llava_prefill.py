@@ -1,0 +1,159 @@
+"""LLaVA-1.5 prefill with DyMU vs the unmerged model, as ratios measured in one run.
+
+LLaVA-1.5-7B architecture (CLIP ViT-L/14-336 tower, Llama-7B width) with random weights and the language
+model cut to a few layers (--llm-layers, default 2: compute per layer does not depend on depth), CPU, fp32.
+Thresholds for DyMU-low / mid / high (~90 / ~195 / ~395 tokens at LLaVA's layer -2) are found on
+scikit-image's bundled photos. One image + ~40 text tokens per prompt, batch 1 and 4.
+
+Reports per configuration: language-model prefill time (the `language_model` forward only, timed with
+hooks; logits for the last position only, as `generate` does) and its speedup over unmerged, the whole
+prefill time (vision + LM), the peak extra resident memory of the prefill, and the KV-cache bytes after it.
+Targets at DyMU-low: fast VTU >= 3x faster than unmerged in the LM part, compact (vtu=none) >= 4x, exact
+VTU within 2x of fast.
+
+Usage: python benchmarks/llava_prefill.py [--llm-layers 2] [--repeats 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+import dymu
+from dymu.data import write_bundled_images
+from dymu.demo import cache_dir
+from dymu.finder import find_thresholds
+from dymu.images import load_batch, open_image
+from dymu.models import build_llava_preset
+
+LEVELS = {"low": 90, "mid": 195, "high": 395}
+MODES = ("fast", "exact", "none")
+TEXT_TOKENS = 40
+#: the timed photos (batch 4 takes all, batch 1 takes the first); all 25 bundled images calibrate
+TIMED_IMAGES = ("astronaut", "coffee", "camera", "chelsea")
+CLEAR_PEAK_RSS = "5"  # writing this to /proc/self/clear_refs resets VmHWM (Linux >= 4.0)
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1])
+    return 0
+
+
+def peak_extra_memory(fn):
+    """Run fn(); return (result, peak resident memory above the starting point in bytes, or nan)."""
+    try:
+        Path("/proc/self/clear_refs").write_text(CLEAR_PEAK_RSS)
+        before = _rss_kib("VmRSS:")
+        result = fn()
+        return result, 1024 * (_rss_kib("VmHWM:") - before)
+    except OSError:
+        return fn(), math.nan
+
+
+class LanguageModelTimer:
+    """Times the language model's forward with hooks (excludes the vision tower and projector)."""
+
+    def __init__(self, module):
+        self.elapsed = 0.0
+        module.register_forward_pre_hook(self._start)
+        module.register_forward_hook(self._stop)
+
+    def _start(self, module, args):
+        self._t = time.perf_counter()
+
+    def _stop(self, module, args, output):
+        self.elapsed += time.perf_counter() - self._t
+
+
+def kv_bytes(cache) -> int:
+    total = 0
+    for layer in cache.layers:
+        for tensor in (layer.keys, layer.values):
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--llm-layers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model, processor = build_llava_preset("llava-1.5-7b", layers=args.llm_layers)
+    text_config = model.config.text_config
+    print(f"LLaVA-1.5-7B shape, random weights: CLIP-L/14-336 tower (24 layers, read at -2), Llama width "
+          f"{text_config.hidden_size}, {text_config.num_hidden_layers} LLM layers (of 32), fp32, {torch.get_num_threads()} threads")
+    timer = LanguageModelTimer(model.model.language_model)
+
+    paths = write_bundled_images(cache_dir() / "images")
+    all_pixels, names, _ = load_batch(paths, processor.image_processor)
+    thresholds = {level: find_thresholds(model, all_pixels, target_tokens=target, batch_size=len(all_pixels),
+                                         progress=False, measure=len(all_pixels))
+                  for level, target in LEVELS.items()}
+    for level, t in thresholds.items():
+        print(f"DyMU-{level}: {t.achieved_tokens['mean']:.1f}±{t.achieved_tokens['std']:.1f} tokens on the 25 photos")
+
+    photos = [open_image(p) for p in paths if Path(p).stem in TIMED_IMAGES]
+    question = " ".join(["describe"] * TEXT_TOKENS)
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+                                         add_generation_prompt=True)
+    rows = []
+
+    def prefill(inputs):
+        with torch.no_grad():
+            return model(**inputs, use_cache=True, logits_to_keep=1)
+
+    for batch in (1, 4):
+        batch_photos = photos[:batch]
+        stock_inputs = processor(images=batch_photos, text=[text] * batch, return_tensors="pt", padding=True)
+        configs = [("unmerged", None, "stock")] + [(f"DyMU-{lvl}", lvl, mode) for lvl in LEVELS for mode in MODES]
+        for label, level, mode in configs:
+            if level is None:
+                dymu.remove(model)
+                inputs = stock_inputs
+            else:
+                dymu.apply(model, thresholds[level], vtu=mode)
+                inputs = dymu.prepare_inputs(model, processor, batch_photos, [text] * batch) if mode == "none" else stock_inputs
+            prefill(inputs)  # warm-up
+            best_lm, best_total = math.inf, math.inf
+            for _ in range(args.repeats):
+                timer.elapsed = 0.0
+                start = time.perf_counter()
+                output, peak = peak_extra_memory(lambda: prefill(inputs))
+                best_total = min(best_total, time.perf_counter() - start)
+                best_lm = min(best_lm, timer.elapsed)
+            tokens = (dymu.encode(model, stock_inputs["pixel_values"]).num_tokens if level else [576] * batch)
+            rows.append({"batch": batch, "config": label, "vtu": mode, "visual_tokens": tokens,
+                         "sequence": int(inputs["input_ids"].shape[1]), "lm_seconds": best_lm, "total_seconds": best_total,
+                         "peak_extra_bytes": peak, "kv_bytes": kv_bytes(output.past_key_values)})
+        dymu.remove(model)
+
+    print(f"\n{'bs':>2} {'config':<10} {'vtu':<6} {'tokens':>12} {'seq':>5} {'LM x':>6} {'total x':>8} {'peak MiB':>9} {'KV MiB':>8}")
+    for row in rows:
+        base = next(r for r in rows if r["batch"] == row["batch"] and r["config"] == "unmerged")
+        row["lm_speedup"] = base["lm_seconds"] / row["lm_seconds"]
+        row["total_speedup"] = base["total_seconds"] / row["total_seconds"]
+        tokens = "/".join(str(t) for t in row["visual_tokens"]) if row["batch"] == 1 else f"{sum(row['visual_tokens']) / row['batch']:.0f} avg"
+        print(f"{row['batch']:>2} {row['config']:<10} {row['vtu']:<6} {tokens:>12} {row['sequence']:>5} {row['lm_speedup']:>6.2f} "
+              f"{row['total_speedup']:>8.2f} {row['peak_extra_bytes'] / 2**20:>9.0f} {row['kv_bytes'] / 2**20:>8.1f}")
+    for batch in (1, 4):
+        get = {(r["config"], r["vtu"]): r for r in rows if r["batch"] == batch}
+        fast, exact, compact = get[("DyMU-low", "fast")], get[("DyMU-low", "exact")], get[("DyMU-low", "none")]
+        print(f"bs{batch} DyMU-low: fast VTU {fast['lm_speedup']:.2f}x (target >= 3), compact {compact['lm_speedup']:.2f}x "
+              f"(target >= 4), exact / fast time {exact['lm_seconds'] / fast['lm_seconds']:.2f} (target <= 2)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
