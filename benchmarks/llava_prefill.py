@@ -17,8 +17,11 @@ Usage: python benchmarks/llava_prefill.py [--llm-layers 2] [--repeats 2] [--json
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -36,6 +39,7 @@ MODES = ("fast", "exact", "none")
 TEXT_TOKENS = 40
 #: the timed photos (batch 4 takes all, batch 1 takes the first); all 25 bundled images calibrate
 TIMED_IMAGES = ("astronaut", "coffee", "camera", "chelsea")
+MMAP_THRESHOLD = 1 << 16  # bytes: allocations above this are mmapped by glibc
 CLEAR_PEAK_RSS = "5"  # writing this to /proc/self/clear_refs resets VmHWM (Linux >= 4.0)
 
 
@@ -48,6 +52,7 @@ def _rss_kib(field: str) -> int:
 
 def peak_extra_memory(fn):
     """Run fn(); return (result, peak resident memory above the starting point in bytes, or nan)."""
+    release_freed_memory()
     try:
         Path("/proc/self/clear_refs").write_text(CLEAR_PEAK_RSS)
         before = _rss_kib("VmRSS:")
@@ -80,7 +85,32 @@ def kv_bytes(cache) -> int:
     return total
 
 
+def prompt_with_text_tokens(processor, count: int) -> str:
+    """A chat prompt with one image whose text part (template included) is about ``count`` tokens."""
+    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    words = 1
+    while True:
+        question = " ".join(["describe the photo"] * words)
+        text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+                                             add_generation_prompt=True)
+        ids = processor.tokenizer(text).input_ids
+        if sum(1 for i in ids if i != image_token) >= count:
+            return text
+        words += 1
+
+
+def release_freed_memory() -> None:
+    """Return freed heap memory to the OS (glibc), so resident-set peaks measure the next run only."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
 def main() -> None:
+    # Large allocations must be mmapped (returned to the OS when freed) for RSS peaks to mean anything.
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
+        os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD)))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--llm-layers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
@@ -104,49 +134,56 @@ def main() -> None:
         print(f"DyMU-{level}: {t.achieved_tokens['mean']:.1f}±{t.achieved_tokens['std']:.1f} tokens on the 25 photos")
 
     photos = [open_image(p) for p in paths if Path(p).stem in TIMED_IMAGES]
-    question = " ".join(["describe"] * TEXT_TOKENS)
-    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
-                                         add_generation_prompt=True)
+    text = prompt_with_text_tokens(processor, TEXT_TOKENS)
     rows = []
 
     def prefill(inputs):
         with torch.no_grad():
             return model(**inputs, use_cache=True, logits_to_keep=1)
 
-    for batch in (1, 4):
-        batch_photos = photos[:batch]
-        stock_inputs = processor(images=batch_photos, text=[text] * batch, return_tensors="pt", padding=True)
-        configs = [("unmerged", None, "stock")] + [(f"DyMU-{lvl}", lvl, mode) for lvl in LEVELS for mode in MODES]
+    # batch 1: each timed photo alone (times summed, memory of the largest); batch 4: all four at once
+    groups = {1: [[photo] for photo in photos], len(photos): [photos]}
+    configs = [("unmerged", None, "stock")] + [(f"DyMU-{lvl}", lvl, mode) for lvl in LEVELS for mode in MODES]
+    for batch, batches in groups.items():
         for label, level, mode in configs:
             if level is None:
                 dymu.remove(model)
-                inputs = stock_inputs
             else:
                 dymu.apply(model, thresholds[level], vtu=mode)
-                inputs = dymu.prepare_inputs(model, processor, batch_photos, [text] * batch) if mode == "none" else stock_inputs
-            prefill(inputs)  # warm-up
-            best_lm, best_total = math.inf, math.inf
-            for _ in range(args.repeats):
-                timer.elapsed = 0.0
-                start = time.perf_counter()
-                output, peak = peak_extra_memory(lambda: prefill(inputs))
-                best_total = min(best_total, time.perf_counter() - start)
-                best_lm = min(best_lm, timer.elapsed)
-            tokens = (dymu.encode(model, stock_inputs["pixel_values"]).num_tokens if level else [576] * batch)
-            rows.append({"batch": batch, "config": label, "vtu": mode, "visual_tokens": tokens,
-                         "sequence": int(inputs["input_ids"].shape[1]), "lm_seconds": best_lm, "total_seconds": best_total,
-                         "peak_extra_bytes": peak, "kv_bytes": kv_bytes(output.past_key_values)})
+            row = {"batch": batch, "config": label, "vtu": mode, "visual_tokens": [], "sequence": [], "lm_seconds": 0.0,
+                   "total_seconds": 0.0, "peak_extra_bytes": 0, "kv_bytes": 0}
+            for chunk in batches:
+                stock_inputs = processor(images=chunk, text=[text] * len(chunk), return_tensors="pt", padding=True)
+                inputs = dymu.prepare_inputs(model, processor, chunk, [text] * len(chunk)) if mode == "none" else stock_inputs
+                prefill(inputs)  # warm-up
+                best_lm, best_total = math.inf, math.inf
+                for _ in range(args.repeats):
+                    timer.elapsed = 0.0
+                    start = time.perf_counter()
+                    output, peak = peak_extra_memory(lambda: prefill(inputs))
+                    best_total = min(best_total, time.perf_counter() - start)
+                    best_lm = min(best_lm, timer.elapsed)
+                row["visual_tokens"] += dymu.encode(model, stock_inputs["pixel_values"]).num_tokens if level else [576] * len(chunk)
+                row["sequence"].append(int(inputs["input_ids"].shape[1]))
+                row["lm_seconds"] += best_lm
+                row["total_seconds"] += best_total
+                row["peak_extra_bytes"] = max(row["peak_extra_bytes"], peak)
+                row["kv_bytes"] = max(row["kv_bytes"], kv_bytes(output.past_key_values))
+            rows.append(row)
         dymu.remove(model)
 
-    print(f"\n{'bs':>2} {'config':<10} {'vtu':<6} {'tokens':>12} {'seq':>5} {'LM x':>6} {'total x':>8} {'peak MiB':>9} {'KV MiB':>8}")
+    print(f"\ntimed photos: {', '.join(TIMED_IMAGES)}; bs1 = each alone (times summed), bs{len(photos)} = one padded batch; "
+          "tokens = mean visual tokens per image, seq = mean prompt length, peak/KV = largest single prefill")
+    print(f"{'bs':>2} {'config':<10} {'vtu':<6} {'tokens':>12} {'seq':>5} {'LM x':>6} {'total x':>8} {'peak MiB':>9} {'KV MiB':>8}")
     for row in rows:
         base = next(r for r in rows if r["batch"] == row["batch"] and r["config"] == "unmerged")
         row["lm_speedup"] = base["lm_seconds"] / row["lm_seconds"]
         row["total_speedup"] = base["total_seconds"] / row["total_seconds"]
-        tokens = "/".join(str(t) for t in row["visual_tokens"]) if row["batch"] == 1 else f"{sum(row['visual_tokens']) / row['batch']:.0f} avg"
-        print(f"{row['batch']:>2} {row['config']:<10} {row['vtu']:<6} {tokens:>12} {row['sequence']:>5} {row['lm_speedup']:>6.2f} "
+        tokens = f"{sum(row['visual_tokens']) / len(row['visual_tokens']):.0f}"
+        sequence = f"{sum(row['sequence']) / len(row['sequence']):.0f}"
+        print(f"{row['batch']:>2} {row['config']:<10} {row['vtu']:<6} {tokens:>12} {sequence:>5} {row['lm_speedup']:>6.2f} "
               f"{row['total_speedup']:>8.2f} {row['peak_extra_bytes'] / 2**20:>9.0f} {row['kv_bytes'] / 2**20:>8.1f}")
-    for batch in (1, 4):
+    for batch in groups:
         get = {(r["config"], r["vtu"]): r for r in rows if r["batch"] == batch}
         fast, exact, compact = get[("DyMU-low", "fast")], get[("DyMU-low", "exact")], get[("DyMU-low", "none")]
         print(f"bs{batch} DyMU-low: fast VTU {fast['lm_speedup']:.2f}x (target >= 3), compact {compact['lm_speedup']:.2f}x "

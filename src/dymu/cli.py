@@ -83,8 +83,13 @@ def cmd_encode(args) -> None:
     from .images import collect_images, load_batch
     from .thresholds import Thresholds
 
+    from .models import settings_from_config
+
     image_set = collect_images(args.images, args.image_root)
-    thresholds = Thresholds.load(args.thresholds)
+    thresholds, _ = settings_from_config(args.model, args.thresholds, None)
+    if thresholds is None:
+        raise DymuError(f"no thresholds: pass --thresholds FILE, or store them in {args.model} with `dymu enable`")
+    thresholds = Thresholds.load(thresholds) if isinstance(thresholds, str) else thresholds
     model, processor = _open(args.model)
     api.apply(model, thresholds)
     rows, skipped, figures = [], list(image_set.skipped), []
@@ -179,7 +184,9 @@ def _run_generate(model, processor, images, text, max_new_tokens: int, compact: 
             return scores
 
     if compact:
-        inputs = api_prepare(model, processor, images, text)
+        from .llava import prepare_inputs
+
+        inputs = prepare_inputs(model, processor, images, [text])
     else:
         inputs = processor(images=images, text=[text], return_tensors="pt", padding=True)
     clock = FirstStep()
@@ -191,12 +198,6 @@ def _run_generate(model, processor, images, text, max_new_tokens: int, compact: 
     new_tokens = output[0, inputs["input_ids"].shape[1]:]
     return {"answer": processor.decode(new_tokens, skip_special_tokens=True).strip(), "prefill": clock.first - start,
             "decode": end - clock.first, "new_tokens": len(new_tokens), "prompt_length": inputs["input_ids"].shape[1]}
-
-
-def api_prepare(model, processor, images, text):
-    from .llava import prepare_inputs
-
-    return prepare_inputs(model, processor, images, [text])
 
 
 def _estimated_flops_ratio(model, prompt_length: int, vtu: str) -> float:
@@ -226,22 +227,20 @@ def _estimated_flops_ratio(model, prompt_length: int, vtu: str) -> float:
 def cmd_generate(args) -> None:
     from . import api
     from .images import open_image
-    from .models import config_section, describe, load_model, load_processor, _section_thresholds
+    from .llava import get_vlm_patch
+    from .models import describe, load_model, load_processor, settings_from_config
 
     images = [open_image(path) for path in args.image]
     model = load_model(args.model)
     processor = load_processor(args.model, full=True)
     print(f"model: {args.model} ({describe(model)})", file=sys.stderr)
-    section = config_section(args.model) or {}
-    thresholds = args.thresholds or (_section_thresholds(args.model, section) if section else None)
-    vtu = args.vtu or section.get("vtu", "fast")
+    thresholds, vtu = settings_from_config(args.model, args.thresholds, args.vtu)
     text = _prompt_text(processor, args.prompt, len(images))
     runs = []
     if thresholds is not None:
         api.apply(model, thresholds, vtu=vtu)
         merged = _run_generate(model, processor, images, text, args.max_new_tokens, compact=vtu == "none")
-        encoding = __import__("dymu.llava", fromlist=["get_vlm_patch"]).get_vlm_patch(model).state.last_encoding
-        merged["tokens"] = encoding.num_tokens
+        merged["tokens"] = get_vlm_patch(model).state.last_encoding.num_tokens
         merged["flops"] = _estimated_flops_ratio(model, merged["prompt_length"], vtu)
         runs.append((f"DyMU (vtu={vtu})", merged))
         api.remove(model)
@@ -312,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("encode", help="encode images with merging: tokens per image, merge maps")
     p.add_argument("model", help="local checkpoint folder or hub id")
     _add_images(p)
-    p.add_argument("--thresholds", required=True, help="thresholds file (from find-thresholds or import-thresholds)")
+    p.add_argument("--thresholds", help="thresholds file (default: the checkpoint's \"dymu\" config section)")
     p.add_argument("--json", action="store_true", help="print one JSON line per image: image, tokens, patches")
     p.add_argument("--viz", metavar="DIR", help="write a merge-map PNG per image and overview.png here")
     p.add_argument("--batch-size", type=int, default=8)

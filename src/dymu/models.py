@@ -244,12 +244,19 @@ def config_section(name_or_path) -> dict | None:
     return section
 
 
-def _section_thresholds(name_or_path, section: dict):
-    thresholds = section["thresholds"]
-    if isinstance(thresholds, str):
-        path = Path(str(name_or_path)).expanduser() / thresholds
-        return str(path)
-    return [float("inf") if t is None else float(t) for t in thresholds]
+def settings_from_config(name_or_path, thresholds=None, vtu: str | None = None):
+    """(thresholds, vtu): the explicit ones, else the checkpoint's ``"dymu"`` section, else (None, "fast").
+
+    A thresholds file named in the section is relative to the checkpoint folder; a list is used inline.
+    """
+    section = config_section(name_or_path) or {}
+    if thresholds is None and section:
+        thresholds = section["thresholds"]
+        if isinstance(thresholds, str):
+            thresholds = str(Path(str(name_or_path)).expanduser() / thresholds)
+        else:
+            thresholds = [float("inf") if t is None else float(t) for t in thresholds]
+    return thresholds, vtu or section.get("vtu", "fast")
 
 
 def from_pretrained(name_or_path, dtype: torch.dtype | None = None, thresholds=None, vtu: str | None = None):
@@ -257,11 +264,9 @@ def from_pretrained(name_or_path, dtype: torch.dtype | None = None, thresholds=N
     from .api import apply
 
     model = load_model(name_or_path, dtype=dtype)
-    section = config_section(name_or_path) or {}
-    if thresholds is None and section:
-        thresholds = _section_thresholds(name_or_path, section)
+    thresholds, vtu = settings_from_config(name_or_path, thresholds, vtu)
     if thresholds is not None:
-        apply(model, thresholds, vtu=vtu or section.get("vtu", "fast"))
+        apply(model, thresholds, vtu=vtu)
     return model
 
 
