@@ -23,7 +23,7 @@ import time
 import torch
 
 import dymu
-from dymu import merge as M
+from dymu import flops
 from dymu.data import write_bundled_images
 from dymu.demo import cache_dir
 from dymu.finder import find_thresholds, measure_tokens
@@ -37,19 +37,12 @@ TIMED_IMAGES = ("checkerboard", "clock", "rocket", "coffee", "camera", "astronau
 
 
 def encoder_flops(layer_tokens: list[int], info, merging: bool = True) -> int:
-    """FLOPs of one image through the encoder given tokens (CLS excluded) after each layer.
+    """FLOPs of one image through the encoder given its tokens (CLS excluded) after each layer.
 
     With ``merging`` every layer also pays for its bipartite score matrix (all layers merge in this benchmark).
     """
-    head_dim = info.hidden_size // info.num_heads
-    total, tokens_in = 0, info.num_tokens
-    for after in layer_tokens:
-        tokens_out = after + info.protected
-        total += M.layer_flops(tokens_in, tokens_out, info.hidden_size, info.intermediate_size)
-        if merging:
-            total += M.matching_flops(tokens_in, head_dim)
-        tokens_in = tokens_out
-    return total
+    return flops.encoder_flops(layer_tokens, num_tokens=info.num_tokens, protected=info.protected, hidden=info.hidden_size,
+                               intermediate=info.intermediate_size, head_dim=info.hidden_size // info.num_heads, merging=merging)
 
 
 def timed(fn, repeats: int) -> float:

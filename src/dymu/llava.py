@@ -211,6 +211,9 @@ def _vlm_forward(state: LlavaState):
 
 
 def _decoder_layer_forward(state: LlavaState, first: bool, last: bool):
+    """The first layer compresses to the unique tokens, the last expands back; in between the stock pre-norm
+    block, with the MLP on the packed real tokens when rows have different unique counts."""
+
     def forward(self, hidden_states, *args, **kwargs):
         if first:
             state.active, state.pending = state.pending, None
@@ -219,13 +222,28 @@ def _decoder_layer_forward(state: LlavaState, first: bool, last: bool):
                     state.active = None
                 else:
                     hidden_states = V.compress(hidden_states, state.active)  # (batch, unique, hidden)
-        output = type(self).forward(self, hidden_states, *args, **kwargs)
+        vmap = state.active
+        if vmap is None or not vmap.padded:
+            output = type(self).forward(self, hidden_states, *args, **kwargs)
+        else:
+            residual = hidden_states
+            attended, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **_layer_kwargs(args, kwargs))
+            hidden_states = residual + attended
+            output = hidden_states + V.packed_apply(lambda h: self.mlp(self.post_attention_layernorm(h)), hidden_states, vmap)
         if last and state.active is not None:
             output = V.expand(output, state.active)  # (batch, full, hidden)
             state.active = None
         return output
 
     return forward
+
+
+#: positional parameters of Llama / Qwen2 decoder layers after hidden_states
+_LAYER_PARAMETERS = ("attention_mask", "position_ids", "past_key_values", "use_cache", "position_embeddings")
+
+
+def _layer_kwargs(args: tuple, kwargs: dict) -> dict:
+    return {**dict(zip(_LAYER_PARAMETERS, args)), **kwargs}
 
 
 def _to_additive(mask: torch.Tensor | None, query: torch.Tensor, kv_length: int) -> torch.Tensor:
@@ -252,9 +270,11 @@ def _attention_forward(state: LlavaState):
         module = _model_module(self)
         batch, unique, _ = hidden_states.shape  # (batch, unique, hidden)
         shape = (batch, unique, -1, self.head_dim)
-        query = V.expand_heads(self.q_proj(hidden_states).view(shape).transpose(1, 2), vmap)  # (batch, heads, full, d)
-        key = V.expand_heads(self.k_proj(hidden_states).view(shape).transpose(1, 2), vmap)  # (batch, kv heads, full, d)
-        value = V.expand_heads(self.v_proj(hidden_states).view(shape).transpose(1, 2), vmap)
+
+        def project(linear):  # (batch, unique, hidden) -> (batch, heads, full, d), real tokens only
+            return V.expand_heads(V.packed_apply(linear, hidden_states, vmap).view(shape).transpose(1, 2), vmap)
+
+        query, key, value = project(self.q_proj), project(self.k_proj), project(self.v_proj)
         cos, sin = position_embeddings  # (batch, full, d)
         if state.vtu == "exact":
             attn_output, attn_weights = _exact_attention(self, module, query, key, value, cos, sin, attention_mask, past_key_values)
@@ -271,7 +291,7 @@ def _attention_forward(state: LlavaState):
             )  # (batch, full, heads, d)
         attn_output = attn_output.reshape(batch, vmap.num_full, -1)
         attn_output = V.reduce(attn_output, vmap)  # (batch, unique, heads * d)
-        return self.o_proj(attn_output), attn_weights
+        return V.packed_apply(self.o_proj, attn_output, vmap), attn_weights
 
     return forward
 
@@ -307,9 +327,8 @@ def patch_vlm(model: nn.Module, vtu: str) -> LlavaPatch:
     patch.modules.append(base)
     layers = language_model.layers
     for index, layer in enumerate(layers):
-        if index == 0 or index == len(layers) - 1:
-            layer.forward = MethodType(_decoder_layer_forward(state, index == 0, index == len(layers) - 1), layer)
-            patch.modules.append(layer)
+        layer.forward = MethodType(_decoder_layer_forward(state, index == 0, index == len(layers) - 1), layer)
+        patch.modules.append(layer)
         layer.self_attn.forward = MethodType(_attention_forward(state), layer.self_attn)
         patch.modules.append(layer.self_attn)
     setattr(base, PATCH_ATTRIBUTE, patch)

@@ -29,6 +29,15 @@ class VirtualMap:
     unique_lengths: torch.Tensor  # (batch,) unique tokens per row
 
     @property
+    def valid(self) -> torch.Tensor:
+        """(batch, unique) bool: real unique tokens (rows are padded to the longest)."""
+        return torch.arange(self.num_unique, device=self.unique_lengths.device)[None, :] < self.unique_lengths[:, None]
+
+    @property
+    def padded(self) -> bool:
+        return bool((self.unique_lengths < self.num_unique).any())
+
+    @property
     def num_full(self) -> int:
         return self.full_to_unique.shape[1]
 
@@ -78,6 +87,17 @@ def build_map(image_mask: torch.Tensor, sources: list[torch.Tensor]) -> VirtualM
         1, full_to_unique, torch.ones_like(full_to_unique)
     )
     return VirtualMap(full_to_unique=full_to_unique, unique_to_full=unique_to_full, counts=counts, unique_lengths=unique_lengths)
+
+
+def packed_apply(fn, hidden: torch.Tensor, vmap: VirtualMap) -> torch.Tensor:
+    """fn applied to the real unique tokens only: (batch, unique, dim) -> (batch, unique, out), padding rows 0."""
+    if not vmap.padded:
+        return fn(hidden)
+    valid = vmap.valid
+    packed = fn(hidden[valid][None])[0]  # (real tokens, out)
+    out = packed.new_zeros(*valid.shape, packed.shape[-1])
+    out[valid] = packed
+    return out
 
 
 def compress(hidden: torch.Tensor, vmap: VirtualMap) -> torch.Tensor:
