@@ -306,3 +306,37 @@ def test_generate_cli_errors(tiny_llava_dir, image_paths, tmp_path, capsys, mode
     assert "siglip_vision_model" in err and str(siglip_thr) in err
     assert main(["generate", str(tiny_llava_dir), "--image", image_paths[0], "--prompt", "<image> <image> two?"]) == 2
     assert "2 <image> placeholder(s) but 1 --image" in capsys.readouterr().err
+
+
+def test_padding_positions_share_one_token_and_contribute_nothing():
+    ids, mask = left_pad([prompt(6, 9, seed=12), prompt(1, 2, seed=13)])
+    sources = [torch.arange(PATCHES) // 4, torch.arange(PATCHES) // 2]
+    vmap = V.build_map(ids == IMAGE_TOKEN, sources, padding=mask == 0)
+    pads = int((mask[1] == 0).sum())
+    assert pads > 1
+    assert vmap.unique_lengths.tolist() == [6 + 144 + 9, 1 + 1 + 288 + 2]  # row 1: one token holds all padding
+    assert torch.unique(vmap.full_to_unique[1, :pads]).numel() == 1
+    hidden = torch.randn(2, ids.shape[1], 3)
+    reduced = V.reduce(hidden, vmap)
+    assert torch.equal(reduced[1, vmap.full_to_unique[1, 0]], torch.zeros(3))
+    no_padding = V.build_map(ids == IMAGE_TOKEN, sources)
+    real = mask.bool()
+    torch.testing.assert_close(V.expand(reduced, vmap)[real], V.expand(V.reduce(hidden, no_padding), no_padding)[real])
+
+
+def test_compact_batch_logits_equal_each_prompt_alone(tiny_llava_dir):
+    from dymu.data import bundled_image
+    from dymu.models import load_model, load_processor
+
+    model, processor = load_model(tiny_llava_dir), load_processor(tiny_llava_dir, full=True)
+    dymu.apply(model, MERGING, vtu="none")
+    photos = [bundled_image("checkerboard"), bundled_image("coins")]
+    texts = ["USER: <image>\nWhat is it? ASSISTANT:", "USER: <image>\nHow many coins are there in this photo? ASSISTANT:"]
+    inputs = dymu.prepare_inputs(model, processor, photos, texts)
+    assert int((inputs["attention_mask"] == 0).sum()) > 1, "rows must need padding"
+    with torch.no_grad():
+        batched = model(**inputs).logits
+        for i in range(2):
+            alone_inputs = dymu.prepare_inputs(model, processor, photos[i : i + 1], texts[i : i + 1])
+            alone = model(**alone_inputs).logits[0]
+            torch.testing.assert_close(batched[i][inputs["attention_mask"][i].bool()], alone, rtol=1e-4, atol=1e-4)

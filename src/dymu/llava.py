@@ -28,6 +28,8 @@ from . import vtu as V
 from .vision import DymuError
 
 VTU_MODES = ("fast", "exact", "none")
+#: exact VTU computes its full-length score matrices this many heads at a time (memory bound)
+EXACT_HEADS_PER_CHUNK = 8
 PATCH_ATTRIBUTE = "_dymu_llava_patch"
 
 
@@ -200,11 +202,15 @@ def _vlm_forward(state: LlavaState):
                     f"{len(features)} image(s) give {visual_tokens} visual tokens but the prompt(s) have "
                     f"{int(mask.sum())} image placeholder tokens ({hint})"
                 )
-            if state.vtu != "none" and all(s is not None for s in sources):
-                try:
-                    state.pending = V.build_map(mask, sources)
-                except ValueError as exc:
-                    raise DymuError(str(exc)) from None
+            attention_mask = arguments.get("attention_mask")
+            padding = attention_mask == 0 if attention_mask is not None and attention_mask.dim() == 2 else None
+            try:
+                if state.vtu != "none" and all(s is not None for s in sources):
+                    state.pending = V.build_map(mask, sources, padding)
+                elif state.vtu == "none" and padding is not None and bool(padding.any()):
+                    state.pending = V.build_map(torch.zeros_like(mask), [], padding)  # batch cost = real tokens
+            except ValueError as exc:
+                raise DymuError(str(exc)) from None
         return type(self).forward(self, **arguments, **extra)
 
     return forward
@@ -305,12 +311,15 @@ def _exact_attention(self, module, query, key, value, cos, sin, attention_mask, 
         past_key_values.update(rotated_key, value, self.layer_idx)  # the cache holds what the fast path stores
     groups = query.shape[1] // key.shape[1]
     key, value = module.repeat_kv(key, groups), module.repeat_kv(value, groups)
-    scores = V.exact_scores(query, key, cos, sin, self.scaling)  # (batch, heads, full, full)
-    scores = scores + _to_additive(attention_mask, query, key.shape[-2]).to(scores.dtype)
+    mask = _to_additive(attention_mask, query, key.shape[-2])
     softmax_dtype = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
-    weights = torch.softmax(scores, dim=-1, dtype=softmax_dtype).to(query.dtype)
-    output = (weights @ value).transpose(1, 2).contiguous()  # (batch, full, heads, d)
-    return output, weights
+    output = torch.empty_like(query)  # (batch, heads, full, d)
+    for start in range(0, query.shape[1], EXACT_HEADS_PER_CHUNK):  # bounds the (batch, heads, full, full) scores
+        heads = slice(start, start + EXACT_HEADS_PER_CHUNK)
+        scores = V.exact_scores(query[:, heads], key[:, heads], cos, sin, self.scaling)  # (batch, chunk, full, full)
+        weights = torch.softmax(scores + mask.to(scores.dtype), dim=-1, dtype=softmax_dtype).to(query.dtype)
+        output[:, heads] = weights @ value[:, heads]
+    return output.transpose(1, 2).contiguous(), None  # (batch, full, heads, d)
 
 
 def patch_vlm(model: nn.Module, vtu: str) -> LlavaPatch:

@@ -171,28 +171,26 @@ def save_token_bar_chart(
         raise ValueError(f"{len(names)} names but {len(tokens)} token counts")
     if not names:
         raise ValueError("save_token_bar_chart needs at least one image")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     order = sorted(range(len(names)), key=lambda i: (tokens[i], names[i]))
     sorted_names = [names[i] for i in order]
     sorted_tokens = [tokens[i] for i in order]
     mean = float(np.mean(sorted_tokens))
 
-    fig, ax = plt.subplots(figsize=_bar_figsize(len(names)), dpi=BAR_DPI)
-    try:
-        positions = np.arange(len(sorted_names))
-        ax.barh(positions, sorted_tokens, color="tab:blue")
-        ax.set_yticks(positions, sorted_names)
-        ax.invert_yaxis()  # fewest tokens at the top
-        ax.axvline(mean, color="tab:red", linestyle="--", label=f"mean {mean:.1f}")
-        ax.set_xlim(0, num_patches)
-        ax.set_xlabel(f"tokens (of {num_patches} patches)")
-        ax.set_title(f"{title} ({num_patches} patches)")
-        ax.legend(loc="lower right")
-        fig.tight_layout()
-        fig.savefig(path, format="png", dpi=BAR_DPI)
-    finally:
-        plt.close(fig)
+    # A Figure with its own Agg canvas: no pyplot state, the user's matplotlib backend is left alone.
+    fig = Figure(figsize=_bar_figsize(len(names)), dpi=BAR_DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    positions = np.arange(len(sorted_names))
+    ax.barh(positions, sorted_tokens, color="tab:blue")
+    ax.set_yticks(positions, sorted_names)
+    ax.invert_yaxis()  # fewest tokens at the top
+    ax.axvline(mean, color="tab:red", linestyle="--", label=f"mean {mean:.1f}")
+    ax.set_xlim(0, num_patches)
+    ax.set_xlabel(f"tokens (of {num_patches} patches)")
+    ax.set_title(f"{title} ({num_patches} patches)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=BAR_DPI)

@@ -27,6 +27,7 @@ class VirtualMap:
     unique_to_full: torch.Tensor  # (batch, unique) first full position of each unique token (padding -> 0)
     counts: torch.Tensor  # (batch, unique) positions per unique token, 0 on padding
     unique_lengths: torch.Tensor  # (batch,) unique tokens per row
+    padding: torch.Tensor | None = None  # (batch, full) bool: padding positions, all held by one unique token per row
 
     @property
     def valid(self) -> torch.Tensor:
@@ -46,12 +47,15 @@ class VirtualMap:
         return self.unique_to_full.shape[1]
 
 
-def build_map(image_mask: torch.Tensor, sources: list[torch.Tensor]) -> VirtualMap:
+def build_map(image_mask: torch.Tensor, sources: list[torch.Tensor], padding: torch.Tensor | None = None) -> VirtualMap:
     """Build the map from image placeholder positions and each image's merge groups.
 
     image_mask: (batch, full) bool, True on image placeholder positions. Images fill them in row-major
     order (as ``masked_scatter`` does): image k takes the next ``len(sources[k])`` positions, all in one row.
     sources[k]: (positions of image k,) group index of every position of image k (raster order).
+    padding: (batch, full) bool, True on padding positions (attention_mask == 0). All padding positions of a
+    row share one unique token, so batched prompts of different lengths cost their real tokens only; that
+    token's attention output is defined as 0 (padding attends to nothing; ``reduce`` skips it).
     """
     batch, full = image_mask.shape
     device = image_mask.device
@@ -75,6 +79,11 @@ def build_map(image_mask: torch.Tensor, sources: list[torch.Tensor]) -> VirtualM
         first = first.scatter_reduce(0, source.to(device), columns, reduce="amin")
         if count:
             representative[rows[0], columns] = first[source.to(device)]
+    if padding is not None and bool(padding.any()):
+        first_padding = torch.where(padding, positions, full).min(dim=-1).values  # (batch,)
+        representative = torch.where(padding, first_padding[:, None], representative)
+    else:
+        padding = None
     is_first = representative == positions  # (batch, full)
     unique_index = is_first.long().cumsum(-1) - 1  # (batch, full)
     full_to_unique = unique_index.gather(1, representative)
@@ -86,7 +95,8 @@ def build_map(image_mask: torch.Tensor, sources: list[torch.Tensor]) -> VirtualM
     counts = torch.zeros(batch, num_unique, dtype=torch.long, device=device).scatter_add_(
         1, full_to_unique, torch.ones_like(full_to_unique)
     )
-    return VirtualMap(full_to_unique=full_to_unique, unique_to_full=unique_to_full, counts=counts, unique_lengths=unique_lengths)
+    return VirtualMap(full_to_unique=full_to_unique, unique_to_full=unique_to_full, counts=counts,
+                      unique_lengths=unique_lengths, padding=padding)
 
 
 def packed_apply(fn, hidden: torch.Tensor, vmap: VirtualMap) -> torch.Tensor:
@@ -118,12 +128,19 @@ def expand_heads(states: torch.Tensor, vmap: VirtualMap) -> torch.Tensor:
 
 
 def reduce(hidden: torch.Tensor, vmap: VirtualMap) -> torch.Tensor:
-    """(batch, full, dim) -> (batch, unique, dim): mean over each unique token's positions (fp32 or wider)."""
+    """(batch, full, dim) -> (batch, unique, dim): mean over each unique token's positions (fp32 or wider).
+
+    Padding positions do not contribute: the padding token of a row gets 0.
+    """
     acc = torch.float32 if hidden.dtype in (torch.float16, torch.bfloat16) else hidden.dtype
     batch, _, dim = hidden.shape
+    counts = vmap.counts
+    if vmap.padding is not None:
+        hidden = hidden.masked_fill(vmap.padding[..., None], 0)
+        counts = torch.zeros_like(counts).scatter_add_(1, vmap.full_to_unique, (~vmap.padding).long())
     sums = torch.zeros(batch, vmap.num_unique, dim, dtype=acc, device=hidden.device)
     sums.scatter_add_(1, vmap.full_to_unique[..., None].expand(-1, -1, dim), hidden.to(acc))
-    return (sums / vmap.counts.clamp_min(1)[..., None].to(acc)).to(hidden.dtype)
+    return (sums / counts.clamp_min(1)[..., None].to(acc)).to(hidden.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -138,8 +155,9 @@ def exact_scores(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     (heads already repeated for GQA); cos, sin: (batch, full, head_dim) HF tables (halves duplicated).
 
     A = C M (Q·K) Mᵀ C + S M (Q·K) Mᵀ S + S M (Q×K) Mᵀ C − C M (Q×K) Mᵀ S with Q·K = q¹k¹ᵀ + q²k²ᵀ and
-    Q×K = q¹k²ᵀ − q²k¹ᵀ, reassociated into one product of width 4·head_dim:
-    [Cq, Sq, S(q¹, −q²), Cq] · [Ck, Sk, C(k², k¹), S(−k², k¹)]ᵀ.
+    Q×K = q¹k²ᵀ − q²k¹ᵀ. The four terms are [Cq]·[Ck]ᵀ, [Sq]·[Sk]ᵀ, [S(q¹, −q²)]·[C(k², k¹)]ᵀ and
+    [Cq]·[S(−k², k¹)]ᵀ; the first and last share Cq, so they are reassociated into one product of width
+    3·head_dim: [Cq, Sq, S(q¹, −q²)] · [Ck + S(−k², k¹), Sk, C(k², k¹)]ᵀ.
     """
     half = q.shape[-1] // 2
     c, s = cos[:, None], sin[:, None]  # (batch, 1, full, head_dim)
@@ -150,6 +168,6 @@ def exact_scores(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     cross_q = torch.cat((s[..., :half] * q1, -s[..., half:] * q2), dim=-1)
     cross_k = torch.cat((c[..., :half] * k2, c[..., half:] * k1), dim=-1)
     cross_k2 = torch.cat((-s[..., :half] * k2, s[..., half:] * k1), dim=-1)
-    left = torch.cat((cq, sq, cross_q, cq), dim=-1)  # (batch, heads, full, 4 * head_dim)
-    right = torch.cat((ck, sk, cross_k, cross_k2), dim=-1)
+    left = torch.cat((cq, sq, cross_q), dim=-1)  # (batch, heads, full, 3 * head_dim)
+    right = torch.cat((ck + cross_k2, sk, cross_k), dim=-1)
     return (left @ right.transpose(-1, -2)) * scaling  # (batch, heads, full, full)
