@@ -9,7 +9,7 @@ import dymu
 from dymu.finder import budgets_for, calibration_statistics
 from dymu.vision import get_patch, patch_tower, tower_info, unpatch_tower
 
-from .conftest import MIXED_IMAGES, pixels
+from .conftest import pixels
 
 
 def _hidden_states(model, x):

@@ -1,14 +1,12 @@
 """Threshold finding: target accuracy, resume, multi-process, bad images, file format."""
 
 import json
-import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import dymu
 from dymu.finder import find_thresholds

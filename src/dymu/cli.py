@@ -170,8 +170,6 @@ def _run_generate(model, processor, images, text, max_new_tokens: int, compact: 
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList
 
-    from . import api
-
     class FirstStep(LogitsProcessor):
         """Timestamps the first call, which follows the prefill forward."""
 

@@ -12,6 +12,8 @@ Patches the model *instance*:
   every attention layer expands Q/K/V to the full positions before RoPE, stores full-length K/V in the cache
   and reduces its output back (``dymu.vtu``); the last layer expands again. Norms and MLPs run on the unique
   tokens only. Positions, masks, cache length and left padding are exactly those of the unmerged model.
+* batched prompts: projections and MLPs run on the packed real unique tokens, and all padding positions of a
+  row share one unique token (in compact mode too), so a batch costs its real tokens, not rows x longest.
 """
 
 from __future__ import annotations

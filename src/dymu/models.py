@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -219,9 +218,6 @@ def describe(model) -> str:
         f"read at layer {info.read_layer}"
     )
 
-
-def config_json(path) -> dict:
-    return json.loads((Path(path) / "config.json").read_text())
 
 
 #: key of the DyMU settings inside a checkpoint's config.json
