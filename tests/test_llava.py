@@ -340,3 +340,24 @@ def test_compact_batch_logits_equal_each_prompt_alone(tiny_llava_dir):
             alone_inputs = dymu.prepare_inputs(model, processor, photos[i : i + 1], texts[i : i + 1])
             alone = model(**alone_inputs).logits[0]
             torch.testing.assert_close(batched[i][inputs["attention_mask"][i].bool()], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_config_section_with_an_inline_list(tiny_llava_dir, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "inline"
+    shutil.copytree(tiny_llava_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["dymu"] = {"thresholds": [0.6, 0.5, None, None], "vtu": "none"}
+    (folder / "config.json").write_text(json.dumps(config))
+    model = dymu.from_pretrained(folder)
+    patch = get_vlm_patch(model)
+    assert patch.state.vtu == "none"
+    from dymu.vision import get_patch
+
+    assert get_patch(model).state.thresholds == [0.6, 0.5, math.inf, math.inf]
+    config["dymu"] = {"vtu": "fast"}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(dymu.DymuError, match="needs a \"thresholds\" entry"):
+        dymu.from_pretrained(folder)
