@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import vtu as V
+from .merge import accumulation_dtype
 from .vision import DymuError
 
 VTU_MODES = ("fast", "exact", "none")
@@ -143,19 +144,16 @@ def prepare_inputs(model, processor, images, text, **processor_kwargs) -> dict:
     rows, image = [], 0
     for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"]):
         ids = ids[mask.bool()]
-        pieces, start = [], 0
-        is_image = (ids == token).long()
-        starts = ((is_image[1:] - is_image[:-1]) == 1).nonzero().flatten() + 1
-        starts = ([0] if bool(is_image[0]) else []) + starts.tolist()
-        for run_start in starts:
-            run_end = run_start
-            while run_end < len(ids) and ids[run_end] == token:
-                run_end += 1
-            if image >= len(features):
-                raise DymuError(f"the prompts have more image placeholders than the {len(features)} image(s) given")
-            pieces += [ids[start:run_start], ids.new_full((features[image].shape[0],), token)]
-            start, image = run_end, image + 1
-        pieces.append(ids[start:])
+        is_image = ids == token
+        runs, lengths = torch.unique_consecutive(is_image, return_counts=True)  # alternating text / placeholder runs
+        pieces = []
+        for piece, placeholder in zip(ids.split(lengths.tolist()), runs.tolist()):
+            if placeholder:  # one image's run of placeholders -> its merged token count
+                if image >= len(features):
+                    raise DymuError(f"the prompts have more image placeholders than the {len(features)} image(s) given")
+                piece = ids.new_full((features[image].shape[0],), token)
+                image += 1
+            pieces.append(piece)
         rows.append(torch.cat(pieces))
     if image != len(features):
         raise DymuError(f"{len(features)} image(s) given but the prompts have {image} image placeholder(s)")
@@ -256,7 +254,7 @@ def _layer_kwargs(args: tuple, kwargs: dict) -> dict:
 
 def _to_additive(mask: torch.Tensor | None, query: torch.Tensor, kv_length: int) -> torch.Tensor:
     """HF masks (None = causal, bool = keep, float = additive) as an additive float mask (batch|1, 1, q, kv)."""
-    dtype = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
+    dtype = accumulation_dtype(query.dtype)
     q_length = query.shape[-2]
     if mask is None:
         q_pos = torch.arange(kv_length - q_length, kv_length, device=query.device)
@@ -314,7 +312,7 @@ def _exact_attention(self, module, query, key, value, cos, sin, attention_mask, 
     groups = query.shape[1] // key.shape[1]
     key, value = module.repeat_kv(key, groups), module.repeat_kv(value, groups)
     mask = _to_additive(attention_mask, query, key.shape[-2])
-    softmax_dtype = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
+    softmax_dtype = accumulation_dtype(query.dtype)
     output = torch.empty_like(query)  # (batch, heads, full, d)
     for start in range(0, query.shape[1], EXACT_HEADS_PER_CHUNK):  # bounds the (batch, heads, full, full) scores
         heads = slice(start, start + EXACT_HEADS_PER_CHUNK)

@@ -57,7 +57,7 @@ class MergePlan:
     merged: torch.Tensor  # (batch,) merges done per image in this layer
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for half-precision inputs, otherwise the input dtype (fp32 or fp64)."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
@@ -76,7 +76,7 @@ def match_scores(metric: torch.Tensor, lengths: torch.Tensor, protected: int) ->
     if protected not in (0, 1):
         raise ValueError(f"protected must be 0 or 1, got {protected}")
     batch, num_tokens, _ = metric.shape
-    metric = F.normalize(metric.to(_accumulation_dtype(metric.dtype)), dim=-1, eps=NORM_EPS)
+    metric = F.normalize(metric.to(accumulation_dtype(metric.dtype)), dim=-1, eps=NORM_EPS)
     metric_a, metric_b = metric[:, ::2], metric[:, 1::2]  # (batch, tokens_a, dim), (batch, tokens_b, dim)
     scores = metric_a @ metric_b.transpose(-1, -2)  # (batch, tokens_a, tokens_b)
 
@@ -172,7 +172,7 @@ def merge_features(x: torch.Tensor, sizes: torch.Tensor, plan: MergePlan) -> tup
     Weighted sums run in at least fp32; a token that absorbed nothing is copied unchanged.
     """
     batch, _, dim = x.shape
-    acc = _accumulation_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     slots = plan.num_tokens + 1  # the last slot collects padding and is dropped
     weights = sizes.to(acc)  # (batch, tokens)
     index = plan.dst[..., None].expand(-1, -1, dim)
@@ -207,7 +207,7 @@ def attention_bias(sizes: torch.Tensor | None, lengths: torch.Tensor, num_tokens
     if sizes is None:
         sizes = valid_mask(lengths, num_tokens).to(dtype)
     valid = valid_mask(lengths, num_tokens)
-    bias = torch.log(sizes.to(_accumulation_dtype(dtype)).clamp_min(1.0)).to(dtype)
+    bias = torch.log(sizes.to(accumulation_dtype(dtype)).clamp_min(1.0)).to(dtype)
     bias = bias.masked_fill(~valid, torch.finfo(dtype).min)
     return bias[:, None, None, :]
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .merge import accumulation_dtype
+
 
 @dataclass
 class VirtualMap:
@@ -132,7 +134,7 @@ def reduce(hidden: torch.Tensor, vmap: VirtualMap) -> torch.Tensor:
 
     Padding positions do not contribute: the padding token of a row gets 0.
     """
-    acc = torch.float32 if hidden.dtype in (torch.float16, torch.bfloat16) else hidden.dtype
+    acc = accumulation_dtype(hidden.dtype)
     batch, _, dim = hidden.shape
     counts = vmap.counts
     if vmap.padding is not None:
