@@ -6,7 +6,7 @@ STAMP := $(VENV)/.dymu-installed
 # torch 2.13.0 is the CPU wheel available on this machine; the package itself only needs torch>=2.4.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install clean toy-model toy-eval
 
 install: $(STAMP)
 
@@ -21,6 +21,18 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Retrain the shipped toy LLaVA (about an hour on 2 cores), evaluate it (about 10 min) and rewrite its model card.
+TOY_MODEL ?= assets/toy-llava
+toy-model: $(STAMP)
+	$(BIN)/python -m toyvlm.train --out $(TOY_MODEL)
+	rm -rf $(TOY_MODEL)/thresholds $(TOY_MODEL)/eval
+	$(MAKE) toy-eval
+
+# Accuracy vs visual tokens of the toy model (unmerged, blind, prior; DToMe low/mid/high with and without VTU).
+toy-eval: $(STAMP)
+	$(BIN)/python -m toyvlm.evaluate --model $(TOY_MODEL)
+	$(BIN)/python -m toyvlm.card $(TOY_MODEL)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/encoder_speed.py

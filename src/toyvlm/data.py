@@ -175,7 +175,7 @@ LABEL_PROBABILITY = 0.8
 #: letters used for labels (I and O omitted: too close to l / 0 at tiny sizes)
 LABEL_LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZ"
 #: label font size at the reference canvas size (scaled with image size)
-LABEL_FONT_SIZE = 10
+LABEL_FONT_SIZE = 14
 MIN_LABEL_FONT_SIZE = 6
 #: relative luminance above which a label is drawn black instead of white
 LABEL_LUMINANCE_THRESHOLD = 150
@@ -462,23 +462,48 @@ def _label_anchor(obj: Obj, scale: float) -> tuple[float, float]:
     return obj.x * scale, obj.y * scale
 
 
-def _draw_object(draw: ImageDraw.ImageDraw, obj: Obj, scale: float) -> None:
-    fill = PALETTE[obj.colour]
-    width = max(1, round(OUTLINE_WIDTH * scale))
+def _draw_shape(draw: ImageDraw.ImageDraw, obj: Obj, scale: float, fill, outline=None, width: int = 0) -> None:
     cx, cy, h = obj.x * scale, obj.y * scale, obj.half * scale
     box = [cx - h, cy - h, cx + h, cy + h]
     if obj.shape == "circle":
-        draw.ellipse(box, fill=fill, outline=OUTLINE_COLOUR, width=width)
+        draw.ellipse(box, fill=fill, outline=outline, width=width)
     elif obj.shape == "square":
-        draw.rectangle(box, fill=fill, outline=OUTLINE_COLOUR, width=width)
+        draw.rectangle(box, fill=fill, outline=outline, width=width)
     else:
-        draw.polygon(_shape_polygon(obj, scale), fill=fill, outline=OUTLINE_COLOUR, width=width)
+        draw.polygon(_shape_polygon(obj, scale), fill=fill, outline=outline, width=width)
+
+
+def _draw_object(draw: ImageDraw.ImageDraw, obj: Obj, scale: float) -> None:
+    fill = PALETTE[obj.colour]
+    _draw_shape(draw, obj, scale, fill, OUTLINE_COLOUR, max(1, round(OUTLINE_WIDTH * scale)))
     if obj.label:
         r, g, b = fill
         luminance = 0.299 * r + 0.587 * g + 0.114 * b
         ink = LABEL_DARK if luminance > LABEL_LUMINANCE_THRESHOLD else LABEL_LIGHT
         font = _font(max(MIN_LABEL_FONT_SIZE, round(LABEL_FONT_SIZE * scale)))
         draw.text(_label_anchor(obj, scale), obj.label, fill=ink, font=font, anchor="mm")
+
+
+def object_id_map(scene: Scene, image_size: int = DEFAULT_IMAGE_SIZE) -> np.ndarray:
+    """(image_size, image_size) uint8 map: 0 = background, ``i + 1`` = pixels covered by ``scene.objects[i]``.
+
+    Same geometry as :func:`render` (outline included); used for dense training targets.
+    """
+    canvas = Image.new("L", (image_size, image_size), 0)
+    draw = ImageDraw.Draw(canvas)
+    for index, obj in enumerate(scene.objects):
+        _draw_shape(draw, obj, image_size / SCENE_SIZE, index + 1)
+    return np.asarray(canvas)
+
+
+def label_position(scene: Scene, image_size: int = DEFAULT_IMAGE_SIZE) -> tuple[float, float, str] | None:
+    """(x, y, letter) of the scene's label in rendered pixels, or None if no object is labelled."""
+    scale = image_size / SCENE_SIZE
+    for obj in scene.objects:
+        if obj.label:
+            x, y = _label_anchor(obj, scale)
+            return x, y, obj.label
+    return None
 
 
 def render(scene: Scene, image_size: int = DEFAULT_IMAGE_SIZE) -> Image.Image:

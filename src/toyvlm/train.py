@@ -7,11 +7,21 @@ like any hub checkpoint.
 
     python -m toyvlm.train --out assets/toy-llava [--steps N] [--train-scenes N] [--seed S]
 
-Prompts use LLaVA-1.5's format: ``USER: <image>\\n{question} ASSISTANT: {answer}</s>``; the loss covers the
-answer and ``</s>`` only. Images are rendered once and kept as uint8. Everything is seeded.
+How it trains in under an hour on 2 CPU cores (all of it training-time only; the saved model is plain LLaVA):
 
-Status: the pipeline runs end to end (see tests/test_toyvlm_train.py); the default sizes and step counts have
-NOT been tuned yet to reach the accuracy targets of issue 4 within 60 minutes on 2 cores.
+* **Multi-turn conversations**, as in LLaVA's own instruction data: one image and ``turns`` questions per
+  sequence, ``USER: <image>\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>...``. The first turn is
+  exactly the evaluation prompt. The image is encoded once and its 144 tokens are shared by every turn, so a
+  question costs ~15 tokens instead of ~160. The loss covers every answer and its ``</s>``.
+* **Fresh questions**: scenes are rendered once into a pool; each visit samples new questions from everything
+  askable about the scene (kinds uniform among those available; yes/no balanced).
+* **Dense auxiliary supervision** of the vision tower: a linear head (discarded after training) on the
+  features the projector reads predicts, per patch, the colour and shape of the object covering it, whether an
+  object's centre lies in it (and its shape), and the letter written in it. Scene geometry gives these
+  targets for free; without them the from-scratch tower learned too slowly for the budget (first run:
+  29.5% validation after 30 min, answering from the language prior).
+
+Images are kept as uint8. Everything is seeded.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +48,13 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 VOCABULARY_SCENES = 400
 VOCAB_MULTIPLE = 8
 MAX_ANSWER_TOKENS = 3
+#: an object labels a patch for the auxiliary targets when it covers at least this fraction of it
+MIN_PATCH_COVER = 0.25
+#: auxiliary per-patch classification heads: name -> classes (class 0 = nothing / background)
+AUX_CLASSES = {"colour": 1 + len(D.COLOURS), "shape": 1 + len(D.SHAPES), "centre": 1 + len(D.SHAPES),
+               "letter": 1 + len(D.LABEL_LETTERS)}
+#: plus two position heads ("row", "column": grid classes each) that keep the patch position readable
+TURN = "USER: {question} ASSISTANT:"
 
 
 @dataclass
@@ -50,14 +68,19 @@ class TrainConfig:
     text_layers: int = 4
     text_heads: int = 6
     text_kv_heads: int = 2
-    train_scenes: int = 6000
+    train_scenes: int = 30000
     val_scenes: int = 200
-    per_kind: int = 2
-    steps: int = 3000
+    turns: int = 8
+    steps: int = 4200
     batch_size: int = 32
-    learning_rate: float = 1e-3
-    warmup_steps: int = 100
+    learning_rate: float = 1.5e-3
+    warmup_steps: int = 200
     weight_decay: float = 0.01
+    aux_weight: float = 1.0
+    curriculum_start: int = 1
+    curriculum_steps: int = 2000
+    eval_every: int = 500
+    eval_scenes: int = 40
     seed: int = 0
     threads: int = 2
 
@@ -129,12 +152,47 @@ def build_model(config: TrainConfig, tokenizer):
     return model, processor
 
 
-def render_split(examples, image_size: int) -> torch.Tensor:
-    """(scenes, 3, H, W) uint8."""
+def render_split(examples, image_size: int, patch_size: int | None = None):
+    """(scenes, 3, H, W) uint8 pixels, plus (scenes, heads, patches) auxiliary targets when ``patch_size`` is given."""
     from tqdm.auto import tqdm
 
-    images = np.stack([np.asarray(example.image) for example in tqdm(examples, desc="rendering", unit="scene")])
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    images, targets = [], []
+    for example in tqdm(examples, desc="rendering", unit="scene", leave=False):
+        images.append(np.asarray(example.image))
+        if patch_size is not None:
+            targets.append(patch_targets(example.scene, image_size, patch_size))
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    return pixels if patch_size is None else (pixels, torch.from_numpy(np.stack(targets)))
+
+
+def patch_targets(scene: D.Scene, image_size: int, patch_size: int) -> np.ndarray:
+    """(len(AUX_CLASSES) + 2, patches) int64 class per patch in raster order, from the scene geometry (see AUX_CLASSES;
+    the last two rows are the patch's row and column)."""
+    grid = image_size // patch_size
+    ids = D.object_id_map(scene, image_size)[: grid * patch_size, : grid * patch_size]
+    ids = ids.reshape(grid, patch_size, grid, patch_size).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
+    out = np.zeros((len(AUX_CLASSES) + 2, grid * grid), dtype=np.int64)
+    out[-2], out[-1] = np.divmod(np.arange(grid * grid), grid)
+    if not scene.objects:
+        return out
+    cover = np.stack([(ids == k + 1).mean(1) for k in range(len(scene.objects))], 1)  # (patches, objects)
+    best, covered = cover.argmax(1), cover.max(1) >= MIN_PATCH_COVER
+    colour = np.array([D.COLOURS.index(o.colour) + 1 for o in scene.objects])
+    shape = np.array([D.SHAPES.index(o.shape) + 1 for o in scene.objects])
+    out[0] = np.where(covered, colour[best], 0)
+    out[1] = np.where(covered, shape[best], 0)
+    scale = image_size / D.SCENE_SIZE
+    for obj, code in zip(scene.objects, shape):
+        out[2, _patch_index(obj.x * scale, obj.y * scale, patch_size, grid)] = code
+    label = D.label_position(scene, image_size)
+    if label is not None:
+        x, y, letter = label
+        out[3, _patch_index(x, y, patch_size, grid)] = D.LABEL_LETTERS.index(letter) + 1
+    return out
+
+
+def _patch_index(x: float, y: float, patch_size: int, grid: int) -> int:
+    return min(int(y) // patch_size, grid - 1) * grid + min(int(x) // patch_size, grid - 1)
 
 
 def normalize(pixels: torch.Tensor) -> torch.Tensor:
@@ -144,23 +202,102 @@ def normalize(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels.float() / 255 - mean) / std
 
 
-def collate(tokenizer, patches: int, questions: list[str], answers: list[str] | None):
-    """Right-padded (input_ids, attention_mask, labels) for training; labels cover the answer and </s>."""
-    rows, labels = [], []
-    for i, question in enumerate(questions):
-        prompt = tokenizer(PROMPT.format(question=question).replace("<image>", "<image>" * patches)).input_ids
-        answer = [] if answers is None else tokenizer(answers[i], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-        rows.append(prompt + answer)
-        labels.append([IGNORE_INDEX] * len(prompt) + answer)
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+def sample_turns(scene: D.Scene, rng: np.random.Generator, turns: int) -> list[D.QA]:
+    """Up to ``turns`` distinct questions: each turn picks a kind uniformly among those with questions left
+    (``exists``: yes or no with probability 1/2), then a question of it uniformly."""
+    candidates = D.candidate_questions(scene)
+    pools = {kind: list(qas) for kind, qas in candidates.items() if kind != "exists"}
+    pools["exists"] = [[q for q in candidates["exists"] if q.answer == "yes"],
+                       [q for q in candidates["exists"] if q.answer == "no"]]
+    chosen = []
+    for _ in range(turns):
+        kinds = [kind for kind, pool in pools.items() if (any(pool) if kind == "exists" else pool)]
+        if not kinds:
+            break
+        kind = kinds[int(rng.integers(len(kinds)))]
+        pool = pools[kind]
+        if kind == "exists":
+            sides = [side for side in pool if side]
+            pool = sides[int(rng.integers(len(sides)))]
+        chosen.append(pool.pop(int(rng.integers(len(pool)))))
+    return chosen
+
+
+class ConversationEncoder:
+    """Token ids for LLaVA-1.5 multi-turn conversations (cached per text piece)."""
+
+    def __init__(self, tokenizer, patches: int):
+        self.tokenizer, self.patches = tokenizer, patches
+        self._cache: dict[tuple[str, str], list[int]] = {}
+
+    def _ids(self, kind: str, text: str) -> list[int]:
+        key = (kind, text)
+        if key not in self._cache:
+            if kind == "first":
+                ids = self.tokenizer(PROMPT.format(question=text).replace("<image>", "<image>" * self.patches)).input_ids
+            elif kind == "turn":
+                ids = self.tokenizer(TURN.format(question=text), add_special_tokens=False).input_ids
+            else:
+                ids = self.tokenizer(text, add_special_tokens=False).input_ids + [self.tokenizer.eos_token_id]
+            self._cache[key] = ids
+        return self._cache[key]
+
+    def __call__(self, qas: list[D.QA]) -> tuple[list[int], list[int]]:
+        """(input_ids, labels) of one conversation; labels cover each answer and its </s>."""
+        ids, labels = [], []
+        for turn, qa in enumerate(qas):
+            prompt = self._ids("first" if turn == 0 else "turn", qa.question)
+            answer = self._ids("answer", qa.answer)
+            ids += prompt + answer
+            labels += [IGNORE_INDEX] * len(prompt) + answer
+        return ids, labels
+
+
+def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int):
+    """Right-padded (input_ids, attention_mask, labels) tensors from (input_ids, labels) rows."""
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     target = torch.full((len(rows), width), IGNORE_INDEX)
-    for i, (row, label) in enumerate(zip(rows, labels)):
-        input_ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
-        target[i, : len(label)] = torch.tensor(label)
+    for i, (ids, labels) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        mask[i, : len(ids)] = 1
+        target[i, : len(labels)] = torch.tensor(labels)
     return input_ids, mask, target
+
+
+class AuxiliaryHead(torch.nn.Module):
+    """Per-patch linear classifiers on the projector's input features (training only; never saved)."""
+
+    def __init__(self, hidden: int, grid: int):
+        super().__init__()
+        self.classes = [*AUX_CLASSES.values(), grid, grid]
+        self.linear = torch.nn.Linear(hidden, sum(self.classes))
+
+    def forward(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        # features: (images, patches, hidden); targets: (images, heads, patches)
+        logits = self.linear(features).split(self.classes, dim=-1)
+        return sum(torch.nn.functional.cross_entropy(head.flatten(0, 1), targets[:, i].flatten())
+                   for i, head in enumerate(logits)) / len(logits)
+
+
+def training_loss(model, aux_head, pixel_values, input_ids, mask, labels, targets):
+    """(language-model loss, auxiliary loss) for images (images, 3, H, W) whose conversations are the rows of
+    ``input_ids`` (one row per image). Runs only the tower layers up to ``vision_feature_layer``."""
+    tower = model.model.vision_tower
+    layers = tower.encoder.layers
+    read = model.config.vision_feature_layer % (len(layers) + 1)  # index into (embeddings, layer 1, ..., layer L)
+    hidden = tower.pre_layrnorm(tower.embeddings(pixel_values))  # (images, 1 + patches, vision hidden)
+    for layer in layers[:read]:
+        hidden = layer(hidden, None)
+    hidden = hidden[:, 1:]  # drop CLS: (images, patches, vision hidden)
+    aux_loss = aux_head(hidden, targets)
+    features = model.model.multi_modal_projector(hidden)  # (images, patches, text hidden)
+    embeds = model.get_input_embeddings()(input_ids)
+    image_mask = (input_ids == model.config.image_token_id)[..., None]
+    embeds = embeds.masked_scatter(image_mask, features.to(embeds.dtype))
+    loss = model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+    return loss, aux_loss
 
 
 def evaluate(model, processor, examples, pixels: torch.Tensor, batch_size: int = 32) -> dict:
@@ -196,39 +333,71 @@ def train(config: TrainConfig, out_dir, log_every: int = 50, progress: bool = Tr
     tokenizer = build_tokenizer()
     model, processor = build_model(config, tokenizer)
     patches = model.config.image_seq_length
+    aux_head = AuxiliaryHead(config.vision_hidden, config.image_size // config.patch_size)
     train_examples = D.make_split("train", seed=config.seed, num_scenes=config.train_scenes,
-                                  image_size=config.image_size, per_kind=config.per_kind)
+                                  image_size=config.image_size, per_kind=0)
     val_examples = D.make_split("val", seed=config.seed, num_scenes=config.val_scenes, image_size=config.image_size)
-    train_pixels = render_split(train_examples, config.image_size)
+    train_pixels, train_targets = render_split(train_examples, config.image_size, config.patch_size)
     val_pixels = render_split(val_examples, config.image_size)
-    samples = [(i, qa) for i, example in enumerate(train_examples) for qa in example.qas]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    for example in train_examples:
+        example._image = None  # pixels are kept in train_pixels
+    encoder = ConversationEncoder(tokenizer, patches)
+    parameters = list(model.parameters()) + list(aux_head.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / config.warmup_steps)
                                                  * 0.5 * (1 + math.cos(math.pi * min(step, config.steps) / config.steps)))
     rng = np.random.default_rng(config.seed)
-    log = []
+    by_objects = np.argsort([len(e.scene.objects) for e in train_examples], kind="stable")
+    allowed = np.cumsum(np.bincount([len(e.scene.objects) for e in train_examples], minlength=D.MAX_OBJECTS + 1))
+    log, evaluations = [], []
     model.train()
-    for step in tqdm(range(config.steps), desc="training", unit="step", disable=not progress):
-        batch = [samples[j] for j in rng.integers(0, len(samples), config.batch_size)]
-        input_ids, mask, labels = collate(tokenizer, patches, [qa.question for _, qa in batch], [qa.answer for _, qa in batch])
-        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels,
-                     pixel_values=normalize(train_pixels[[i for i, _ in batch]])).loss
+    bar = tqdm(range(config.steps), desc="training", unit="step", disable=not progress)
+    for step in bar:
+        pool = max(allowed[object_limit(config, step)], allowed[allowed > 0][0])  # scenes with few enough objects
+        scenes = by_objects[rng.integers(0, pool, config.batch_size)]
+        rows = [encoder(sample_turns(train_examples[i].scene, rng, config.turns)) for i in scenes]
+        input_ids, mask, labels = pad_batch(rows, tokenizer.pad_token_id)
+        loss, aux_loss = training_loss(model, aux_head, normalize(train_pixels[scenes]), input_ids, mask, labels,
+                                       train_targets[scenes])
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        (loss + config.aux_weight * aux_loss).backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
         if step % log_every == 0 or step == config.steps - 1:
-            log.append({"step": step, "loss": loss.item(), "seconds": time.time() - started})
+            log.append({"step": step, "loss": loss.item(), "aux_loss": aux_loss.item(), "objects": object_limit(config, step),
+                        "seconds": time.time() - started})
+            bar.set_postfix(loss=f"{loss.item():.3f}", aux=f"{aux_loss.item():.3f}")
+        if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
+            partial = evaluate(model, processor, val_examples[: config.eval_scenes], val_pixels[: config.eval_scenes],
+                               batch_size=config.batch_size)
+            evaluations.append({"step": step + 1, "seconds": time.time() - started, **partial})
+            bar.write(f"step {step + 1}: validation[:{config.eval_scenes} scenes] {_summary(partial)}", file=sys.stderr)
+            model.train()
+    train_seconds = time.time() - started
     model.eval()
     validation = evaluate(model, processor, val_examples, val_pixels, batch_size=config.batch_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    summary = {"config": asdict(config), "validation": validation, "train_seconds": time.time() - started, "log": log}
+    summary = {"config": asdict(config), "validation": validation, "train_seconds": train_seconds,
+               "evaluations": evaluations, "log": log}
     (out / "training_log.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def object_limit(config: TrainConfig, step: int) -> int:
+    """Curriculum: the most objects a training scene may have at ``step`` (rises linearly to MAX_OBJECTS)."""
+    if step >= config.curriculum_steps:
+        return D.MAX_OBJECTS
+    span = D.MAX_OBJECTS - config.curriculum_start + 1
+    return min(D.MAX_OBJECTS, config.curriculum_start + step * span // config.curriculum_steps)
+
+
+def _summary(result: dict) -> str:
+    kinds = " ".join(f"{kind} {100 * value:.1f}" for kind, value in result["per_kind"].items())
+    return f"overall {100 * result['overall']:.1f}% ({kinds}; {result['questions']} questions)"
 
 
 def main(argv=None) -> None:

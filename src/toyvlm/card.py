@@ -1,0 +1,131 @@
+"""Write the model card (README.md) of a toy checkpoint from its training_log.json and eval/results.json.
+
+    python -m toyvlm.card assets/toy-llava
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from . import data as D
+from .evaluate import DEFAULT_THRESHOLD_SCENES, DYMU_LEVELS, markdown_table
+
+
+def _parameters(folder: Path) -> dict[str, int]:
+    from safetensors import safe_open
+
+    counts = {"vision tower": 0, "projector": 0, "language model": 0}
+    with safe_open(str(folder / "model.safetensors"), "pt") as handle:
+        for name in handle.keys():
+            size = handle.get_slice(name).get_shape()
+            numel = 1
+            for dim in size:
+                numel *= dim
+            part = "vision tower" if "vision_tower" in name else "projector" if "projector" in name else "language model"
+            counts[part] += numel
+    return counts
+
+
+def model_card(folder) -> str:
+    folder = Path(folder)
+    log = json.loads((folder / "training_log.json").read_text())
+    results = json.loads((folder / "eval" / "results.json").read_text())
+    config = json.loads((folder / "config.json").read_text())
+    cfg, vision, text = log["config"], config["vision_config"], config["text_config"]
+    params = _parameters(folder)
+    rows = {row["name"]: row for row in results["rows"]}
+    unmerged = rows["unmerged"]
+    kinds = " | ".join(unmerged["per_kind"])
+    per_kind = " | ".join(f"{100 * v:.1f}" for v in unmerged["per_kind"].values())
+    baselines = "\n".join(f"| {name} | {100 * rows[name]['overall']:.1f} | "
+                          + " | ".join(f"{100 * v:.1f}" for v in rows[name]["per_kind"].values()) + " |"
+                          for name in ("unmerged", "blind (grey image)", "prior (text only)") if name in rows)
+    minutes = log["train_seconds"] / 60
+    targets = results.get("targets", {})
+    read = config["vision_feature_layer"] % (vision["num_hidden_layers"] + 1)
+    levels = ", ".join(f"{level} {targets.get(level, round(fraction * results['patches']))}"
+                       for level, fraction in DYMU_LEVELS.items())
+    return f"""# toy-llava: a small LLaVA-1.5-format model trained from scratch on synthetic VQA
+
+A stock `LlavaForConditionalGeneration` checkpoint (safetensors) with a word-level tokenizer and a
+`LlavaProcessor`, trained on 2 CPU cores by `make toy-model` (`python -m toyvlm.train`), so that dymu's accuracy
+claims rest on a model that really reads its images. It is a research fixture, not a general VLM: it only knows
+the synthetic task below.
+
+```python
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+model = LlavaForConditionalGeneration.from_pretrained("assets/toy-llava")
+processor = AutoProcessor.from_pretrained("assets/toy-llava")
+prompt = "USER: <image>\\nWhat colour is the triangle? ASSISTANT:"
+inputs = processor(images=image, text=prompt, return_tensors="pt")
+answer = processor.decode(model.generate(**inputs, max_new_tokens=3)[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+```
+
+## Architecture ({sum(params.values()) / 1e6:.2f} M parameters)
+
+- Vision tower: CLIP ViT ({params['vision tower'] / 1e6:.2f} M), {vision['image_size']} px, patch {vision['patch_size']} ->
+  {results['patches']} patches, {vision['num_hidden_layers']} layers, width {vision['hidden_size']},
+  {vision['num_attention_heads']} heads, quick-GELU. Read at `vision_feature_layer` {config['vision_feature_layer']}
+  with the `default` strategy (CLS dropped), as LLaVA-1.5.
+- Projector: LLaVA-1.5's two-layer GELU MLP ({params['projector'] / 1e6:.2f} M).
+- Language model: Llama ({params['language model'] / 1e6:.2f} M), {text['num_hidden_layers']} layers, width
+  {text['hidden_size']}, {text['num_attention_heads']} query / {text['num_key_value_heads']} key-value heads (GQA),
+  RoPE, vocabulary {text['vocab_size']} (word-level).
+- Prompt format: LLaVA-1.5, `USER: <image>\\n{{question}} ASSISTANT: {{answer}}</s>`.
+
+## Data
+
+`toyvlm.data`: deterministic scenes of 1-8 objects (4 shapes x 6 colours, small/large, at most one with a
+letter written on it) on flat, gradient, textured or scikit-image photo backgrounds (1/4 each). Questions:
+exists (yes/no, balanced, POPE-style), colour, count (number words), position (left/right/above/below) and detail
+(the letter). Training: {cfg['train_scenes']} scenes of split `train` (seed {cfg['seed']}); evaluation: split `test`
+(an independent random stream), first {results['scenes']} scenes, {results['questions']} questions.
+
+## Training
+
+{cfg['steps']} steps of {cfg['batch_size']} images, each with a {cfg['turns']}-turn conversation of freshly sampled
+questions (loss on every answer and `</s>`); AdamW lr {cfg['learning_rate']}, {cfg['warmup_steps']} warm-up steps,
+cosine decay, weight decay {cfg['weight_decay']}, gradient clipping 1.0. A curriculum on scene size: at most
+{cfg.get('curriculum_start', 8)} object(s) per training scene at first, rising linearly to 8 over the first
+{cfg.get('curriculum_steps', 0)} steps. An auxiliary per-patch linear head on the tower features the projector reads
+(colour, shape, object centre, letter, patch row and column; weight {cfg['aux_weight']}), discarded after training:
+the shipped weights are a plain LLaVA. fp32, seed
+{cfg['seed']}, {cfg['threads']} threads: **{minutes:.1f} minutes** on 2 CPU cores.
+
+## Accuracy (test split, {results['questions']} questions, greedy, exact match after normalisation)
+
+| model | overall | {kinds} |
+|---|---|{'---|' * len(unmerged['per_kind'])}
+{baselines}
+
+`blind` shows the model a uniform grey image; `prior` answers each exact question text with its most frequent
+training answer (the best a text-only model can do on this data). The first {results['slice_questions']} test
+questions (a fixed slice checked by `tests/test_toyvlm_eval.py`): **{100 * unmerged['slice_accuracy']:.1f}%**.
+
+## With DyMU (thresholds found on {DEFAULT_THRESHOLD_SCENES} training images; targets {levels} tokens of {results['patches']})
+
+The targets are DyMU's LLaVA-1.5 presets (89 / 195 / 394 of 576 tokens) scaled to {results['patches']} patches and,
+for `low`, raised to the lowest count a constant merge schedule can reach in this {read}-layer
+read depth (bipartite matching merges at most half the tokens per layer). VTU = virtual token unmerging in the
+Llama (`vtu="fast"`); no VTU = the merged tokens fed as a shorter sequence (`vtu="none"`, `dymu.prepare_inputs`).
+
+{markdown_table(results)}
+Visual tokens follow image complexity: the tokens column splits the mean by background
+({" / ".join(D.BACKGROUND_KINDS)}). Full results: `eval/results.json`, plot: `eval/accuracy_vs_tokens.png`.
+Reproduce: `python -m toyvlm.evaluate --model assets/toy-llava`.
+"""
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder")
+    args = parser.parse_args(argv)
+    folder = Path(args.folder)
+    (folder / "README.md").write_text(model_card(folder))
+    print(f"wrote {folder / 'README.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,309 @@
+"""Evaluate a LLaVA-format checkpoint on the toyvlm task: unmerged, blind, and with DToMe (accuracy vs tokens).
+
+    python -m toyvlm.evaluate --model assets/toy-llava [--scenes 1000] [--out DIR]
+
+Everything goes through the public path a user would take: ``AutoProcessor`` + ``model.generate`` on the
+rendered test images, ``dymu.find_thresholds`` on training images, ``dymu.apply`` with ``vtu="fast"``
+(virtual token unmerging) or ``vtu="none"`` + ``dymu.prepare_inputs`` (compact: merged tokens only).
+
+Reported:
+* ``unmerged``: the checkpoint as trained.
+* ``blind``: the same model shown a uniform grey image (the CLIP mean colour) - what it answers without
+  looking; ``prior``: the best text-only rule, the most frequent training answer for each exact question text.
+* DToMe ``low`` / ``mid`` / ``high``: thresholds found on training images for the same fraction of the patch
+  grid as DyMU's LLaVA-1.5 presets (89 / 195 / 394 of 576), each with VTU and in compact mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import data as D
+from .train import MAX_ANSWER_TOKENS, OPENAI_CLIP_MEAN, PROMPT
+
+#: DyMU's LLaVA-1.5 presets: mean visual tokens out of CLIP-L/14-336's 576 patches
+DYMU_LEVELS = {"low": 89 / 576, "mid": 195 / 576, "high": 394 / 576}
+#: VTU modes reported: fast = virtual token unmerging in the LLM, none = compact merged sequence
+MODES = ("fast", "none")
+DEFAULT_TEST_SCENES = 1000
+DEFAULT_THRESHOLD_SCENES = 1000
+SLICE_QUESTIONS = 200
+BATCH_SIZE = 32
+RESULTS_FORMAT = "toyvlm-eval"
+RESULTS_VERSION = 1
+
+
+def load(folder):
+    """(LlavaForConditionalGeneration in eval mode, processor) from a checkpoint folder."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: no config.json (train one with `make toy-model`)")
+    model = LlavaForConditionalGeneration.from_pretrained(folder).eval()
+    return model, AutoProcessor.from_pretrained(folder)
+
+
+def test_records(num_scenes: int = DEFAULT_TEST_SCENES, seed: int = D.DEFAULT_SEED, image_size: int | None = None,
+                 split: str = "test"):
+    """(records, images): question records in benchmark order (as ``write_benchmark`` would write them) and
+    {image_id: PIL image}."""
+    examples = D.make_split(split, seed=seed, num_scenes=num_scenes, image_size=image_size or D.DEFAULT_IMAGE_SIZE)
+    records, images = [], {}
+    for example in examples:
+        images[example.id] = example.image
+        for j, qa in enumerate(example.qas):
+            records.append({"question_id": f"{example.id}_q{j:02d}", "image": example.id, "question": qa.question,
+                            "kind": qa.kind, "answer": qa.answer, "background": example.scene.background})
+    return records, images
+
+
+def image_size_of(processor) -> int:
+    return int(processor.image_processor.crop_size["height"])
+
+
+def answer(model, processor, records, images, batch_size: int = BATCH_SIZE, progress: bool = False,
+           desc: str = "answering") -> list[str]:
+    """Greedy answers, one per record. Uses ``dymu.prepare_inputs`` when the model is in compact mode."""
+    from tqdm.auto import tqdm
+
+    from dymu.llava import get_vlm_patch
+
+    compact = (patch := get_vlm_patch(model)) is not None and patch.state.vtu == "none"
+    answers = []
+    for start in tqdm(range(0, len(records), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
+        chunk = records[start : start + batch_size]
+        prompts = [PROMPT.format(question=r["question"]) for r in chunk]
+        pictures = [images[r["image"]] for r in chunk]
+        if compact:
+            import dymu
+
+            inputs = dymu.prepare_inputs(model, processor, pictures, prompts)
+        else:
+            inputs = processor(images=pictures, text=prompts, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            output = model.generate(**inputs, max_new_tokens=MAX_ANSWER_TOKENS, do_sample=False)
+        answers += processor.tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return answers
+
+
+def accuracy(records, answers) -> dict:
+    """Exact match after ``normalize_answer``: overall, per kind and per background."""
+    hits = [int(D.normalize_answer(a) == D.normalize_answer(r["answer"])) for r, a in zip(records, answers)]
+    per_kind, per_background = defaultdict(list), defaultdict(list)
+    for record, hit in zip(records, hits):
+        per_kind[record["kind"]].append(hit)
+        per_background[record.get("background", "?")].append(hit)
+    return {"overall": float(np.mean(hits)) if hits else math.nan, "questions": len(hits),
+            "per_kind": {k: float(np.mean(v)) for k, v in sorted(per_kind.items())},
+            "per_background": {k: float(np.mean(v)) for k, v in sorted(per_background.items())}}
+
+
+def visual_tokens(model, processor, records, images, batch_size: int = BATCH_SIZE) -> dict:
+    """Visual tokens per image under the model's current merging: mean overall and per background kind."""
+    import dymu
+
+    ids = list(dict.fromkeys(r["image"] for r in records))
+    background = {r["image"]: r.get("background", "?") for r in records}
+    counts = {}
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start : start + batch_size]
+        pixel_values = processor.image_processor(images=[images[i] for i in chunk], return_tensors="pt")["pixel_values"]
+        counts.update(zip(chunk, dymu.encode(model, pixel_values).num_tokens))
+    per_background = defaultdict(list)
+    for image_id, count in counts.items():
+        per_background[background[image_id]].append(count)
+    values = list(counts.values())
+    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "images": len(values),
+            "per_background": {k: float(np.mean(v)) for k, v in sorted(per_background.items())}}
+
+
+def prior_answers(records, train_scenes: int = DEFAULT_TEST_SCENES * 4, seed: int = D.DEFAULT_SEED) -> list[str]:
+    """Text-only baseline: the most frequent training answer for each exact question text (else for its kind)."""
+    by_text, by_kind = defaultdict(Counter), defaultdict(Counter)
+    for example in D.make_split("train", seed=seed, num_scenes=train_scenes):
+        for qa in example.qas:
+            by_text[qa.question][qa.answer] += 1
+            by_kind[qa.kind][qa.answer] += 1
+    out = []
+    for r in records:
+        counter = by_text.get(r["question"]) or by_kind.get(r["kind"]) or Counter({"": 1})
+        out.append(counter.most_common(1)[0][0])
+    return out
+
+
+def blind_images(images) -> dict:
+    """Every image replaced by a uniform image of the CLIP mean colour (zero after normalisation)."""
+    from PIL import Image
+
+    colour = tuple(round(255 * m) for m in OPENAI_CLIP_MEAN)
+    return {key: Image.new("RGB", image.size, colour) for key, image in images.items()}
+
+
+def level_target(model, fraction: float) -> int:
+    """``fraction`` of the patches, raised to the nearest count the constant merge schedule can reach (bipartite
+    matching merges at most half the tokens of a layer, so a shallow tower cannot go as low as CLIP-L's 23 layers)."""
+    from dymu.finder import budgets_for
+    from dymu.vision import DymuError, tower_info
+
+    info = tower_info(model)
+    for target in range(max(1, round(fraction * info.num_patches)), info.num_patches + 1):
+        try:
+            budgets_for(info, target, "constant")
+            return target
+        except DymuError:
+            continue
+    return info.num_patches
+
+
+def find_level_thresholds(model, processor, folder: Path, scenes: int = DEFAULT_THRESHOLD_SCENES, seed: int = D.DEFAULT_SEED,
+                          progress: bool = True) -> dict:
+    """DToMe thresholds for each DYMU_LEVELS fraction, found on training images; cached in ``folder``."""
+    import dymu
+    from dymu.thresholds import Thresholds
+
+    folder.mkdir(parents=True, exist_ok=True)
+    patches = model.config.image_seq_length
+    out, pixels = {}, None
+    for level, fraction in DYMU_LEVELS.items():
+        path = folder / f"{level}.json"
+        if path.is_file():
+            out[level] = Thresholds.load(path)
+            continue
+        if pixels is None:
+            examples = D.make_split("train", seed=seed, num_scenes=scenes, image_size=image_size_of(processor), per_kind=0)
+            pixels = processor.image_processor(images=[e.image for e in examples], return_tensors="pt")["pixel_values"]
+        thresholds = dymu.find_thresholds(model, pixels, target_tokens=level_target(model, fraction), progress=progress)
+        thresholds.save(path)
+        out[level] = thresholds
+    return out
+
+
+def run(model_dir, out_dir=None, scenes: int = DEFAULT_TEST_SCENES, seed: int = D.DEFAULT_SEED, levels=tuple(DYMU_LEVELS),
+        modes=MODES, baselines: bool = True, progress: bool = True, threshold_scenes: int = DEFAULT_THRESHOLD_SCENES) -> dict:
+    """Full evaluation; writes results.json, accuracy_vs_tokens.png and table.md to ``out_dir`` (default:
+    ``model_dir/eval``). Thresholds are cached in ``model_dir/thresholds``."""
+    import dymu
+
+    model_dir = Path(model_dir)
+    out = Path(out_dir) if out_dir else model_dir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    model, processor = load(model_dir)
+    records, images = test_records(scenes, seed, image_size_of(processor))
+    patches = model.config.image_seq_length
+    rows = []
+
+    def evaluate(name, level, mode, pictures=images, answers=None):
+        answers = answers if answers is not None else answer(model, processor, records, pictures, progress=progress, desc=name)
+        tokens = visual_tokens(model, processor, records, images) if level else \
+            {"mean": float(patches), "std": 0.0, "per_background": {}}
+        row = {"name": name, "level": level, "vtu": mode, "tokens": tokens, **accuracy(records, answers)}
+        row["slice_accuracy"] = accuracy(records[:SLICE_QUESTIONS], answers[:SLICE_QUESTIONS])["overall"]
+        rows.append(row)
+        print(f"{name:<22} tokens {tokens['mean']:6.1f}  accuracy {100 * row['overall']:5.1f}%  "
+              + " ".join(f"{k} {100 * v:.1f}" for k, v in row["per_kind"].items()), flush=True)
+        return answers
+
+    reference = evaluate("unmerged", None, None)
+    if baselines:
+        evaluate("blind (grey image)", None, None, pictures=blind_images(images))
+        evaluate("prior (text only)", None, None, answers=prior_answers(records, seed=seed))
+        rows[-1]["tokens"] = {"mean": 0.0, "std": 0.0, "per_background": {}}
+    thresholds = find_level_thresholds(model, processor, model_dir / "thresholds", scenes=threshold_scenes, seed=seed,
+                                       progress=progress) if levels else {}
+    for level in levels:
+        for mode in modes:
+            dymu.apply(model, thresholds[level], vtu=mode)
+            try:
+                answers = evaluate(f"DToMe-{level} ({'VTU' if mode != 'none' else 'no VTU'})", level, mode)
+            finally:
+                dymu.remove(model)
+            rows[-1]["agreement_with_unmerged"] = float(np.mean(
+                [D.normalize_answer(a) == D.normalize_answer(b) for a, b in zip(answers, reference)]))
+    results = {"format": RESULTS_FORMAT, "version": RESULTS_VERSION, "model": str(model_dir), "split": "test",
+               "seed": seed, "scenes": scenes, "questions": len(records), "patches": patches,
+               "slice_questions": SLICE_QUESTIONS, "seconds": time.time() - started,
+               "targets": {level: thresholds[level].target_tokens for level in levels}, "rows": rows}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "table.md").write_text(markdown_table(results))
+    plot(results, out / "accuracy_vs_tokens.png")
+    return results
+
+
+def markdown_table(results: dict) -> str:
+    kinds = list(results["rows"][0]["per_kind"])
+    header = "| setting | visual tokens (mean) | flat / gradient / texture / photo tokens | accuracy | " + \
+        " | ".join(kinds) + " |\n|" + "---|" * (4 + len(kinds)) + "\n"
+    reference = results["rows"][0]["overall"]
+    lines = []
+    for row in results["rows"]:
+        per = row["tokens"].get("per_background") or {}
+        split = " / ".join(f"{per[k]:.1f}" for k in D.BACKGROUND_KINDS if k in per) or "-"
+        relative = f" ({100 * row['overall'] / reference:.1f}% of unmerged)" if row["level"] else ""
+        lines.append(f"| {row['name']} | {row['tokens']['mean']:.1f} of {results['patches']} | {split} | "
+                     f"{100 * row['overall']:.1f}%{relative} | " + " | ".join(f"{100 * row['per_kind'][k]:.1f}" for k in kinds) + " |")
+    return header + "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    rows = results["rows"]
+    reference = rows[0]
+    axis.axhline(100 * reference["overall"], color="black", lw=1, ls="--", label=f"unmerged ({results['patches']} tokens)")
+    axis.plot([results["patches"]], [100 * reference["overall"]], marker="*", color="black", ms=10)
+    for name, style in (("blind (grey image)", ":"), ("prior (text only)", "-.")):
+        row = next((r for r in rows if r["name"] == name), None)
+        if row:
+            axis.axhline(100 * row["overall"], color="grey", lw=1, ls=style, label=name)
+    for mode, marker, label in (("fast", "o", "DToMe + VTU"), ("none", "s", "DToMe, compact (no VTU)")):
+        points = sorted((r["tokens"]["mean"], 100 * r["overall"], r["level"]) for r in rows if r["vtu"] == mode and r["level"])
+        if points:
+            axis.plot([p[0] for p in points], [p[1] for p in points], marker=marker, label=label)
+            for x, y, level in points:
+                axis.annotate(level, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    axis.set_xlabel(f"mean visual tokens per image (of {results['patches']})")
+    axis.set_ylabel("accuracy (%)")
+    axis.set_title(f"toy LLaVA, {results['questions']} test questions")
+    axis.set_xlim(0, results["patches"] * 1.05)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="checkpoint folder (e.g. assets/toy-llava)")
+    parser.add_argument("--out", default=None, help="output folder (default: MODEL/eval)")
+    parser.add_argument("--scenes", type=int, default=DEFAULT_TEST_SCENES, help="test scenes (about 4.4 questions each)")
+    parser.add_argument("--seed", type=int, default=D.DEFAULT_SEED)
+    parser.add_argument("--levels", default=",".join(DYMU_LEVELS), help="DToMe levels, comma separated ('' = none)")
+    args = parser.parse_args(argv)
+    levels = tuple(level for level in args.levels.split(",") if level)
+    unknown = [level for level in levels if level not in DYMU_LEVELS]
+    if unknown:
+        parser.error(f"--levels: unknown level(s) {unknown}; choose from {list(DYMU_LEVELS)}")
+    try:
+        results = run(args.model, args.out, scenes=args.scenes, seed=args.seed, levels=levels)
+    except FileNotFoundError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    print(markdown_table(results))
+
+
+if __name__ == "__main__":
+    main()
