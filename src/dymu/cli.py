@@ -273,9 +273,12 @@ def cmd_convert_llava(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from .demo import run_demo
+    from .demo import run_clip_demo, run_demo
 
-    run_demo(out_dir=Path(args.out), layers=args.layers, target_tokens=args.target_tokens)
+    if args.clip:
+        run_clip_demo(out_dir=Path(args.out), layers=args.layers, target_tokens=args.target_tokens)
+    else:
+        run_demo(out_dir=Path(args.out), model_dir=args.model)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -343,10 +346,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-layers", type=int, help="keep only the first N layers (LLaVA-OneVision towers drop the last SigLIP layer)")
     p.set_defaults(func=cmd_import_thresholds)
 
-    p = sub.add_parser("demo", help="offline demo on a random-weight CLIP-L/14-336 and scikit-image's photos")
+    p = sub.add_parser("demo", help="offline demo: the trained toy LLaVA answering with and without DToMe (--clip: "
+                                    "encoder-only demo on a random-weight CLIP-L/14-336 and scikit-image's photos)")
     p.add_argument("--out", default="dymu-demo", help="output folder (default: ./dymu-demo)")
-    p.add_argument("--layers", type=int, default=None, help="encoder depth (default: see dymu.demo.DEMO_LAYERS)")
-    p.add_argument("--target-tokens", type=int, default=None)
+    p.add_argument("--model", default=None, help="toy checkpoint folder (default: $DYMU_TOY_MODEL or assets/toy-llava)")
+    p.add_argument("--clip", action="store_true", help="run the encoder-only CLIP-L/14-336 demo instead")
+    p.add_argument("--layers", type=int, default=None, help="--clip: encoder depth (default: see dymu.demo.DEMO_LAYERS)")
+    p.add_argument("--target-tokens", type=int, default=None, help="--clip: mean tokens to find thresholds for")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -1,4 +1,9 @@
-"""``dymu demo``: the whole DToMe pipeline offline, on a random-weight CLIP-L/14-336 and real photos."""
+"""``dymu demo``: DyMU end to end, offline.
+
+Default: the trained toy LLaVA shipped in ``assets/toy-llava`` (see ``toyvlm``) answers questions about synthetic
+test scenes unmerged and with DToMe + VTU at two threshold levels; accuracy, visual tokens and merge maps.
+``dymu demo --clip``: the encoder-only demo on a random-weight CLIP-L/14-336 and scikit-image's photos.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,12 @@ DEMO_LAYERS = 24
 DEMO_TARGET_TOKENS = 195
 DEMO_BATCH_SIZE = 25
 REAL_CHECKPOINT = "openai/clip-vit-large-patch14-336"
+#: environment variable naming the toy checkpoint folder (default: the repository's assets/toy-llava)
+TOY_MODEL_ENV = "DYMU_TOY_MODEL"
+#: toy demo: the two DToMe levels shown (see toyvlm.evaluate.DYMU_LEVELS), test scenes scored, scenes shown
+TOY_LEVELS = ("mid", "low")
+TOY_SCORED_SCENES = 80
+TOY_SHOWN_PER_BACKGROUND = 1
 
 
 def cache_dir() -> Path:
@@ -21,7 +32,7 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def run_demo(out_dir: Path, layers: int | None = None, target_tokens: int | None = None) -> None:
+def run_clip_demo(out_dir: Path, layers: int | None = None, target_tokens: int | None = None) -> None:
     import torch
 
     from . import api
@@ -90,3 +101,107 @@ def run_demo(out_dir: Path, layers: int | None = None, target_tokens: int | None
     print(f"  dymu find-thresholds {REAL_CHECKPOINT} IMAGES --target-tokens {target_tokens} --out clip-l-336-mid.json")
     print(f"  dymu encode {REAL_CHECKPOINT} IMAGES --thresholds clip-l-336-mid.json --viz merge_maps/")
     sys.stdout.flush()
+
+
+def default_toy_model() -> Path:
+    if os.environ.get(TOY_MODEL_ENV):
+        return Path(os.environ[TOY_MODEL_ENV])
+    return Path(__file__).resolve().parents[2] / "assets" / "toy-llava"
+
+
+def run_demo(out_dir: Path, model_dir: Path | None = None, scenes: int = TOY_SCORED_SCENES) -> None:
+    """The toy-LLaVA demo (see the module docstring)."""
+    import torch
+
+    from toyvlm import data as D
+    from toyvlm import evaluate as E
+
+    from . import api
+    from .vision import DymuError
+    from .viz import denormalize, merge_map, save_merge_figure, save_overview
+
+    model_dir = Path(model_dir) if model_dir else default_toy_model()
+    if not (model_dir / "config.json").is_file():
+        raise DymuError(f"toy model not found at {model_dir}: run `make toy-model`, set {TOY_MODEL_ENV} or pass --model")
+    started = time.time()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    print("=" * 78)
+    print("dymu demo: DToMe + virtual token unmerging on a small LLaVA trained here (assets/toy-llava)")
+    print("=" * 78)
+    model, processor = E.load(model_dir)
+    patches = model.config.image_seq_length
+    vision, text = model.config.vision_config, model.config.text_config
+    print(f"[1/4] {model_dir}: CLIP tower {vision.num_hidden_layers} layers, {vision.image_size}px / {vision.patch_size} = "
+          f"{patches} patches; Llama {text.num_hidden_layers} layers, width {text.hidden_size}")
+    thresholds = E.find_level_thresholds(model, processor, out_dir / "thresholds", progress=False, levels=TOY_LEVELS,
+                                         reuse=False)
+    print(f"      thresholds found on {E.DEFAULT_THRESHOLD_SCENES} training images: "
+          + ", ".join(f"{level} (target {E.level_target(model, E.DYMU_LEVELS[level])} tokens)" for level in TOY_LEVELS))
+
+    records, images = E.test_records(scenes, image_size=E.image_size_of(processor))
+    settings = [("unmerged", None)] + [(f"DToMe-{level}", level) for level in TOY_LEVELS]
+    answers, tokens, encodings = {}, {}, {}
+    shown = _pick_shown(records)
+    shown_pixels = processor.image_processor(images=[images[i] for i in shown], return_tensors="pt")["pixel_values"]
+    for name, level in settings:
+        if level:
+            api.apply(model, thresholds[level], vtu="fast")
+        try:
+            answers[name] = E.answer(model, processor, records, images)
+            tokens[name] = E.visual_tokens(model, processor, records, images) if level else None
+            encodings[name] = api.encode(model, shown_pixels)
+        finally:
+            api.remove(model)
+
+    print("[2/4] a few test scenes (one per background kind): answers unmerged | " + " | ".join(n for n, lv in settings if lv))
+    by_image = {}
+    for index, record in enumerate(records):
+        by_image.setdefault(record["image"], []).append(index)
+    for k, image_id in enumerate(shown):
+        counts = " / ".join(f"{encodings[name].num_tokens[k]}" for name, _ in settings)
+        print(f"  {image_id} ({records[by_image[image_id][0]]['background']}): visual tokens {counts}")
+        for index in by_image[image_id]:
+            record = records[index]
+            got = " | ".join(answers[name][index].strip() or "-" for name, _ in settings)
+            print(f"    {record['question']:<58} {got:<24} (truth: {record['answer']})")
+
+    print(f"[3/4] accuracy on {len(records)} test questions ({scenes} scenes), VTU on:")
+    for name, level in settings:
+        result = E.accuracy(records, answers[name])
+        if level:
+            per = tokens[name]["per_background"]
+            split = ", ".join(f"{kind} {per[kind]:.0f}" for kind in D.BACKGROUND_KINDS if kind in per)
+            used = f"{tokens[name]['mean']:5.1f} tokens ({split})"
+        else:
+            used = f"{patches:5.1f} tokens"
+        kinds = " ".join(f"{kind} {100 * value:.0f}" for kind, value in result["per_kind"].items())
+        print(f"  {name:<11} {100 * result['overall']:5.1f}%  {used}  [{kinds}]")
+
+    print(f"[4/4] merge maps -> {out_dir}/merge_maps/, {out_dir}/overview.png")
+    maps_dir = out_dir / "merge_maps"
+    maps_dir.mkdir(exist_ok=True)
+    figures = []
+    mean, std = processor.image_processor.image_mean, processor.image_processor.image_std
+    for k, image_id in enumerate(shown):
+        image = denormalize(shown_pixels[k], mean, std)
+        for name, level in settings[1:]:
+            encoding = encodings[name]
+            title = f"{image_id} {name}: {encoding.num_tokens[k]}/{patches} tokens"
+            save_merge_figure(maps_dir / f"{image_id}_{level}.png", image, encoding.source[k], title)
+            figures.append((f"{name}: {encoding.num_tokens[k]}", merge_map(image, encoding.source[k])))
+    save_overview(out_dir / "overview.png", figures)
+    print(f"\ndone in {time.time() - started:.0f} s. Full table (1000 test scenes, low/mid/high, with and without VTU):")
+    print(f"  python -m toyvlm.evaluate --model {model_dir}")
+    sys.stdout.flush()
+
+
+def _pick_shown(records) -> list[str]:
+    """The first test image of each background kind."""
+    shown, seen = [], {}
+    for record in records:
+        kind = record["background"]
+        if seen.get(kind, 0) < TOY_SHOWN_PER_BACKGROUND and record["image"] not in shown:
+            seen[kind] = seen.get(kind, 0) + 1
+            shown.append(record["image"])
+    return shown

@@ -165,17 +165,18 @@ def level_target(model, fraction: float) -> int:
 
 
 def find_level_thresholds(model, processor, folder: Path, scenes: int = DEFAULT_THRESHOLD_SCENES, seed: int = D.DEFAULT_SEED,
-                          progress: bool = True) -> dict:
-    """DToMe thresholds for each DYMU_LEVELS fraction, found on training images; cached in ``folder``."""
+                          progress: bool = True, levels=tuple(DYMU_LEVELS), reuse: bool = True) -> dict:
+    """DToMe thresholds for each of ``levels`` (DYMU_LEVELS fractions), found on training images and saved in
+    ``folder`` as {level}.json; with ``reuse``, files already there are loaded instead."""
     import dymu
     from dymu.thresholds import Thresholds
 
     folder.mkdir(parents=True, exist_ok=True)
-    patches = model.config.image_seq_length
     out, pixels = {}, None
-    for level, fraction in DYMU_LEVELS.items():
+    for level in levels:
+        fraction = DYMU_LEVELS[level]
         path = folder / f"{level}.json"
-        if path.is_file():
+        if reuse and path.is_file():
             out[level] = Thresholds.load(path)
             continue
         if pixels is None:
@@ -219,7 +220,7 @@ def run(model_dir, out_dir=None, scenes: int = DEFAULT_TEST_SCENES, seed: int = 
         evaluate("prior (text only)", None, None, answers=prior_answers(records, seed=seed))
         rows[-1]["tokens"] = {"mean": 0.0, "std": 0.0, "per_background": {}}
     thresholds = find_level_thresholds(model, processor, model_dir / "thresholds", scenes=threshold_scenes, seed=seed,
-                                       progress=progress) if levels else {}
+                                       progress=progress, levels=levels) if levels else {}
     for level in levels:
         for mode in modes:
             dymu.apply(model, thresholds[level], vtu=mode)

@@ -1,0 +1,124 @@
+"""The shipped toy LLaVA (assets/toy-llava) and the toyvlm evaluation path."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import dymu
+from toyvlm import evaluate as E
+
+TOY = Path(__file__).resolve().parents[1] / "assets" / "toy-llava"
+#: the model card's accuracy on the fixed slice must be reproduced within this
+SLICE_TOLERANCE = 0.02
+#: minimum accuracy gain of the real image over a grey one on the slice
+READS_THE_IMAGE_MARGIN = 0.05
+
+
+@pytest.fixture(scope="module")
+def toy():
+    model, processor = E.load(TOY)
+    records, images = E.test_records(60, image_size=E.image_size_of(processor))
+    return model, processor, records, images
+
+
+def _stated():
+    results = json.loads((TOY / "eval" / "results.json").read_text())
+    return {row["name"]: row for row in results["rows"]}, results
+
+
+def test_shipped_checkpoint_reproduces_its_stated_accuracy_on_the_fixed_slice(toy):
+    model, processor, _, _ = toy
+    rows, results = _stated()
+    records, images = E.test_records(60, image_size=E.image_size_of(processor))
+    records = records[: results["slice_questions"]]
+    assert len(records) == results["slice_questions"] == 200
+    measured = E.accuracy(records, E.answer(model, processor, records, images))["overall"]
+    assert abs(measured - rows["unmerged"]["slice_accuracy"]) <= SLICE_TOLERANCE
+    # it reads the image: shown a grey image instead, the same questions score clearly lower
+    blind = E.accuracy(records, E.answer(model, processor, records, E.blind_images(images)))["overall"]
+    assert measured > blind + READS_THE_IMAGE_MARGIN, (measured, blind)
+
+
+def test_shipped_thresholds_give_fewer_tokens_on_flat_than_textured_backgrounds(toy):
+    model, processor, records, images = toy
+    from dymu.thresholds import Thresholds
+
+    thresholds = Thresholds.load(TOY / "thresholds" / "mid.json")
+    dymu.apply(model, thresholds)
+    try:
+        tokens = E.visual_tokens(model, processor, records, images)
+    finally:
+        dymu.remove(model)
+    per = tokens["per_background"]
+    assert per["flat"] < 0.6 * per["texture"], per
+    assert tokens["mean"] < model.config.image_seq_length
+
+
+def test_fast_vtu_and_compact_answers_agree_with_batched_vs_one_by_one(toy):
+    """Greedy answers do not depend on batch composition (ragged merged batches), in both modes."""
+    model, processor, records, images = toy
+    from dymu.thresholds import Thresholds
+
+    chunk = records[:6]
+    for mode in ("fast", "none"):
+        dymu.apply(model, Thresholds.load(TOY / "thresholds" / "low.json"), vtu=mode)
+        try:
+            batched = E.answer(model, processor, chunk, images, batch_size=6)
+            single = [E.answer(model, processor, [r], images, batch_size=1)[0] for r in chunk]
+        finally:
+            dymu.remove(model)
+        assert batched == single, mode
+
+
+def test_accuracy_and_prior_baseline():
+    records = [{"question": "Is there a red circle?", "kind": "exists", "answer": "yes", "background": "flat"},
+               {"question": "How many objects are there?", "kind": "count", "answer": "three", "background": "photo"}]
+    result = E.accuracy(records, ["Yes.", "two"])
+    assert result["overall"] == 0.5 and result["per_kind"] == {"count": 0.0, "exists": 1.0}
+    assert result["per_background"] == {"flat": 1.0, "photo": 0.0}
+    prior = E.prior_answers(records, train_scenes=200)
+    assert prior[0] in {"yes", "no"}  # training asks exists questions balanced, so either can be the majority
+    assert prior[1] in {"one", "two", "three", "four", "five", "six", "seven", "eight"}
+
+
+def test_blind_images_normalise_to_zero(toy):
+    _, processor, _, images = toy
+    blank = E.blind_images({"x": next(iter(images.values()))})
+    pixels = processor.image_processor(images=[blank["x"]], return_tensors="pt")["pixel_values"]
+    assert pixels.abs().max() < 0.01
+    assert torch.isfinite(pixels).all()
+
+
+def test_level_target_is_the_lowest_count_the_constant_schedule_reaches(toy):
+    from dymu.finder import budgets_for
+    from dymu.vision import DymuError, tower_info
+
+    model = toy[0]
+    info = tower_info(model)
+    low = E.level_target(model, E.DYMU_LEVELS["low"])
+    budgets_for(info, low, "constant")  # reachable
+    assert low > round(E.DYMU_LEVELS["low"] * info.num_patches)  # 4 merging layers cannot reach 15% of 144
+    with pytest.raises(DymuError):
+        budgets_for(info, low - 1, "constant")
+    assert E.level_target(model, E.DYMU_LEVELS["high"]) == round(E.DYMU_LEVELS["high"] * info.num_patches)
+
+
+def test_demo_without_the_toy_model_is_a_one_line_error(tmp_path, capsys):
+    from dymu.cli import main
+
+    assert main(["demo", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) != 0
+    error = capsys.readouterr().err.strip()
+    assert "toy model not found" in error and "\n" not in error
+
+
+def test_shipped_checkpoint_was_trained_with_the_default_config():
+    """`make toy-model` (python -m toyvlm.train with defaults) reproduces the shipped training run."""
+    from dataclasses import asdict
+
+    from toyvlm.train import TrainConfig
+
+    log = json.loads((TOY / "training_log.json").read_text())
+    assert log["config"] == asdict(TrainConfig())
+    assert log["train_seconds"] <= 60 * 60
