@@ -189,7 +189,7 @@ def run_demo(out_dir: Path, model_dir: Path | None = None, scenes: int = TOY_SCO
             encoding = encodings[name]
             title = f"{image_id} {name}: {encoding.num_tokens[k]}/{patches} tokens"
             save_merge_figure(maps_dir / f"{image_id}_{level}.png", image, encoding.source[k], title)
-            figures.append((f"{name}: {encoding.num_tokens[k]}", merge_map(image, encoding.source[k])))
+            figures.append((f"{image_id} {level}: {encoding.num_tokens[k]}", merge_map(image, encoding.source[k])))
     save_overview(out_dir / "overview.png", figures)
     print(f"\ndone in {time.time() - started:.0f} s. Full table (1000 test scenes, low/mid/high, with and without VTU):")
     print(f"  python -m toyvlm.evaluate --model {model_dir}")
