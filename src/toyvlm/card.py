@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from . import data as D
@@ -23,12 +24,8 @@ def _parameters(folder: Path) -> dict[str, int]:
     counts = {"vision tower": 0, "projector": 0, "language model": 0}
     with safe_open(str(folder / "model.safetensors"), "pt") as handle:
         for name in handle.keys():
-            size = handle.get_slice(name).get_shape()
-            numel = 1
-            for dim in size:
-                numel *= dim
             part = "vision tower" if "vision_tower" in name else "projector" if "projector" in name else "language model"
-            counts[part] += numel
+            counts[part] += math.prod(handle.get_slice(name).get_shape())
     return counts
 
 

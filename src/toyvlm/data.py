@@ -627,14 +627,32 @@ def normalize_answer(text: str) -> str:
     return "".join(text.lower().translate(_PUNCTUATION).split())
 
 
+def is_correct(prediction: str, answer: str) -> bool:
+    """The scoring rule: exact match after :func:`normalize_answer` of both."""
+    return normalize_answer(prediction) == normalize_answer(answer)
+
+
 def score(predictions: Mapping[str, str], records: Iterable[Mapping[str, Any]]) -> float:
     """Exact-match accuracy of ``predictions`` (question_id -> text) over ``records``."""
     records = list(records)
     if not records:
         return 0.0
-    hits = sum(normalize_answer(predictions.get(r["question_id"], "")) ==
-               normalize_answer(r["answer"]) for r in records)
+    hits = sum(is_correct(predictions.get(r["question_id"], ""), r["answer"]) for r in records)
     return hits / len(records)
+
+
+def accuracy(records: Sequence[Mapping[str, Any]], predictions: Sequence[str]) -> dict[str, Any]:
+    """Accuracy of ``predictions`` (one per record, in order): overall, per ``kind`` and per ``background``
+    (records without a background count under "?")."""
+    hits = [int(is_correct(p, r["answer"])) for r, p in zip(records, predictions)]
+    per_kind: dict[str, list[int]] = {}
+    per_background: dict[str, list[int]] = {}
+    for record, hit in zip(records, hits):
+        per_kind.setdefault(record["kind"], []).append(hit)
+        per_background.setdefault(record.get("background", "?"), []).append(hit)
+    return {"overall": float(np.mean(hits)) if hits else math.nan, "questions": len(hits),
+            "per_kind": {k: float(np.mean(v)) for k, v in sorted(per_kind.items())},
+            "per_background": {k: float(np.mean(v)) for k, v in sorted(per_background.items())}}
 
 
 BENCHMARK_README = """# toyvlm synthetic VQA benchmark

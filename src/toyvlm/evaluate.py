@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from . import data as D
+from .data import accuracy
 from .train import MAX_ANSWER_TOKENS, OPENAI_CLIP_MEAN, PROMPT
 
 #: DyMU's LLaVA-1.5 presets: mean visual tokens out of CLIP-L/14-336's 576 patches
@@ -35,6 +35,8 @@ DYMU_LEVELS = {"low": 89 / 576, "mid": 195 / 576, "high": 394 / 576}
 MODES = ("fast", "none")
 DEFAULT_TEST_SCENES = 1000
 DEFAULT_THRESHOLD_SCENES = 1000
+#: training scenes whose questions give the text-only prior (answer frequencies per question text)
+PRIOR_TRAIN_SCENES = 4000
 SLICE_QUESTIONS = 200
 BATCH_SIZE = 32
 RESULTS_FORMAT = "toyvlm-eval"
@@ -95,18 +97,6 @@ def answer(model, processor, records, images, batch_size: int = BATCH_SIZE, prog
     return answers
 
 
-def accuracy(records, answers) -> dict:
-    """Exact match after ``normalize_answer``: overall, per kind and per background."""
-    hits = [int(D.normalize_answer(a) == D.normalize_answer(r["answer"])) for r, a in zip(records, answers)]
-    per_kind, per_background = defaultdict(list), defaultdict(list)
-    for record, hit in zip(records, hits):
-        per_kind[record["kind"]].append(hit)
-        per_background[record.get("background", "?")].append(hit)
-    return {"overall": float(np.mean(hits)) if hits else math.nan, "questions": len(hits),
-            "per_kind": {k: float(np.mean(v)) for k, v in sorted(per_kind.items())},
-            "per_background": {k: float(np.mean(v)) for k, v in sorted(per_background.items())}}
-
-
 def visual_tokens(model, processor, records, images, batch_size: int = BATCH_SIZE) -> dict:
     """Visual tokens per image under the model's current merging: mean overall and per background kind."""
     import dymu
@@ -126,7 +116,7 @@ def visual_tokens(model, processor, records, images, batch_size: int = BATCH_SIZ
             "per_background": {k: float(np.mean(v)) for k, v in sorted(per_background.items())}}
 
 
-def prior_answers(records, train_scenes: int = DEFAULT_TEST_SCENES * 4, seed: int = D.DEFAULT_SEED) -> list[str]:
+def prior_answers(records, train_scenes: int = PRIOR_TRAIN_SCENES, seed: int = D.DEFAULT_SEED) -> list[str]:
     """Text-only baseline: the most frequent training answer for each exact question text (else for its kind)."""
     by_text, by_kind = defaultdict(Counter), defaultdict(Counter)
     for example in D.make_split("train", seed=seed, num_scenes=train_scenes):
@@ -201,12 +191,13 @@ def run(model_dir, out_dir=None, scenes: int = DEFAULT_TEST_SCENES, seed: int = 
     model, processor = load(model_dir)
     records, images = test_records(scenes, seed, image_size_of(processor))
     patches = model.config.image_seq_length
-    rows = []
+    rows, level_tokens = [], {}  # a level's token counts do not depend on the VTU mode: measured once
 
-    def evaluate(name, level, mode, pictures=images, answers=None):
+    def evaluate(name, level, mode, pictures=images, answers=None, visual=patches):
         answers = answers if answers is not None else answer(model, processor, records, pictures, progress=progress, desc=name)
-        tokens = visual_tokens(model, processor, records, images) if level else \
-            {"mean": float(patches), "std": 0.0, "per_background": {}}
+        if level and level not in level_tokens:
+            level_tokens[level] = visual_tokens(model, processor, records, images)
+        tokens = level_tokens[level] if level else {"mean": float(visual), "std": 0.0, "per_background": {}}
         row = {"name": name, "level": level, "vtu": mode, "tokens": tokens, **accuracy(records, answers)}
         row["slice_accuracy"] = accuracy(records[:SLICE_QUESTIONS], answers[:SLICE_QUESTIONS])["overall"]
         rows.append(row)
@@ -217,8 +208,7 @@ def run(model_dir, out_dir=None, scenes: int = DEFAULT_TEST_SCENES, seed: int = 
     reference = evaluate("unmerged", None, None)
     if baselines:
         evaluate("blind (grey image)", None, None, pictures=blind_images(images))
-        evaluate("prior (text only)", None, None, answers=prior_answers(records, seed=seed))
-        rows[-1]["tokens"] = {"mean": 0.0, "std": 0.0, "per_background": {}}
+        evaluate("prior (text only)", None, None, answers=prior_answers(records, seed=seed), visual=0)
     thresholds = find_level_thresholds(model, processor, model_dir / "thresholds", scenes=threshold_scenes, seed=seed,
                                        progress=progress, levels=levels) if levels else {}
     for level in levels:
@@ -228,8 +218,7 @@ def run(model_dir, out_dir=None, scenes: int = DEFAULT_TEST_SCENES, seed: int = 
                 answers = evaluate(f"DToMe-{level} ({'VTU' if mode != 'none' else 'no VTU'})", level, mode)
             finally:
                 dymu.remove(model)
-            rows[-1]["agreement_with_unmerged"] = float(np.mean(
-                [D.normalize_answer(a) == D.normalize_answer(b) for a, b in zip(answers, reference)]))
+            rows[-1]["agreement_with_unmerged"] = float(np.mean([D.is_correct(a, b) for a, b in zip(answers, reference)]))
     results = {"format": RESULTS_FORMAT, "version": RESULTS_VERSION, "model": str(model_dir), "split": "test",
                "seed": seed, "scenes": scenes, "questions": len(records), "patches": patches,
                "slice_questions": SLICE_QUESTIONS, "seconds": time.time() - started,

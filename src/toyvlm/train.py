@@ -301,11 +301,11 @@ def training_loss(model, aux_head, pixel_values, input_ids, mask, labels, target
 
 
 def evaluate(model, processor, examples, pixels: torch.Tensor, batch_size: int = 32) -> dict:
-    """Greedy answers for every question of ``examples``; accuracy overall and per kind."""
+    """Greedy answers for every question of ``examples``; ``toyvlm.data.accuracy`` of them."""
     tokenizer = processor.tokenizer
     patches = model.config.image_seq_length
     items = [(i, qa) for i, example in enumerate(examples) for qa in example.qas]
-    correct: dict[str, list[int]] = {}
+    predictions = []
     model.eval()
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
@@ -314,13 +314,9 @@ def evaluate(model, processor, examples, pixels: torch.Tensor, batch_size: int =
         with torch.no_grad():
             output = model.generate(**encoded, pixel_values=normalize(pixels[[i for i, _ in chunk]]),
                                     max_new_tokens=MAX_ANSWER_TOKENS, do_sample=False)
-        answers = tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
-        for (_, qa), answer in zip(chunk, answers):
-            correct.setdefault(qa.kind, []).append(int(D.normalize_answer(answer) == D.normalize_answer(qa.answer)))
-    every = [c for values in correct.values() for c in values]
-    return {"overall": float(np.mean(every)) if every else math.nan,
-            "per_kind": {kind: float(np.mean(values)) for kind, values in sorted(correct.items())},
-            "questions": len(every)}
+        predictions += tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+    records = [{"kind": qa.kind, "answer": qa.answer, "background": examples[i].scene.background} for i, qa in items]
+    return D.accuracy(records, predictions)
 
 
 def train(config: TrainConfig, out_dir, log_every: int = 50, progress: bool = True) -> dict:
