@@ -44,15 +44,16 @@ def test_training_loss_equals_the_stock_forward_on_single_turns():
     tokenizer = T.build_tokenizer()
     model, _ = T.build_model(config, tokenizer)
     examples = make_split("train", 0, 3, 64, per_kind=0)
-    pixels, targets = T.render_split(examples, 64, 16)
+    pixels, targets, _ = T.render_split(examples, 64, 16)
     encoder = T.ConversationEncoder(tokenizer, 16)
     rows = [encoder([qa]) for qa in (QA("How many objects are there?", "two", "count"), QA("Is there a red circle?", "no", "exists"),
                                      QA("What letter is written on the blue square?", "k", "detail"))]
     input_ids, mask, labels = T.pad_batch(rows, tokenizer.pad_token_id)
-    loss, aux = T.training_loss(model, T.AuxiliaryHead(32, 4), T.normalize(pixels), input_ids, mask, labels, targets)
+    losses = T.training_loss(model, T.AuxiliaryHead(32, 4), T.normalize(pixels), input_ids, mask, labels, targets)
+    loss, aux, point = losses["lm"], losses["aux"], losses["point"]
     stock = model(input_ids=input_ids, attention_mask=mask, labels=labels, pixel_values=T.normalize(pixels)).loss
     torch.testing.assert_close(loss, stock, rtol=1e-6, atol=1e-6)
-    assert torch.isfinite(aux)
+    assert torch.isfinite(aux) and point == 0
 
 
 def test_patch_targets_hand_checked():
@@ -89,11 +90,15 @@ def test_training_runs_end_to_end_and_saves_a_checkpoint(tmp_path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     config = T.TrainConfig(image_size=64, patch_size=16, vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32,
-                           text_layers=1, text_heads=2, text_kv_heads=1, train_scenes=8, val_scenes=3, steps=4,
-                           batch_size=4, warmup_steps=1, turns=3, eval_every=2, eval_scenes=2)
+                           text_layers=1, text_heads=4, text_kv_heads=1, train_scenes=8, val_scenes=3, steps=4,
+                           batch_size=4, warmup_steps=1, turns=3, eval_every=2, eval_scenes=2,
+                           point_layer=0, point_heads=1, tower_steps=2, tower_batch_size=4)
     summary = T.train(config, tmp_path / "toy", log_every=1, progress=False)
     assert len(summary["log"]) == 4 and all(torch.isfinite(torch.tensor(e["loss"])) for e in summary["log"])
     assert len(summary["evaluations"]) == 1 and torch.isfinite(torch.tensor(summary["log"][0]["aux_loss"]))
+    assert all(e["point_loss"] > 0 for e in summary["log"])  # every batch of 4 x 3 turns names some object
+    assert all(e["align_loss"] > 0 for e in summary["log"]) and any(e["count_loss"] > 0 for e in summary["log"])
+    assert [e["step"] for e in summary["tower_log"]] == [0, 1] and all(e["aux_loss"] > 0 for e in summary["tower_log"])
     assert summary["validation"]["questions"] > 0 and 0.0 <= summary["validation"]["overall"] <= 1.0
     model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "toy")
     processor = AutoProcessor.from_pretrained(tmp_path / "toy")
@@ -104,3 +109,93 @@ def test_training_runs_end_to_end_and_saves_a_checkpoint(tmp_path):
     output = model.generate(**inputs, max_new_tokens=2, do_sample=False)
     assert output.shape[1] == inputs["input_ids"].shape[1] + 2 or output[0, -1] == processor.tokenizer.eos_token_id
     assert json.loads((tmp_path / "toy" / "training_log.json").read_text())["config"]["steps"] == 4
+
+
+def test_referenced_objects_follow_the_question_templates():
+    objects = [Obj("circle", "red", "small", 40, 40), Obj("square", "blue", "large", 150, 60, label="K"),
+               Obj("circle", "green", "small", 60, 180)]
+    scene = Scene("flat", {"colour": (128, 128, 128)}, objects)
+    named = {qa.question: T.referenced_objects(scene, qa) for qas in candidate_questions(scene).values() for qa in qas}
+    assert named["Is there a red circle?"] == ([0], [0]) and named["Is there a red square?"] is None  # absent: no target
+    assert named["What colour is the square?"] == ([1], [1])
+    assert named["Is the green circle left or right of the blue square?"] == ([2], [1])
+    assert named["What letter is written on the blue square?"] == ([1], [1])
+    assert named["How many circles are there?"] is None
+
+
+def test_pointing_loss_is_minus_log_attention_mass_on_the_named_patches():
+    """Checked against a hand-built attention pattern: two rows, image tokens at positions 1..4 (4 patches)."""
+    image_mask = torch.tensor([[0, 1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    weights = torch.zeros(2, 3, 7, 7)  # (rows, heads, tokens, tokens)
+    weights[1, 0, 6, [1, 2]] = torch.tensor([0.5, 0.5])  # head 0 of row 1 at query 6: half on patch 0, half on patch 1
+    weights[1, 1, 6, 4] = 0.25  # head 1: a quarter on patch 3
+    masks = torch.tensor([[[True, False, False, False], [False, False, False, True]]])  # first: patch 0, last: patch 3
+    loss = T.pointing_loss(weights, image_mask, torch.tensor([1]), torch.tensor([6]), masks, heads=1)
+    torch.testing.assert_close(loss, -(torch.log(torch.tensor(0.5)) + torch.log(torch.tensor(0.25))) / 2)
+
+
+def test_pointing_targets_find_answer_queries():
+    tokenizer = T.build_tokenizer()
+    objects = [Obj("circle", "red", "small", 40, 40), Obj("square", "blue", "large", 150, 60)]
+    scene = Scene("flat", {"colour": (128, 128, 128)}, objects)
+    qas = [QA("How many objects are there?", "two", "count"), QA("What colour is the square?", "blue", "colour")]
+    ids, labels = T.ConversationEncoder(tokenizer, 16)(qas)
+    _, _, labels = T.pad_batch([(ids, labels)], tokenizer.pad_token_id)
+    masks = torch.from_numpy(T.object_patches(scene, 64, 16))[None]
+    rows, positions, named = T.pointing_targets([qas], [scene], labels, masks)
+    assert rows.tolist() == [0] and labels[0, positions[0] + 1] == tokenizer.convert_tokens_to_ids("blue")
+    assert named.shape == (1, 2, 16) and torch.equal(named[0, 0], masks[0, 1]) and named[0, 0].any()
+
+
+def test_alignment_loss_scores_patches_against_the_naming_words():
+    embeddings = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [2.0, 2.0]])  # (vocab, hidden)
+    features = torch.tensor([[[3.0, 1.0], [5.0, 5.0]]])  # (images, patches, hidden)
+    targets = torch.zeros(1, 2, 2, dtype=torch.long)  # (images, heads, patches)
+    targets[0, 0, 0] = 2  # patch 0: second class of row 0 (token 2); patch 1 has no attribute
+    words = [(0, torch.tensor([1, 2])), (1, torch.tensor([1, 2, 3]))]  # row 1 has no present patch: skipped
+    logits = torch.tensor([3.0, 1.0])  # patch 0 against tokens 1 and 2
+    expected = -torch.log_softmax(logits, 0)[1]
+    torch.testing.assert_close(T.alignment_loss(features, embeddings, targets, words), expected)
+    tokenizer = T.build_tokenizer()
+    rows = dict(T.alignment_words(tokenizer))
+    assert tokenizer.convert_ids_to_tokens(rows[0].tolist()) == list(COLOURS)
+    assert tokenizer.unk_token_id not in rows[T.LETTER_HEAD].tolist()
+
+
+def test_counting_loss_is_zero_only_for_uniform_attention_over_first_token_and_counted_centres():
+    image_mask = torch.tensor([[0, 1, 1, 1, 1, 0]], dtype=torch.bool)  # 4 patches at positions 1..4
+    support = torch.tensor([[True, False, True, False]])  # two counted objects: centres at patches 0 and 2
+    weights = torch.zeros(1, 2, 6, 6)
+    weights[0, 1, 5, [0, 1, 3]] = 1 / 3  # head 1 at query 5: uniform over <s>, patch 0, patch 2
+    loss = T.counting_loss(weights, image_mask, torch.tensor([0]), torch.tensor([5]), support, head=1)
+    torch.testing.assert_close(loss, -torch.log(torch.tensor(1 / 3)))  # the cross-entropy of the uniform target
+    weights[0, 1, 5, [0, 1, 3]] = torch.tensor([0.5, 0.25, 0.25])
+    skewed = T.counting_loss(weights, image_mask, torch.tensor([0]), torch.tensor([5]), support, head=1)
+    assert skewed > loss
+
+
+def test_counting_targets_mark_the_counted_centres():
+    tokenizer = T.build_tokenizer()
+    objects = [Obj("circle", "red", "small", 40, 40), Obj("square", "blue", "large", 150, 60),
+               Obj("circle", "green", "small", 60, 180)]
+    scene = Scene("flat", {"colour": (128, 128, 128)}, objects)
+    qas = [QA("How many circles are there?", "two", "count"), QA("Is there a red circle?", "yes", "exists"),
+           QA("How many objects are there?", "three", "count"), QA("How many triangles are there?", "zero", "count")]
+    ids, labels = T.ConversationEncoder(tokenizer, 16)(qas)
+    _, _, labels = T.pad_batch([(ids, labels)], tokenizer.pad_token_id)
+    centres = torch.from_numpy(T.patch_targets(scene, 64, 16))[None, T.CENTRE_HEAD]
+    rows, positions, support = T.counting_targets([qas], labels, centres)
+    assert rows.tolist() == [0, 0, 0] and support.sum(-1).tolist() == [2, 3, 0]
+    assert tokenizer.convert_ids_to_tokens(labels[0, positions + 1].tolist()) == ["two", "three", "zero"]
+
+
+def test_position_loss_is_zero_for_a_token_that_holds_its_scaled_row_and_column():
+    head = T.AuxiliaryHead(4, grid=2, text_hidden=2)
+    with torch.no_grad():
+        head.where.weight.copy_(torch.eye(2))
+        head.where.bias.zero_()
+    targets = torch.zeros(1, len(T.AUX_CLASSES) + 2, 4, dtype=torch.long)
+    targets[0, -2], targets[0, -1] = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1])  # 2x2 grid, raster order
+    exact = torch.tensor([[[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]]])  # (row, column) scaled to [-1, 1]
+    torch.testing.assert_close(head.position_loss(exact, targets), torch.tensor(0.0))
+    torch.testing.assert_close(head.position_loss(exact + 0.1, targets), torch.tensor(0.01))

@@ -90,13 +90,13 @@ exists (yes/no, balanced, POPE-style), colour, count (number words), position (l
 
 ## Training
 
-{cfg['steps']} steps of {cfg['batch_size']} images, each with a {cfg['turns']}-turn conversation of freshly sampled
+{_stage_one(cfg)}{cfg['steps']} steps of {cfg['batch_size']} images, each with a {cfg['turns']}-turn conversation of freshly sampled
 questions (loss on every answer and `</s>`); AdamW lr {cfg['learning_rate']}, {cfg['warmup_steps']} warm-up steps,
 cosine decay, weight decay {cfg['weight_decay']}, gradient clipping 1.0. A curriculum on scene size: at most
 {cfg.get('curriculum_start', 8)} object(s) per training scene at first, rising linearly to 8 over the first
-{cfg.get('curriculum_steps', 0)} steps. An auxiliary per-patch linear head on the tower features the projector reads
-(colour, shape, object centre, letter, patch row and column; weight {cfg['aux_weight']}), discarded after training:
-the shipped weights are a plain LLaVA. fp32, seed
+{cfg.get('curriculum_steps', 0)} steps. Training-only losses, all discarded with their heads (the shipped weights are
+a plain LLaVA): a per-patch linear head on the tower features the projector reads (colour, shape, object centre,
+letter, patch row and column; weight {cfg['aux_weight']}){_extra_losses(cfg)}. fp32, seed
 {cfg['seed']}, {cfg['threads']} threads: **{minutes:.1f} minutes** on 2 CPU cores.
 
 ## Accuracy (test split, {results['questions']} questions, greedy, exact match after normalisation)
@@ -123,6 +123,31 @@ Visual tokens follow image complexity: the tokens column splits the mean by back
 ({" / ".join(D.BACKGROUND_KINDS)}). Full results: `eval/results.json`, plot: `eval/accuracy_vs_tokens.png`.
 Reproduce: `python -m toyvlm.evaluate --model assets/toy-llava`.
 """
+
+
+def _stage_one(cfg: dict) -> str:
+    if not cfg.get("tower_steps"):
+        return ""
+    return (f"Stage 1: {cfg['tower_steps']} steps of {cfg['tower_batch_size']} images training the tower, projector and "
+            f"word embeddings on the auxiliary and word-alignment losses alone (lr {cfg['tower_learning_rate']}). "
+            "Stage 2: ")
+
+
+def _extra_losses(cfg: dict) -> str:
+    parts = []
+    if cfg.get("align_weight"):
+        parts.append(f"word alignment: projected patch tokens classified against the language model's embeddings of "
+                     f"their colour, shape and letter words (weight {cfg['align_weight']})")
+    if cfg.get("point_weight"):
+        parts.append(f"pointing: at each answer, {cfg['point_heads']} heads of language-model layer {cfg['point_layer']} "
+                     f"put their attention on the object named first and {cfg['point_heads']} on the one named last "
+                     f"(the letter for detail questions; weight {cfg['point_weight']})")
+    if cfg.get("count_weight"):
+        parts.append(f"counting: head {2 * cfg['point_heads']} of that layer spreads its attention uniformly over `<s>` "
+                     f"and the counted objects' centre patches at count answers (weight {cfg['count_weight']})")
+    if cfg.get("where_weight"):
+        parts.append(f"a linear read-out of each projected image token's row and column (weight {cfg['where_weight']})")
+    return "".join(f"; {part}" for part in parts)
 
 
 def main(argv=None) -> None:

@@ -177,6 +177,8 @@ LABEL_LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZ"
 #: label font size at the reference canvas size (scaled with image size)
 LABEL_FONT_SIZE = 14
 MIN_LABEL_FONT_SIZE = 6
+#: label stroke width at the reference canvas size (bold letters stay legible at 16-pixel patches)
+LABEL_STROKE_WIDTH = 1
 #: relative luminance above which a label is drawn black instead of white
 LABEL_LUMINANCE_THRESHOLD = 150
 LABEL_DARK = (0, 0, 0)
@@ -481,7 +483,9 @@ def _draw_object(draw: ImageDraw.ImageDraw, obj: Obj, scale: float) -> None:
         luminance = 0.299 * r + 0.587 * g + 0.114 * b
         ink = LABEL_DARK if luminance > LABEL_LUMINANCE_THRESHOLD else LABEL_LIGHT
         font = _font(max(MIN_LABEL_FONT_SIZE, round(LABEL_FONT_SIZE * scale)))
-        draw.text(_label_anchor(obj, scale), obj.label, fill=ink, font=font, anchor="mm")
+        stroke = max(1, round(LABEL_STROKE_WIDTH * scale))
+        draw.text(_label_anchor(obj, scale), obj.label, fill=ink, font=font, anchor="mm", stroke_width=stroke,
+                  stroke_fill=ink)
 
 
 def object_id_map(scene: Scene, image_size: int = DEFAULT_IMAGE_SIZE) -> np.ndarray:

@@ -23,11 +23,10 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from . import data as D
 from .data import accuracy
-from .train import MAX_ANSWER_TOKENS, OPENAI_CLIP_MEAN, PROMPT
+from .train import OPENAI_CLIP_MEAN, PROMPT, greedy_answers
 
 #: DyMU's LLaVA-1.5 presets: mean visual tokens out of CLIP-L/14-336's 576 patches
 DYMU_LEVELS = {"low": 89 / 576, "mid": 195 / 576, "high": 394 / 576}
@@ -91,9 +90,7 @@ def answer(model, processor, records, images, batch_size: int = BATCH_SIZE, prog
             inputs = dymu.prepare_inputs(model, processor, pictures, prompts)
         else:
             inputs = processor(images=pictures, text=prompts, return_tensors="pt", padding=True)
-        with torch.no_grad():
-            output = model.generate(**inputs, max_new_tokens=MAX_ANSWER_TOKENS, do_sample=False)
-        answers += processor.tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        answers += greedy_answers(model, processor.tokenizer, inputs)
     return answers
 
 
