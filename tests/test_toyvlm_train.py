@@ -199,3 +199,17 @@ def test_position_loss_is_zero_for_a_token_that_holds_its_scaled_row_and_column(
     exact = torch.tensor([[[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]]])  # (row, column) scaled to [-1, 1]
     torch.testing.assert_close(head.position_loss(exact, targets), torch.tensor(0.0))
     torch.testing.assert_close(head.position_loss(exact + 0.1, targets), torch.tensor(0.01))
+
+
+def test_pointing_report_runs_on_a_tiny_model():
+    from toyvlm.diagnose import POINTED_KINDS, pointing_report
+
+    config = T.TrainConfig(image_size=64, patch_size=16, vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32,
+                           text_layers=1, text_heads=4, text_kv_heads=1, point_layer=0, point_heads=1)
+    tokenizer = T.build_tokenizer()
+    model, _ = T.build_model(config, tokenizer)
+    model.model.language_model.config._attn_implementation = "eager"
+    report = pointing_report(model.eval(), tokenizer, config, scenes=4)
+    assert report and set(report) <= set(POINTED_KINDS)
+    for row in report.values():
+        assert 1 <= row["questions"] <= 4 and 0 <= row["mass_first"] <= 1 and 0 <= row["mass_last"] <= 1
