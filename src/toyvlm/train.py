@@ -500,7 +500,7 @@ def pretrain_tower(model, aux_head, config: "TrainConfig", pixels, targets, word
         aux = aux_head(hidden, targets[scenes])
         projected = model.model.multi_modal_projector(hidden)  # (images, patches, text hidden)
         align = alignment_loss(projected, model.get_input_embeddings().weight, targets[scenes], words)
-        where = aux_head.position_loss(projected, targets[scenes]) if config.where_weight else torch.zeros(())
+        where = aux_head.position_loss(projected, targets[scenes]) if aux_head.where is not None else torch.zeros(())
         optimizer.zero_grad(set_to_none=True)
         (config.aux_weight * aux + config.align_weight * align + config.where_weight * where).backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
