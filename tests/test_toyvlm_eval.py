@@ -122,3 +122,16 @@ def test_shipped_checkpoint_was_trained_with_the_default_config():
     log = json.loads((TOY / "training_log.json").read_text())
     assert log["config"] == asdict(TrainConfig())
     assert log["train_seconds"] <= 60 * 60
+
+
+def test_model_card_states_the_shipped_accuracy_and_every_kind_below_target():
+    from toyvlm import card
+
+    rows, _ = _stated()
+    text = card.model_card(TOY)
+    unmerged = rows["unmerged"]
+    below = unmerged["overall"] < card.TARGET_OVERALL or min(unmerged["per_kind"].values()) < card.TARGET_PER_KIND
+    assert ("**Below the target**" in text) == below and ("Meets the target accuracy." in text) == (not below)
+    for kind, value in unmerged["per_kind"].items():
+        assert (f"{kind} {100 * value:.1f}%" in text) == (below and value < card.TARGET_PER_KIND)
+    assert text == (TOY / "README.md").read_text()  # the shipped card is regenerated from the shipped results
