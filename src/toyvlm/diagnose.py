@@ -43,17 +43,11 @@ def pointing_report(model, tokenizer, config: T.TrainConfig, scenes: int = DEFAU
             qa = pool[int(rng.integers(len(pool)))]
             input_ids, mask, labels = T.pad_batch([encoder([qa])], tokenizer.pad_token_id)
             _, (position,), masks = T.pointing_targets([[qa]], [example.scene], labels, objects[[i]])
-            captured = []
-            hook = layer.register_forward_hook(lambda module, args, output: captured.append(output[1]))
-            try:
-                with torch.no_grad():
-                    output = model(input_ids=input_ids, attention_mask=mask, pixel_values=T.normalize(pixels[[i]]))
-            finally:
-                hook.remove()
-            image = (input_ids[0] == model.config.image_token_id).nonzero().flatten()
-            attention = captured[0][0, : 2 * heads, position][:, image]  # (2 * heads, patches)
-            first = (attention[:heads] * masks[0, 0]).sum(-1).mean().item()
-            last = (attention[heads:] * masks[0, 1]).sum(-1).mean().item()
+            with torch.no_grad(), T.captured_attention(layer) as captured:
+                output = model(input_ids=input_ids, attention_mask=mask, pixel_values=T.normalize(pixels[[i]]))
+            image_mask = input_ids == model.config.image_token_id
+            mass = T.pointed_mass(captured[0], image_mask, torch.tensor([0]), torch.tensor([position]), masks, heads)[0]
+            first, last = mass[:heads].mean().item(), mass[heads:].mean().item()
             correct = output.logits[0, position].argmax().item() == labels[0, position + 1].item()
             rows[kind].append((first, last, correct))
     report = {}

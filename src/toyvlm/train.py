@@ -36,6 +36,7 @@ Images are kept as uint8. Everything is seeded.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import re
@@ -185,8 +186,9 @@ def render_split(examples, image_size: int, patch_size: int | None = None):
     for example in tqdm(examples, desc="rendering", unit="scene", leave=False):
         images.append(np.asarray(example.image))
         if patch_size is not None:
-            targets.append(patch_targets(example.scene, image_size, patch_size))
-            masks.append(object_patches(example.scene, image_size, patch_size))
+            cover = _patch_cover(example.scene, image_size, patch_size)  # one object-map render for both
+            targets.append(patch_targets(example.scene, image_size, patch_size, cover))
+            masks.append(object_patches(example.scene, image_size, patch_size, cover))
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     if patch_size is None:
         return pixels
@@ -196,19 +198,21 @@ def render_split(examples, image_size: int, patch_size: int | None = None):
 def _patch_cover(scene: D.Scene, image_size: int, patch_size: int) -> np.ndarray:
     """(patches, objects) fraction of each patch (raster order) covered by each object."""
     grid = image_size // patch_size
+    if not scene.objects:
+        return np.zeros((grid * grid, 0))
     ids = D.object_id_map(scene, image_size)[: grid * patch_size, : grid * patch_size]
     ids = ids.reshape(grid, patch_size, grid, patch_size).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
     return np.stack([(ids == k + 1).mean(1) for k in range(len(scene.objects))], 1).reshape(grid * grid, -1)
 
 
-def object_patches(scene: D.Scene, image_size: int, patch_size: int) -> np.ndarray:
+def object_patches(scene: D.Scene, image_size: int, patch_size: int, cover: np.ndarray | None = None) -> np.ndarray:
     """(MAX_OBJECTS + 1, patches) bool: row ``k`` marks the patches object ``k`` covers by at least MIN_PATCH_COVER
     (always at least its best-covered patch; rows past the scene's objects are all False); the last row
-    (LABEL_ROW) marks the patches the label's letter box overlaps."""
+    (LABEL_ROW) marks the patches the label's letter box overlaps. ``cover``: :func:`_patch_cover`, if already computed."""
     grid = image_size // patch_size
     out = np.zeros((D.MAX_OBJECTS + 1, grid * grid), dtype=bool)
     if scene.objects:
-        cover = _patch_cover(scene, image_size, patch_size).T  # (objects, patches)
+        cover = (_patch_cover(scene, image_size, patch_size) if cover is None else cover).T  # (objects, patches)
         out[: len(scene.objects)] = cover >= np.minimum(MIN_PATCH_COVER, cover.max(1, keepdims=True))
     label = D.label_position(scene, image_size)
     if label is not None:
@@ -220,15 +224,16 @@ def object_patches(scene: D.Scene, image_size: int, patch_size: int) -> np.ndarr
     return out
 
 
-def patch_targets(scene: D.Scene, image_size: int, patch_size: int) -> np.ndarray:
+def patch_targets(scene: D.Scene, image_size: int, patch_size: int, cover: np.ndarray | None = None) -> np.ndarray:
     """(len(AUX_CLASSES) + 2, patches) int64 class per patch in raster order, from the scene geometry (see AUX_CLASSES;
-    the last two rows are the patch's row and column)."""
+    the last two rows are the patch's row and column). ``cover``: :func:`_patch_cover`, if already computed."""
     grid = image_size // patch_size
     out = np.zeros((len(AUX_CLASSES) + 2, grid * grid), dtype=np.int64)
     out[-2], out[-1] = np.divmod(np.arange(grid * grid), grid)
     if not scene.objects:
         return out
-    cover = _patch_cover(scene, image_size, patch_size)  # (patches, objects)
+    if cover is None:
+        cover = _patch_cover(scene, image_size, patch_size)  # (patches, objects)
     best, covered = cover.argmax(1), cover.max(1) >= MIN_PATCH_COVER
     colour = np.array([D.COLOURS.index(o.colour) + 1 for o in scene.objects])
     shape = np.array([D.SHAPES.index(o.shape) + 1 for o in scene.objects])
@@ -344,10 +349,9 @@ class AuxiliaryHead(torch.nn.Module):
         loss = sum(torch.nn.functional.cross_entropy(head.flatten(0, 1), targets[:, i].flatten())
                    for i, head in enumerate(logits)) / len(logits)
         # the letter patch is 1 of ~144: also classify the letter on labelled patches only, or it is drowned out
-        letter = LETTER_HEAD
-        labelled = targets[:, letter] > 0  # (images, patches)
+        labelled = targets[:, LETTER_HEAD] > 0  # (images, patches)
         if labelled.any():
-            loss = loss + torch.nn.functional.cross_entropy(logits[letter][labelled], targets[:, letter][labelled])
+            loss = loss + torch.nn.functional.cross_entropy(logits[LETTER_HEAD][labelled], targets[:, LETTER_HEAD][labelled])
         return loss
 
 
@@ -393,19 +397,27 @@ def pointing_targets(qas_per_row, scenes, labels, object_masks):
     return torch.tensor(rows), torch.tensor(positions), torch.stack(masks)
 
 
-def pointing_loss(weights, image_mask, rows, positions, masks, heads: int) -> torch.Tensor:
-    """-log(attention mass on the named objects' patches), averaged over queries and supervised heads.
+def image_attention(weights, image_mask, rows, positions, heads: slice) -> torch.Tensor:
+    """(queries, heads, patches) attention of ``heads`` at query (``rows``, ``positions``) on the image tokens.
 
     weights: (rows, heads_all, tokens, tokens) attention probabilities of one language-model layer; image_mask:
-    (rows, tokens) bool, the image-token positions; heads ``[0, heads)`` must point at the object named first,
-    heads ``[heads, 2 * heads)`` at the one named last, the rest are free."""
-    patches = masks.shape[-1]
-    image_positions = image_mask.nonzero()[:, 1].view(image_mask.shape[0], patches)  # (rows, patches)
-    attention = weights[rows, : 2 * heads, positions]  # (queries, 2 * heads, tokens)
-    index = image_positions[rows][:, None].expand(-1, 2 * heads, -1)
-    on_image = attention.gather(-1, index)  # (queries, 2 * heads, patches)
-    target = masks.repeat_interleave(heads, dim=1)  # (queries, 2 * heads, patches)
-    mass = (on_image * target).sum(-1)
+    (rows, tokens) bool, the image-token positions (the same count in every row)."""
+    image_positions = image_mask.nonzero()[:, 1].view(image_mask.shape[0], -1)  # (rows, patches)
+    attention = weights[rows, heads, positions]  # (queries, heads, tokens)
+    return attention.gather(-1, image_positions[rows][:, None].expand(-1, attention.shape[1], -1))
+
+
+def pointed_mass(weights, image_mask, rows, positions, masks, heads: int) -> torch.Tensor:
+    """(queries, 2 * heads) attention mass of heads ``[0, heads)`` on the object named first and of heads
+    ``[heads, 2 * heads)`` on the one named last (``masks``: :func:`pointing_targets`)."""
+    on_image = image_attention(weights, image_mask, rows, positions, slice(0, 2 * heads))
+    return (on_image * masks.repeat_interleave(heads, dim=1)).sum(-1)
+
+
+def pointing_loss(weights, image_mask, rows, positions, masks, heads: int) -> torch.Tensor:
+    """-log(attention mass on the named objects' patches) (:func:`pointed_mass`), averaged over queries and supervised
+    heads; the other heads are free."""
+    mass = pointed_mass(weights, image_mask, rows, positions, masks, heads)
     return -torch.log(mass.clamp_min(MIN_POINT_MASS)).mean()
 
 
@@ -440,11 +452,9 @@ def counting_loss(weights, image_mask, rows, positions, support, head: int) -> t
 
     weights: (rows, heads, tokens, tokens) attention probabilities; image_mask: (rows, tokens) bool; support:
     (queries, patches) bool."""
-    patches = support.shape[-1]
-    image_positions = image_mask.nonzero()[:, 1].view(image_mask.shape[0], patches)  # (rows, patches)
-    attention = weights[rows, head, positions]  # (queries, tokens)
-    log_image = attention.gather(-1, image_positions[rows]).clamp_min(MIN_POINT_MASS).log()  # (queries, patches)
-    log_first = attention[:, 0].clamp_min(MIN_POINT_MASS).log()
+    on_image = image_attention(weights, image_mask, rows, positions, slice(head, head + 1))[:, 0]  # (queries, patches)
+    log_image = on_image.clamp_min(MIN_POINT_MASS).log()
+    log_first = weights[rows, head, positions, 0].clamp_min(MIN_POINT_MASS).log()
     total = log_first + (log_image * support).sum(-1)
     return -(total / (1 + support.sum(-1))).mean()
 
@@ -484,6 +494,19 @@ def tower_features(model, pixel_values) -> torch.Tensor:
     return hidden[:, 1:]
 
 
+def tower_losses(model, aux_head, hidden, targets, words=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(projected image tokens (images, patches, text hidden), {"aux", "align", "where"}) for tower features
+    ``hidden``: :class:`AuxiliaryHead`, :func:`alignment_loss` (0 when ``words`` is None) and
+    :meth:`AuxiliaryHead.position_loss` (0 when the head has no position read-out)."""
+    projected = model.model.multi_modal_projector(hidden)  # (images, patches, text hidden)
+    losses = {"aux": aux_head(hidden, targets), "align": torch.zeros(()), "where": torch.zeros(())}
+    if words is not None:
+        losses["align"] = alignment_loss(projected, model.get_input_embeddings().weight, targets, words)
+    if aux_head.where is not None:
+        losses["where"] = aux_head.position_loss(projected, targets)
+    return projected, losses
+
+
 def pretrain_tower(model, aux_head, config: "TrainConfig", pixels, targets, words, rng, progress: bool = True) -> list:
     """Stage 1: train the tower (and projector / word embeddings through the alignment loss) on the auxiliary and
     alignment losses alone, without the language model, so stage 2 starts from readable image tokens. Returns the log."""
@@ -496,24 +519,37 @@ def pretrain_tower(model, aux_head, config: "TrainConfig", pixels, targets, word
     log = []
     for step in tqdm(range(config.tower_steps), desc="tower", unit="step", disable=not progress):
         scenes = rng.integers(0, len(pixels), config.tower_batch_size)
-        hidden = tower_features(model, normalize(pixels[scenes]))
-        aux = aux_head(hidden, targets[scenes])
-        projected = model.model.multi_modal_projector(hidden)  # (images, patches, text hidden)
-        align = alignment_loss(projected, model.get_input_embeddings().weight, targets[scenes], words)
-        where = aux_head.position_loss(projected, targets[scenes]) if aux_head.where is not None else torch.zeros(())
+        _, losses = tower_losses(model, aux_head, tower_features(model, normalize(pixels[scenes])), targets[scenes], words)
         optimizer.zero_grad(set_to_none=True)
-        (config.aux_weight * aux + config.align_weight * align + config.where_weight * where).backward()
+        (config.aux_weight * losses["aux"] + config.align_weight * losses["align"]
+         + config.where_weight * losses["where"]).backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
         if step % 50 == 0 or step == config.tower_steps - 1:
-            log.append({"step": step, "aux_loss": aux.item(), "align_loss": align.item(), "where_loss": where.item()})
+            log.append({"step": step, **{f"{name}_loss": value.item() for name, value in losses.items()}})
     return log
 
 
 def _warmup_cosine(warmup: int, steps: int):
     """Learning-rate factor: linear warm-up over ``warmup`` steps, then cosine to 0 at ``steps``."""
     return lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+
+
+@contextlib.contextmanager
+def captured_attention(attention: torch.nn.Module | None):
+    """Collects the attention probabilities every forward of ``attention`` (a self-attention module run with eager
+    attention) returns, into the yielded list; ``None`` captures nothing."""
+    captured: list[torch.Tensor] = []
+    hook = None if attention is None else attention.register_forward_hook(
+        lambda module, args, output: captured.append(output[1]))
+    try:
+        yield captured
+    finally:
+        if hook is not None:
+            hook.remove()
+    if captured and captured[0] is None:
+        raise RuntimeError("attention weights are needed (pointing / counting): use attn_implementation='eager'")
 
 
 def training_loss(model, aux_head, pixel_values, input_ids, mask, labels, targets, pointing=None, point_layer: int = 0,
@@ -525,34 +561,18 @@ def training_loss(model, aux_head, pixel_values, input_ids, mask, labels, target
     its read-out) and ``count`` (:func:`counting_loss` on head ``2 *
     point_heads`` of the pointing layer; 0 when ``counting``, :func:`counting_targets`' output, is None).
     Runs only the tower layers up to ``vision_feature_layer``."""
-    hidden = tower_features(model, pixel_values)  # (images, patches, vision hidden)
-    aux_loss = aux_head(hidden, targets)
-    features = model.model.multi_modal_projector(hidden)  # (images, patches, text hidden)
+    features, losses = tower_losses(model, aux_head, tower_features(model, pixel_values), targets, words)
     embeds = model.get_input_embeddings()(input_ids)
     image_tokens = input_ids == model.config.image_token_id  # (rows, tokens)
     embeds = embeds.masked_scatter(image_tokens[..., None], features.to(embeds.dtype))
-    captured = []
-    hook = None
-    if pointing is not None or counting is not None:
-        attention = model.model.language_model.layers[point_layer].self_attn
-        hook = attention.register_forward_hook(lambda module, args, output: captured.append(output[1]))
-    try:
-        loss = model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
-    finally:
-        if hook is not None:
-            hook.remove()
-    losses = {name: torch.zeros(()) for name in ("point", "align", "count", "where")}
-    losses.update(lm=loss, aux=aux_loss)
-    if captured and captured[0] is None:
-        raise RuntimeError("the pointing / counting losses need attention weights: use attn_implementation='eager'")
+    supervised = pointing is not None or counting is not None
+    with captured_attention(model.model.language_model.layers[point_layer].self_attn if supervised else None) as captured:
+        losses["lm"] = model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+    losses.update(point=torch.zeros(()), count=torch.zeros(()))
     if pointing is not None:
         losses["point"] = pointing_loss(captured[0], image_tokens, *pointing, heads=point_heads)
     if counting is not None:
         losses["count"] = counting_loss(captured[0], image_tokens, *counting, head=2 * point_heads)
-    if words is not None:
-        losses["align"] = alignment_loss(features, model.get_input_embeddings().weight, targets, words)
-    if aux_head.where is not None:
-        losses["where"] = aux_head.position_loss(features, targets)
     return losses
 
 
