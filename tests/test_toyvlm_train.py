@@ -213,3 +213,68 @@ def test_pointing_report_runs_on_a_tiny_model():
     assert report and set(report) <= set(POINTED_KINDS)
     for row in report.values():
         assert 1 <= row["questions"] <= 4 and 0 <= row["mass_first"] <= 1 and 0 <= row["mass_last"] <= 1
+
+
+def test_eager_attention_at_one_layer_gives_the_all_eager_losses_and_restores():
+    """Eager attention only at the pointing layer (the stock kernel elsewhere) is the same math as eager everywhere;
+    the pointing layer still returns its attention probabilities, and the restore leaves every layer on the stock
+    config."""
+    config = T.TrainConfig(image_size=64, patch_size=16, vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32,
+                           text_layers=3, text_heads=4, text_kv_heads=2, point_layer=1, point_heads=1)
+    tokenizer = T.build_tokenizer()
+    model, _ = T.build_model(config, tokenizer)
+    model.model.language_model.config._attn_implementation = "sdpa"
+    examples = make_split("train", 0, 3, 64, per_kind=0)
+    pixels, targets, objects = T.render_split(examples, 64, 16)
+    rng = np.random.default_rng(0)
+    turns = [T.sample_turns(example.scene, rng, 3) for example in examples]
+    input_ids, mask, labels = T.pad_batch([T.ConversationEncoder(tokenizer, 16)(qas) for qas in turns], tokenizer.pad_token_id)
+    assert (mask == 0).any()  # right padding is exercised
+    pointing = T.pointing_targets(turns, [example.scene for example in examples], labels, objects)
+    counting = T.counting_targets(turns, labels, targets[:, T.CENTRE_HEAD])
+    assert pointing is not None and counting is not None
+    head = T.AuxiliaryHead(32, 4, 32)
+
+    def losses():
+        return T.training_loss(model, head, T.normalize(pixels), input_ids, mask, labels, targets, pointing, 1, 1,
+                               counting=counting, locate=True, tally=True)
+
+    language_model = model.model.language_model
+    language_model.config._attn_implementation = "eager"
+    everywhere = losses()
+    language_model.config._attn_implementation = "sdpa"
+    restore = T.eager_attention_at(language_model, 1)
+    assert [layer.self_attn.config._attn_implementation for layer in language_model.layers] == ["sdpa", "eager", "sdpa"]
+    mixed = losses()
+    restore()
+    assert all(layer.self_attn.config is language_model.config for layer in language_model.layers)
+    assert language_model.config._attn_implementation == "sdpa"
+    for name in everywhere:
+        torch.testing.assert_close(mixed[name], everywhere[name], rtol=1e-5, atol=1e-6)
+    assert everywhere["locate"] > 0 and everywhere["tally"] > 0
+
+
+def test_pointed_positions_are_the_scaled_centres_of_the_marked_patches():
+    masks = torch.zeros(1, 2, 9, dtype=torch.bool)  # 3x3 grid
+    masks[0, 0, [0, 1]] = True  # row 0, columns 0 and 1 -> centre (0, 0.5)
+    masks[0, 1, 8] = True  # row 2, column 2
+    expected = torch.tensor([[[2 * 0.5 / 3 - 1, 2 * 1.0 / 3 - 1], [2 * 2.5 / 3 - 1, 2 * 2.5 / 3 - 1]]])
+    torch.testing.assert_close(T.pointed_positions(masks, 3), expected)
+
+
+def test_locate_and_tally_losses_vanish_for_a_hidden_state_that_holds_the_answer():
+    head = T.AuxiliaryHead(4, grid=3, text_hidden=4)
+    masks = torch.zeros(1, 2, 9, dtype=torch.bool)
+    masks[0, 0, 4], masks[0, 1, 0] = True, True  # centre patch (0, 0 scaled) and top-left ((-2/3, -2/3))
+    with torch.no_grad():
+        head.locate.weight.copy_(torch.eye(4))
+        head.locate.bias.zero_()
+        head.tally.weight.copy_(torch.tensor([[0.0, 0.0, 0.0, 1.0]]))
+        head.tally.bias.zero_()
+    hidden = torch.tensor([[0.0, 0.0, -2 / 3, -2 / 3]])
+    torch.testing.assert_close(head.locate_loss(hidden, masks), torch.tensor(0.0))
+    torch.testing.assert_close(head.locate_loss(hidden + 0.1, masks), torch.tensor(0.01))
+    support = torch.zeros(1, 9, dtype=torch.bool)
+    support[0, :2] = True  # two objects counted -> 2 * 2 / MAX_OBJECTS - 1
+    count = 2 * 2 / T.D.MAX_OBJECTS - 1
+    torch.testing.assert_close(head.tally_loss(torch.tensor([[0.0, 0.0, 0.0, count]]), support), torch.tensor(0.0))

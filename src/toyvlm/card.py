@@ -155,6 +155,11 @@ def _extra_losses(cfg: dict) -> str:
                      f"and the counted objects' centre patches at count answers (weight {cfg['count_weight']})")
     if cfg.get("where_weight"):
         parts.append(f"a linear read-out of each projected image token's row and column (weight {cfg['where_weight']})")
+    if cfg.get("locate_weight") and cfg.get("point_weight"):
+        parts.append(f"a linear read-out, from the output of layer {cfg['point_layer']} at each pointed answer, of the "
+                     f"row and column of both named objects (weight {cfg['locate_weight']})")
+    if cfg.get("tally_weight") and cfg.get("count_weight"):
+        parts.append(f"a linear read-out there of the number counted at count answers (weight {cfg['tally_weight']})")
     return "".join(f"; {part}" for part in parts)
 
 
