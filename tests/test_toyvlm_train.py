@@ -278,3 +278,10 @@ def test_locate_and_tally_losses_vanish_for_a_hidden_state_that_holds_the_answer
     support[0, :2] = True  # two objects counted -> 2 * 2 / MAX_OBJECTS - 1
     count = 2 * 2 / T.D.MAX_OBJECTS - 1
     torch.testing.assert_close(head.tally_loss(torch.tensor([[0.0, 0.0, 0.0, count]]), support), torch.tensor(0.0))
+
+
+def test_weighted_total_weights_every_loss_by_its_config_field_and_the_answer_loss_by_one():
+    config = T.TrainConfig(aux_weight=0.5, align_weight=2.0, where_weight=0.0, locate_weight=3.0)
+    losses = {"aux": torch.tensor(1.0), "align": torch.tensor(10.0), "where": torch.tensor(100.0),
+              "lm": torch.tensor(1000.0), "locate": torch.tensor(0.25)}
+    torch.testing.assert_close(T.weighted_total(losses, config), torch.tensor(0.5 + 20.0 + 0.0 + 1000.0 + 0.75))

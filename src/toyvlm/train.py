@@ -575,14 +575,18 @@ def pretrain_tower(model, aux_head, config: "TrainConfig", pixels, targets, word
         scenes = rng.integers(0, len(pixels), config.tower_batch_size)
         _, losses = tower_losses(model, aux_head, tower_features(model, normalize(pixels[scenes])), targets[scenes], words)
         optimizer.zero_grad(set_to_none=True)
-        (config.aux_weight * losses["aux"] + config.align_weight * losses["align"]
-         + config.where_weight * losses["where"]).backward()
+        weighted_total(losses, config).backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
         if step % 50 == 0 or step == config.tower_steps - 1:
             log.append({"step": step, **{f"{name}_loss": value.item() for name, value in losses.items()}})
     return log
+
+
+def weighted_total(losses: dict[str, torch.Tensor], config: "TrainConfig") -> torch.Tensor:
+    """The loss to minimise: each of ``losses`` times the config's ``{name}_weight`` (the answer loss ``lm``: 1)."""
+    return sum(value if name == "lm" else getattr(config, f"{name}_weight") * value for name, value in losses.items())
 
 
 def _warmup_cosine(warmup: int, steps: int):
@@ -648,17 +652,17 @@ def training_loss(model, aux_head, pixel_values, input_ids, mask, labels, target
                        output_hidden_states=(locate and pointing is not None) or (tally and counting is not None))
     losses.update(lm=output.loss, point=torch.zeros(()), count=torch.zeros(()), locate=torch.zeros(()),
                   tally=torch.zeros(()))
+    after_point = output.hidden_states[point_layer + 1] if output.hidden_states else None  # (rows, tokens, hidden)
     if pointing is not None:
         losses["point"] = pointing_loss(captured[0], image_tokens, *pointing, heads=point_heads)
         if locate:
             rows, positions, masks = pointing
-            pointed = output.hidden_states[point_layer + 1][rows, positions]  # (queries, text hidden)
-            losses["locate"] = aux_head.locate_loss(pointed, masks)
+            losses["locate"] = aux_head.locate_loss(after_point[rows, positions], masks)
     if counting is not None:
         losses["count"] = counting_loss(captured[0], image_tokens, *counting, head=2 * point_heads)
         if tally:
             rows, positions, support = counting
-            losses["tally"] = aux_head.tally_loss(output.hidden_states[point_layer + 1][rows, positions], support)
+            losses["tally"] = aux_head.tally_loss(after_point[rows, positions], support)
     return losses
 
 
@@ -744,10 +748,7 @@ def train(config: TrainConfig, out_dir, log_every: int = 50, progress: bool = Tr
                                words if config.align_weight else None, counting, bool(config.locate_weight),
                                bool(config.tally_weight))
         optimizer.zero_grad(set_to_none=True)
-        (losses["lm"] + config.aux_weight * losses["aux"] + config.point_weight * losses["point"]
-         + config.align_weight * losses["align"] + config.count_weight * losses["count"]
-         + config.where_weight * losses["where"] + config.locate_weight * losses["locate"]
-         + config.tally_weight * losses["tally"]).backward()
+        weighted_total(losses, config).backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
