@@ -92,8 +92,12 @@ def test_training_runs_end_to_end_and_saves_a_checkpoint(tmp_path):
     config = T.TrainConfig(image_size=64, patch_size=16, vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32,
                            text_layers=1, text_heads=4, text_kv_heads=1, train_scenes=8, val_scenes=3, steps=4,
                            batch_size=4, warmup_steps=1, turns=3, eval_every=2, eval_scenes=2,
-                           point_layer=0, point_heads=1, tower_steps=2, tower_batch_size=4)
+                           point_layer=0, point_heads=1, tower_steps=2, tower_batch_size=4, locate_weight=1.0,
+                           tally_weight=1.0, readout_start=2)
     summary = T.train(config, tmp_path / "toy", log_every=1, progress=False)
+    # the read-outs join at readout_start (tally only on batches with a count answer)
+    assert [e["locate_loss"] > 0 for e in summary["log"]] == [False, False, True, True]
+    assert all(e["tally_loss"] == 0 for e in summary["log"][:2])
     assert len(summary["log"]) == 4 and all(torch.isfinite(torch.tensor(e["loss"])) for e in summary["log"])
     assert len(summary["evaluations"]) == 1 and torch.isfinite(torch.tensor(summary["log"][0]["aux_loss"]))
     assert all(e["point_loss"] > 0 for e in summary["log"])  # every batch of 4 x 3 turns names some object

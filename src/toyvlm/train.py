@@ -118,6 +118,7 @@ class TrainConfig:
     where_weight: float = 1.0
     locate_weight: float = 0.0  # off in the shipped recipe: see the module docstring
     tally_weight: float = 0.0
+    readout_start: int = 0  # stage-2 step from which the locate / tally read-outs are trained (see the docstring)
     tower_steps: int = 1500
     tower_batch_size: int = 64
     tower_learning_rate: float = 3e-3
@@ -745,8 +746,9 @@ def train(config: TrainConfig, out_dir, log_every: int = 50, progress: bool = Tr
             counting = counting_targets(turns, labels, train_targets[scenes][:, CENTRE_HEAD])
         losses = training_loss(model, aux_head, normalize(train_pixels[scenes]), input_ids, mask, labels,
                                train_targets[scenes], pointing, config.point_layer, config.point_heads,
-                               words if config.align_weight else None, counting, bool(config.locate_weight),
-                               bool(config.tally_weight))
+                               words if config.align_weight else None, counting,
+                               bool(config.locate_weight) and step >= config.readout_start,
+                               bool(config.tally_weight) and step >= config.readout_start)
         optimizer.zero_grad(set_to_none=True)
         weighted_total(losses, config).backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
