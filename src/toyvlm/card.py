@@ -160,6 +160,9 @@ def _extra_losses(cfg: dict) -> str:
                      f"row and column of both named objects (weight {cfg['locate_weight']})")
     if cfg.get("tally_weight") and cfg.get("count_weight"):
         parts.append(f"a linear read-out there of the number counted at count answers (weight {cfg['tally_weight']})")
+    if cfg.get("readout_start") and ((cfg.get("locate_weight") and cfg.get("point_weight"))
+                                     or (cfg.get("tally_weight") and cfg.get("count_weight"))):
+        parts.append(f"these read-outs only from stage-2 step {cfg['readout_start']} on")
     return "".join(f"; {part}" for part in parts)
 
 
