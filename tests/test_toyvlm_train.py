@@ -124,6 +124,12 @@ def test_referenced_objects_follow_the_question_templates():
     assert named["What colour is the square?"] == ([1], [1])
     assert named["Is the green circle left or right of the blue square?"] == ([2], [1])
     assert named["What letter is written on the blue square?"] == ([1], [1])
+    # point_absent: an absent object points at the objects of its shape, else of its colour, else nowhere
+    for question, expected in [("Is there a red square?", ([1], [1])), ("Is there a blue circle?", ([0, 2], [0, 2])),
+                               ("Is there a green triangle?", ([2], [2])), ("Is there a yellow cross?", None),
+                               ("Is there a red circle?", ([0], [0]))]:
+        answer = "yes" if question == "Is there a red circle?" else "no"
+        assert T.referenced_objects(scene, QA(question, answer, "exists"), absent=True) == expected, question
     assert named["How many circles are there?"] is None
 
 

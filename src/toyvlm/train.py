@@ -118,6 +118,7 @@ class TrainConfig:
     point_weight: float = 1.0
     point_layer: int = 2
     point_heads: int = 2
+    point_absent: int = 0  # 1: "exists" answered no also points (see referenced_objects); off in the shipped run
     align_weight: float = 1.0
     count_weight: float = 1.0
     where_weight: float = 1.0
@@ -409,10 +410,17 @@ class AuxiliaryHead(torch.nn.Module):
 _MENTION = re.compile(r"\b(?:({colours}) )?({shapes})\b".format(colours="|".join(D.COLOURS), shapes="|".join(D.SHAPES)))
 
 
-def referenced_objects(scene: D.Scene, qa: D.QA) -> tuple[list[int], list[int]] | None:
+def referenced_objects(scene: D.Scene, qa: D.QA, absent: bool = False) -> tuple[list[int], list[int]] | None:
     """(objects named first, objects named last) by ``qa``, or None when the answer is not found by looking at
     named objects (``count`` questions, ``exists`` questions answered no). Parsed from the fixed templates of
-    :func:`toyvlm.data.candidate_questions`; a position question names two objects, the others one (twice)."""
+    :func:`toyvlm.data.candidate_questions`; a position question names two objects, the others one (twice).
+    With ``absent``, an ``exists`` question answered no points at the objects of the named shape (where the colour
+    must be checked), else at those of the named colour; None only when neither is in the scene."""
+    if qa.kind == "exists" and qa.answer == "no" and absent:
+        ((colour, shape),) = _MENTION.findall(qa.question.lower())
+        candidates = ([k for k, obj in enumerate(scene.objects) if obj.shape == shape]
+                      or [k for k, obj in enumerate(scene.objects) if obj.colour == colour])
+        return (candidates, candidates) if candidates else None
     if qa.kind == "count" or (qa.kind == "exists" and qa.answer == "no"):
         return None
     groups = []
@@ -430,15 +438,15 @@ def answer_queries(labels: torch.Tensor) -> list[list[int]]:
     return [row.nonzero().flatten().tolist() for row in starts]
 
 
-def pointing_targets(qas_per_row, scenes, labels, object_masks):
+def pointing_targets(qas_per_row, scenes, labels, object_masks, absent: bool = False):
     """(rows, positions, masks) of every answer query that names objects: ``masks`` (queries, 2, patches) bool marks
-    the patches of the objects named first / last (see :func:`referenced_objects`); detail questions point at the
-    letter's patches."""
+    the patches of the objects named first / last (see :func:`referenced_objects`, which ``absent`` is passed to);
+    detail questions point at the letter's patches."""
     rows, positions, masks = [], [], []
     for row, (qas, queries) in enumerate(zip(qas_per_row, answer_queries(labels))):
         scene, patches = scenes[row], object_masks[row]  # patches: (MAX_OBJECTS + 1, patches)
         for qa, position in zip(qas, queries):
-            named = ([LABEL_ROW], [LABEL_ROW]) if qa.kind == "detail" else referenced_objects(scene, qa)
+            named = ([LABEL_ROW], [LABEL_ROW]) if qa.kind == "detail" else referenced_objects(scene, qa, absent)
             if named is not None:
                 rows.append(row)
                 positions.append(position)
@@ -745,7 +753,8 @@ def train(config: TrainConfig, out_dir, log_every: int = 50, progress: bool = Tr
         input_ids, mask, labels = pad_batch([encoder(qas) for qas in turns], tokenizer.pad_token_id)
         pointing = None
         if config.point_weight:
-            pointing = pointing_targets(turns, [train_examples[i].scene for i in scenes], labels, train_objects[scenes])
+            pointing = pointing_targets(turns, [train_examples[i].scene for i in scenes], labels, train_objects[scenes],
+                                        bool(config.point_absent))
         counting = None
         if config.count_weight:
             counting = counting_targets(turns, labels, train_targets[scenes][:, CENTRE_HEAD])
