@@ -155,13 +155,14 @@ def _extra_losses(cfg: dict) -> str:
                      f"and the counted objects' centre patches at count answers (weight {cfg['count_weight']})")
     if cfg.get("where_weight"):
         parts.append(f"a linear read-out of each projected image token's row and column (weight {cfg['where_weight']})")
-    if cfg.get("locate_weight") and cfg.get("point_weight"):
+    locate = bool(cfg.get("locate_weight") and cfg.get("point_weight"))
+    tally = bool(cfg.get("tally_weight") and cfg.get("count_weight"))
+    if locate:
         parts.append(f"a linear read-out, from the output of layer {cfg['point_layer']} at each pointed answer, of the "
                      f"row and column of both named objects (weight {cfg['locate_weight']})")
-    if cfg.get("tally_weight") and cfg.get("count_weight"):
+    if tally:
         parts.append(f"a linear read-out there of the number counted at count answers (weight {cfg['tally_weight']})")
-    if cfg.get("readout_start") and ((cfg.get("locate_weight") and cfg.get("point_weight"))
-                                     or (cfg.get("tally_weight") and cfg.get("count_weight"))):
+    if cfg.get("readout_start") and (locate or tally):
         parts.append(f"these read-outs only from stage-2 step {cfg['readout_start']} on")
     return "".join(f"; {part}" for part in parts)
 

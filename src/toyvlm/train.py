@@ -420,15 +420,17 @@ def referenced_objects(scene: D.Scene, qa: D.QA, absent: bool = False) -> tuple[
     :func:`toyvlm.data.candidate_questions`; a position question names two objects, the others one (twice).
     With ``absent``, an ``exists`` question answered no points at the objects of the named shape (where the colour
     must be checked), else at those of the named colour; None only when neither is in the scene."""
-    if qa.kind == "exists" and qa.answer == "no" and absent:
-        ((colour, shape),) = _MENTION.findall(qa.question.lower())
+    absent_object = qa.kind == "exists" and qa.answer == "no"
+    if qa.kind == "count" or (absent_object and not absent):
+        return None
+    mentions = _MENTION.findall(qa.question.lower())
+    if absent_object:
+        ((colour, shape),) = mentions
         candidates = ([k for k, obj in enumerate(scene.objects) if obj.shape == shape]
                       or [k for k, obj in enumerate(scene.objects) if obj.colour == colour])
         return (candidates, candidates) if candidates else None
-    if qa.kind == "count" or (qa.kind == "exists" and qa.answer == "no"):
-        return None
     groups = []
-    for colour, shape in _MENTION.findall(qa.question.lower()):
+    for colour, shape in mentions:
         groups.append([k for k, obj in enumerate(scene.objects) if obj.shape == shape and colour in ("", obj.colour)])
     if not groups or not all(groups):
         return None
