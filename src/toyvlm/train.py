@@ -210,14 +210,16 @@ def render_split(examples, image_size: int, patch_size: int | None = None):
     the (scenes, MAX_OBJECTS + 1, patches) bool masks of the patches each object (and the label) covers (see :func:`object_patches`)."""
     from tqdm.auto import tqdm
 
-    images, targets, masks = [], [], []
-    for example in tqdm(examples, desc="rendering", unit="scene", leave=False):
-        images.append(np.asarray(example.image))
+    # filled in place, and an image not yet cached on its example is not cached (a copy per scene would double memory)
+    pixels = torch.empty((len(examples), 3, image_size, image_size), dtype=torch.uint8)
+    targets, masks = [], []
+    for index, example in enumerate(tqdm(examples, desc="rendering", unit="scene", leave=False)):
+        image = example._image if example._image is not None else D.render(example.scene, example.image_size)
+        pixels[index] = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (3, H, W)
         if patch_size is not None:
             cover = _patch_cover(example.scene, image_size, patch_size)  # one object-map render for both
             targets.append(patch_targets(example.scene, image_size, patch_size, cover))
             masks.append(object_patches(example.scene, image_size, patch_size, cover))
-    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     if patch_size is None:
         return pixels
     return pixels, torch.from_numpy(np.stack(targets)), torch.from_numpy(np.stack(masks))
@@ -738,8 +740,6 @@ def train(config: TrainConfig, out_dir, log_every: int = 50, progress: bool = Tr
     val_examples = D.make_split("val", seed=config.seed, num_scenes=config.val_scenes, image_size=config.image_size)
     train_pixels, train_targets, train_objects = render_split(train_examples, config.image_size, config.patch_size)
     val_pixels = render_split(val_examples, config.image_size)
-    for example in train_examples:
-        example._image = None  # pixels are kept in train_pixels
     encoder = ConversationEncoder(tokenizer, patches)
     words = alignment_words(tokenizer)
     parameters = list(model.parameters()) + list(aux_head.parameters())
