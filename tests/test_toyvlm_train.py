@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from toyvlm import train as T
@@ -86,14 +87,37 @@ def test_sample_turns_are_distinct_valid_and_cover_kinds():
     assert seen == set(QUESTION_KINDS)
 
 
-def test_training_runs_end_to_end_and_saves_a_checkpoint(tmp_path):
+def test_scene_stream_renders_the_train_split_in_order_each_scene_once():
+    stream = T.SceneStream(seed=0, image_size=64, patch_size=16)
+    split = make_split("train", 0, 12, 64, per_kind=0)
+    scenes, pixels, targets, objects = stream.draw(None, 3)
+    more, _, _, _ = stream.draw(None, 2, max_objects=3)
+    assert scenes == [e.scene for e in split[:3]]
+    small = [e.scene for e in split[3:] if len(e.scene.objects) <= 3][:2]
+    assert more == small and stream.next_index == [e.scene for e in split].index(small[-1]) + 1
+    reference = T.render_split(split[:3], 64, 16)
+    for got, expected in zip((pixels, targets, objects), reference):
+        assert torch.equal(got, expected)
+
+
+def test_scene_pool_draws_respect_the_object_limit():
+    pool = T.ScenePool(make_split("train", 0, 30, 64, per_kind=0), 64, 16)
+    rng = np.random.default_rng(0)
+    scenes, pixels, targets, objects = pool.draw(rng, 50, max_objects=2)
+    assert all(len(scene.objects) <= 2 for scene in scenes) and pixels.shape == (50, 3, 64, 64)
+    scenes, _, _, _ = pool.draw(rng, 200)
+    assert max(len(scene.objects) for scene in scenes) > 2  # without a limit, the whole pool
+
+
+@pytest.mark.parametrize("fresh_scenes", [0, 1])
+def test_training_runs_end_to_end_and_saves_a_checkpoint(tmp_path, fresh_scenes):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     config = T.TrainConfig(image_size=64, patch_size=16, vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32,
                            text_layers=1, text_heads=4, text_kv_heads=1, train_scenes=8, val_scenes=3, steps=4,
                            batch_size=4, warmup_steps=1, turns=3, eval_every=2, eval_scenes=2,
                            point_layer=0, point_heads=1, tower_steps=2, tower_batch_size=4, locate_weight=1.0,
-                           tally_weight=1.0, readout_start=2)
+                           tally_weight=1.0, readout_start=2, fresh_scenes=fresh_scenes)
     summary = T.train(config, tmp_path / "toy", log_every=1, progress=False)
     # the read-outs join at readout_start (tally only on batches with a count answer)
     assert [e["locate_loss"] > 0 for e in summary["log"]] == [False, False, True, True]
