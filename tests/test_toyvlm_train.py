@@ -221,6 +221,16 @@ def test_counting_targets_mark_the_counted_centres():
     rows, positions, support = T.counting_targets([qas], labels, centres)
     assert rows.tolist() == [0, 0, 0] and support.sum(-1).tolist() == [2, 3, 0]
     assert tokenizer.convert_ids_to_tokens(labels[0, positions + 1].tolist()) == ["two", "three", "zero"]
+    # count_exists: the exists question counts the objects with both the named colour and shape
+    extra = [QA("Is there a blue circle?", "no", "exists"), QA("Is there a green circle?", "yes", "exists")]
+    ids, labels = T.ConversationEncoder(tokenizer, 16)(qas + extra)
+    _, _, labels = T.pad_batch([(ids, labels)], tokenizer.pad_token_id)
+    rows, positions, support = T.counting_targets([qas + extra], labels, centres, [scene], 64)
+    assert support.sum(-1).tolist() == [2, 1, 3, 0, 0, 1]
+    assert tokenizer.convert_ids_to_tokens(labels[0, positions + 1].tolist()) == ["two", "yes", "three", "zero", "no", "yes"]
+    # red circle at (40, 40) and green circle at (60, 180) of 224 -> 64 px: patches (0, 0) and (3, 1) of 4x4
+    assert support[1].nonzero().flatten().tolist() == [0] and support[5].nonzero().flatten().tolist() == [13]
+    assert torch.equal(support[1] | support[5] | support[3], support[0])  # the circles are exactly the counted ones
 
 
 def test_position_loss_is_zero_for_a_token_that_holds_its_scaled_row_and_column():

@@ -123,6 +123,7 @@ class TrainConfig:
     point_layer: int = 2
     point_heads: int = 2
     point_absent: int = 0  # 1: "exists" answered no also points (see referenced_objects); off in the shipped run
+    count_exists: int = 0  # 1: exists questions are counted too (counting head + tally; see counting_targets)
     fresh_scenes: int = 0  # 1: every training scene is new, rendered when drawn (SceneStream); 0: a pool of train_scenes
     align_weight: float = 1.0
     count_weight: float = 1.0
@@ -545,24 +546,43 @@ _PLURAL_SHAPES = {plural: shape for shape, plural in D.SHAPE_PLURALS.items()}
 CENTRE_HEAD = list(AUX_CLASSES).index("centre")
 
 
-def counting_targets(qas_per_row, labels, centres):
+def counting_targets(qas_per_row, labels, centres, scenes=None, image_size: int = 0):
     """(rows, positions, support) of every ``count`` answer query: ``support`` (queries, patches) bool marks the centre
-    patches of the objects being counted (all objects, or those of the shape asked about; none for zero).
+    patches of the objects being counted (all objects, or those of the shape asked about; none for zero). With
+    ``scenes`` (one per row, rendered at ``image_size``), ``exists`` answer queries too, counting the objects of the
+    named colour *and* shape (none when the answer is no): existence is a count above zero, and the counting head must
+    then leave out an object that has only the shape or only the colour, where the shipped model errs most.
 
     centres: (rows, patches) the ``centre`` row of :func:`patch_targets` (shape code at each object's centre patch)."""
     rows, positions, support = [], [], []
     for row, (qas, queries) in enumerate(zip(qas_per_row, answer_queries(labels))):
         for qa, position in zip(qas, queries):
-            if qa.kind != "count":
+            if qa.kind == "count":
+                words = qa.question.lower().rstrip("?").split()
+                shape = next((_PLURAL_SHAPES[w] for w in words if w in _PLURAL_SHAPES), None)
+                support.append(centres[row] > 0 if shape is None else centres[row] == D.SHAPES.index(shape) + 1)
+            elif qa.kind == "exists" and scenes is not None:
+                support.append(matching_centres(scenes[row], qa, image_size, centres.shape[-1]))
+            else:
                 continue
-            words = qa.question.lower().rstrip("?").split()
-            shape = next((_PLURAL_SHAPES[w] for w in words if w in _PLURAL_SHAPES), None)
             rows.append(row)
             positions.append(position)
-            support.append(centres[row] > 0 if shape is None else centres[row] == D.SHAPES.index(shape) + 1)
     if not rows:
         return None
     return torch.tensor(rows), torch.tensor(positions), torch.stack(support)
+
+
+def matching_centres(scene: D.Scene, qa: D.QA, image_size: int, patches: int) -> torch.Tensor:
+    """(patches,) bool: the centre patches (as in :func:`patch_targets`) of the objects with the colour and shape that
+    the ``exists`` question ``qa`` names."""
+    ((colour, shape),) = _MENTION.findall(qa.question.lower())
+    grid = math.isqrt(patches)
+    patch_size, scale = image_size // grid, image_size / D.SCENE_SIZE
+    out = torch.zeros(patches, dtype=torch.bool)
+    for obj in scene.objects:
+        if obj.shape == shape and obj.colour == colour:
+            out[_patch_index(obj.x * scale, obj.y * scale, patch_size, grid)] = True
+    return out
 
 
 def counting_loss(weights, image_mask, rows, positions, support, head: int) -> torch.Tensor:
@@ -805,7 +825,8 @@ def train(config: TrainConfig, out_dir, log_every: int = 50, progress: bool = Tr
             pointing = pointing_targets(turns, batch, labels, objects, bool(config.point_absent))
         counting = None
         if config.count_weight:
-            counting = counting_targets(turns, labels, targets[:, CENTRE_HEAD])
+            counting = counting_targets(turns, labels, targets[:, CENTRE_HEAD],
+                                        batch if config.count_exists else None, config.image_size)
         readouts = step >= config.readout_start  # the locate / tally read-outs join late (see the docstring)
         losses = training_loss(model, aux_head, normalize(pixels), input_ids, mask, labels, targets, pointing,
                                config.point_layer, config.point_heads, words if config.align_weight else None, counting,
