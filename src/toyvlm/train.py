@@ -569,6 +569,8 @@ def counting_targets(qas_per_row, labels, centres, scenes=None, image_size: int 
     then leave out an object that has only the shape or only the colour, where the shipped model errs most.
 
     centres: (rows, patches) the ``centre`` row of :func:`patch_targets` (shape code at each object's centre patch)."""
+    if scenes is not None and image_size <= 0:
+        raise ValueError("counting_targets: counting exists answers needs the scenes' image_size")
     rows, positions, support = [], [], []
     for row, (qas, queries) in enumerate(zip(qas_per_row, answer_queries(labels))):
         for qa, position in zip(qas, queries):
