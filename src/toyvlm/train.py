@@ -592,14 +592,13 @@ def counting_targets(qas_per_row, labels, centres, scenes=None, image_size: int 
 
 def matching_centres(scene: D.Scene, qa: D.QA, image_size: int, patches: int) -> torch.Tensor:
     """(patches,) bool: the centre patches (as in :func:`patch_targets`) of the objects with the colour and shape that
-    the ``exists`` question ``qa`` names."""
-    ((colour, shape),) = _MENTION.findall(qa.question.lower())
+    the ``exists`` question ``qa`` names (:func:`referenced_objects`; none when the answer is no)."""
+    named, _ = referenced_objects(scene, qa) or ([], [])
     grid = math.isqrt(patches)
     patch_size, scale = image_size // grid, image_size / D.SCENE_SIZE
     out = torch.zeros(patches, dtype=torch.bool)
-    for obj in scene.objects:
-        if obj.shape == shape and obj.colour == colour:
-            out[_patch_index(obj.x * scale, obj.y * scale, patch_size, grid)] = True
+    for k in named:
+        out[_patch_index(scene.objects[k].x * scale, scene.objects[k].y * scale, patch_size, grid)] = True
     return out
 
 
