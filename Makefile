@@ -6,14 +6,18 @@ STAMP := $(VENV)/.dymu-installed
 # torch 2.13.0 is the CPU wheel available on this machine; the package itself only needs torch>=2.4.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test bench install clean toy-model toy-eval
+# Every install takes the versions pinned in constraints.txt (the newest tested transformers and its dependencies).
+CONSTRAINTS := constraints.txt
+PIP := $(BIN)/pip install --quiet --disable-pip-version-check
+
+.PHONY: demo test test-lowest test-transformers bench install clean toy-model toy-eval
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(PIP) "$(TORCH_SPEC)"
+	$(PIP) -c $(CONSTRAINTS) -e '.[test]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -21,6 +25,16 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The suite on another transformers release in the same venv (pure Python: seconds to swap), then back to the
+# pinned one:  make test-transformers V=5.20.0.  `make test-lowest` uses the lowest supported release.
+test-transformers: $(STAMP)
+	test -n "$(V)" || { echo "usage: make test-transformers V=5.x.y"; exit 2; }
+	$(PIP) "transformers==$(V)"
+	$(BIN)/python -m pytest -q; status=$$?; $(PIP) -c $(CONSTRAINTS) transformers; exit $$status
+
+test-lowest: $(STAMP)
+	$(MAKE) test-transformers V=$$($(BIN)/python -c "from dymu.compat import TESTED_MIN; print(TESTED_MIN)")
 
 # Retrain the shipped toy LLaVA (about an hour on 2 cores), evaluate it (about 10 min) and rewrite its model card.
 TOY_MODEL ?= assets/toy-llava

@@ -183,14 +183,15 @@ def test_all_kinds_appear_single_word_answers_and_balanced_exists():
     assert set(exists) == {"yes", "no"}
     assert abs(exists["yes"] - exists["no"]) <= 0.1 * sum(exists.values())
     allowed = {
+        "exists": {"yes", "no"},
         "colour": set(D.COLOURS),
         "count": set(D.NUMBER_WORDS),
         "position": {"left", "right", "above", "below"},
         "detail": set(D.LABEL_LETTERS.lower()),
     }
+    assert {kind: set(D.answer_space(kind)) for kind in D.QUESTION_KINDS} == allowed
     for qa in qas:
-        if qa.kind in allowed:
-            assert qa.answer in allowed[qa.kind], qa
+        assert qa.answer in D.answer_space(qa.kind), qa
 
 
 # --------------------------------------------------------------------------- benchmark I/O

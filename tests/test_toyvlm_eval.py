@@ -139,3 +139,23 @@ def test_model_card_states_the_shipped_accuracy_and_every_kind_below_target():
     for kind, value in unmerged["per_kind"].items():
         assert (f"{kind} {100 * value:.1f}%" in text) == (below and value < card.TARGET_PER_KIND)
     assert text == (TOY / "README.md").read_text()  # the shipped card is regenerated from the shipped results
+
+
+def test_demo_checks_itself_and_exits_non_zero_on_wrong_answers(tmp_path, capsys, monkeypatch):
+    """A small demo run passes its self-check; with VTU's reduce broken (attention outputs lost) it exits 2, one line."""
+    import torch
+
+    from dymu import demo
+    from dymu import vtu as V
+    from dymu.cli import main
+
+    monkeypatch.setattr(demo, "TOY_SCORED_SCENES", 4)
+    monkeypatch.setattr(demo, "TOY_THRESHOLD_SCENES", 32)
+    assert main(["demo", "--out", str(tmp_path / "ok")]) == 0
+    assert "self-check passed" in capsys.readouterr().out
+    monkeypatch.setattr(V, "reduce", lambda hidden, vmap: torch.zeros_like(V.compress(hidden, vmap)))
+    assert main(["demo", "--out", str(tmp_path / "broken")]) == 2
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("dymu demo: error")]
+    assert len(errors) == 1 and "self-check failed" in errors[0] and captured.err.rstrip().endswith(errors[0])
+    assert "[2/4]" not in captured.out, "nothing is reported before the check"

@@ -25,8 +25,10 @@ def apply(model: nn.Module, thresholds, vtu: str = "fast") -> nn.Module:
     (compact: merged tokens fed directly; build inputs with ``dymu.prepare_inputs``).
     Returns ``model``. Applying again replaces the previous settings.
     """
+    from .compat import warn_if_untested
     from .llava import is_vlm, patch_vlm, supports_language_side
 
+    warn_if_untested()
     info = tower_info(model)
     thresholds = as_thresholds(thresholds)
     thresholds.check(info.identity(), origin=_origin(thresholds))

@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from .vision import DymuError
+
 DEMO_PRESET = "clip-vit-l-14-336"
 #: full CLIP-L/14-336 depth; the demo stays well under 3 minutes on 2 CPU cores at this depth
 DEMO_LAYERS = 24
@@ -25,6 +27,14 @@ TOY_MODEL_ENV = "DYMU_TOY_MODEL"
 TOY_LEVELS = ("mid", "low")
 TOY_SCORED_SCENES = 80
 TOY_SHOWN_PER_BACKGROUND = 1
+#: training scenes the demo finds its thresholds on
+TOY_THRESHOLD_SCENES = 1000
+#: the self-check re-answers this many scored questions with never-merge thresholds (several left-padded batches)
+SELF_CHECK_QUESTIONS = 96
+
+
+class SelfCheckError(DymuError):
+    """The demo's answers fail a check they must pass on a healthy install (one line)."""
 
 
 def cache_dir() -> Path:
@@ -109,20 +119,21 @@ def default_toy_model() -> Path:
     return Path(__file__).resolve().parents[2] / "assets" / "toy-llava"
 
 
-def run_demo(out_dir: Path, model_dir: Path | None = None, scenes: int = TOY_SCORED_SCENES) -> None:
-    """The toy-LLaVA demo (see the module docstring)."""
+def run_demo(out_dir: Path, model_dir: Path | None = None, scenes: int | None = None) -> None:
+    """The toy-LLaVA demo (see the module docstring). Raises SelfCheckError before reporting if its answers are
+    not those of a healthy install."""
     import torch
 
     from toyvlm import data as D
     from toyvlm import evaluate as E
 
     from . import api
-    from .vision import DymuError
     from .viz import denormalize, merge_map, save_merge_figure, save_overview
 
     model_dir = Path(model_dir) if model_dir else default_toy_model()
     if not (model_dir / "config.json").is_file():
         raise DymuError(f"toy model not found at {model_dir}: run `make toy-model`, set {TOY_MODEL_ENV} or pass --model")
+    scenes = scenes or TOY_SCORED_SCENES
     started = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -134,25 +145,28 @@ def run_demo(out_dir: Path, model_dir: Path | None = None, scenes: int = TOY_SCO
     vision, text = model.config.vision_config, model.config.text_config
     print(f"[1/4] {model_dir}: CLIP tower {vision.num_hidden_layers} layers, {vision.image_size}px / {vision.patch_size} = "
           f"{patches} patches; Llama {text.num_hidden_layers} layers, width {text.hidden_size}")
-    thresholds = E.find_level_thresholds(model, processor, out_dir / "thresholds", progress=False, levels=TOY_LEVELS,
-                                         reuse=False)
-    print(f"      thresholds found on {E.DEFAULT_THRESHOLD_SCENES} training images: "
+    thresholds = E.find_level_thresholds(model, processor, out_dir / "thresholds", scenes=TOY_THRESHOLD_SCENES,
+                                         progress=False, levels=TOY_LEVELS, reuse=False)
+    print(f"      thresholds found on {TOY_THRESHOLD_SCENES} training images: "
           + ", ".join(f"{level} (target {E.level_target(model, E.DYMU_LEVELS[level])} tokens)" for level in TOY_LEVELS))
 
     records, images = E.test_records(scenes, image_size=E.image_size_of(processor))
     settings = [("unmerged", None)] + [(f"DToMe-{level}", level) for level in TOY_LEVELS]
-    answers, tokens, encodings = {}, {}, {}
+    answers, ended, tokens, encodings = {}, {}, {}, {}
     shown = _pick_shown(records)
     shown_pixels = processor.image_processor(images=[images[i] for i in shown], return_tensors="pt")["pixel_values"]
     for name, level in settings:
         if level:
             api.apply(model, thresholds[level], vtu="fast")
         try:
-            answers[name] = E.answer(model, processor, records, images)
+            answers[name], ended[name] = E.generations(model, processor, records, images)
             tokens[name] = E.visual_tokens(model, processor, records, images) if level else None
             encodings[name] = api.encode(model, shown_pixels)
         finally:
             api.remove(model)
+    never = [float("inf")] * vision.num_hidden_layers
+    checked = self_check(model, processor, records, images, answers, ended, never)
+    print(f"      self-check passed: {checked}")
 
     print("[2/4] a few test scenes (one per background kind): answers unmerged | " + " | ".join(n for n, lv in settings if lv))
     by_image = {}
@@ -194,6 +208,41 @@ def run_demo(out_dir: Path, model_dir: Path | None = None, scenes: int = TOY_SCO
     print(f"\ndone in {time.time() - started:.0f} s. Full table (1000 test scenes, low/mid/high, with and without VTU):")
     print(f"  python -m toyvlm.evaluate --model {model_dir}")
     sys.stdout.flush()
+
+
+def self_check(model, processor, records, images, answers: dict, ended: dict, never_merge: list) -> str:
+    """Checks a healthy install passes; raises SelfCheckError (one line) otherwise. Returns what was checked.
+
+    1. Never-merge thresholds (+inf) with VTU give exactly the unmerged answers (batched, left padded).
+    2. Every answer of every setting is a well-formed short answer: one the question's kind can have, followed by
+       the end of the generation (a broken KV cache makes answers run on: "right no zero").
+    """
+    from toyvlm import data as D
+    from toyvlm import evaluate as E
+
+    from . import api
+
+    subset = records[:SELF_CHECK_QUESTIONS]
+    api.apply(model, never_merge, vtu="fast")
+    try:
+        patched, _ = E.generations(model, processor, subset, images)
+    finally:
+        api.remove(model)
+    differ = [i for i, (a, b) in enumerate(zip(patched, answers["unmerged"])) if a != b]
+    if differ:
+        i = differ[0]
+        raise SelfCheckError(f"self-check failed: with never-merge thresholds {len(differ)} of {len(subset)} answers differ "
+                             f"from the unmerged model (first: {subset[i]['question']!r} -> {patched[i]!r}, unmerged "
+                             f"{answers['unmerged'][i]!r}); this install gives wrong answers")
+    for name, texts in answers.items():
+        bad = [i for i, (text, done) in enumerate(zip(texts, ended[name]))
+               if not done or D.normalize_answer(text) not in D.answer_space(records[i]["kind"])]
+        if bad:
+            i = bad[0]
+            raise SelfCheckError(f"self-check failed: {name}: {len(bad)} of {len(texts)} answers are not a short answer "
+                                 f"ending the generation (first: {records[i]['question']!r} -> {texts[i]!r})")
+    return (f"never-merge == unmerged on {len(subset)} questions; all {sum(map(len, answers.values()))} answers "
+            "well formed")
 
 
 def _pick_shown(records) -> list[str]:

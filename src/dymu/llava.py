@@ -1,53 +1,48 @@
-"""Thin adapter: DyMU on LLaVA-style VLMs (LlavaForConditionalGeneration; Llama / Qwen2 language models).
+"""VLM-family adapter: DyMU on LLaVA-1.5 (LlavaForConditionalGeneration with a Llama or Qwen2 language model).
 
-Patches the model *instance*:
+Patches the model *instance* (``dymu.remove`` restores it):
 
 * ``model.model.get_image_features``: the vision tower merges (``dymu.vision``), the projector runs on the
   merged tokens, and each image's features are expanded back to its placeholder positions (virtual mode,
   ``vtu="fast"|"exact"``) or returned merged (compact mode, ``vtu="none"``). Each feature tensor carries its
   merge groups (``_dymu_source``), which survive ``generate``'s beam expansion (it repeats list entries).
-* ``model.model.forward``: builds the ``VirtualMap`` of the prompt (image placeholder positions + groups) and
-  hands it to the language model for this one forward (prefill). Decode steps see no images: stock path.
-* language model: the first decoder layer compresses the full-length hidden states to the unique tokens,
-  every attention layer expands Q/K/V to the full positions before RoPE, stores full-length K/V in the cache
-  and reduces its output back (``dymu.vtu``); the last layer expands again. Norms and MLPs run on the unique
-  tokens only. Positions, masks, cache length and left padding are exactly those of the unmerged model.
-* batched prompts: projections and MLPs run on the packed real unique tokens, and all padding positions of a
-  row share one unique token (in compact mode too), so a batch costs its real tokens, not rows x longest.
+* ``model.model.forward``: encodes the images itself when given pixels, builds the ``VirtualMap`` of the
+  prompt (image placeholder positions + groups; padding positions share one token) and hands it to the
+  language-model adapter (``dymu.language``) for this one forward (prefill), then calls the stock forward.
+* ``model.generate``: the stock method on a shallow copy of ``mm_encoder_outputs`` (stock beam search and
+  ``num_return_sequences`` expand the caller's pre-encoded features in place).
+
+Positions, masks, cache length and left padding stay exactly those of the unmerged model.
 """
 
 from __future__ import annotations
 
-import inspect
-import sys
+import copy
 from dataclasses import dataclass, field
 from types import MethodType
 
 import torch
 from torch import nn
 
+from . import compat
 from . import vtu as V
-from .merge import accumulation_dtype
+from .language import VTU_MODES, LanguageAdapter
 from .vision import DymuError
 
-VTU_MODES = ("fast", "exact", "none")
-#: exact VTU computes its full-length score matrices this many heads at a time (memory bound)
-EXACT_HEADS_PER_CHUNK = 8
 PATCH_ATTRIBUTE = "_dymu_llava_patch"
 
 
 @dataclass
 class LlavaState:
     vtu: str
+    language: LanguageAdapter
     last_encoding: object = None  # dymu.Encoding of the last images encoded (token counts, per-layer counts)
-    pending: V.VirtualMap | None = None  # built by the VLM forward, taken by the first decoder layer
-    active: V.VirtualMap | None = None  # map of the forward in flight
 
 
 @dataclass
 class LlavaPatch:
     state: LlavaState
-    modules: list = field(default_factory=list)
+    modules: list = field(default_factory=list)  # modules whose instance forward / generate / get_image_features we set
 
 
 def is_vlm(model: nn.Module) -> bool:
@@ -67,10 +62,6 @@ def _vlm_parts(model: nn.Module):
     if language_model is None or not hasattr(base, "multi_modal_projector"):
         raise DymuError(f"{type(model).__name__}: expected a LLaVA-style model with a language_model and multi_modal_projector")
     return base, language_model
-
-
-def _model_module(module: nn.Module):
-    return sys.modules[type(module).__module__]
 
 
 def _selected_tokens(encoding, index: int, strategy: str, protected: int):
@@ -141,22 +132,26 @@ def prepare_inputs(model, processor, images, text, **processor_kwargs) -> dict:
     with torch.no_grad():
         features = base.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
     token = base.config.image_token_id
+    per_image = _placeholders_per_image(base)
     rows, image = [], 0
     for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"]):
         ids = ids[mask.bool()]
-        is_image = ids == token
-        runs, lengths = torch.unique_consecutive(is_image, return_counts=True)  # alternating text / placeholder runs
+        runs, lengths = torch.unique_consecutive(ids == token, return_counts=True)  # alternating text / placeholder runs
         pieces = []
         for piece, placeholder in zip(ids.split(lengths.tolist()), runs.tolist()):
-            if placeholder:  # one image's run of placeholders -> its merged token count
+            if not placeholder:
+                pieces.append(piece)
+                continue
+            if len(piece) % per_image:
+                raise DymuError(f"a run of {len(piece)} image placeholders is not a whole number of images ({per_image} each)")
+            for _ in range(len(piece) // per_image):  # adjacent <image><image> make one run of several images
                 if image >= len(features):
                     raise DymuError(f"the prompts have more image placeholders than the {len(features)} image(s) given")
-                piece = ids.new_full((features[image].shape[0],), token)
+                pieces.append(ids.new_full((features[image].shape[0],), token))  # its merged token count
                 image += 1
-            pieces.append(piece)
         rows.append(torch.cat(pieces))
     if image != len(features):
-        raise DymuError(f"{len(features)} image(s) given but the prompts have {image} image placeholder(s)")
+        raise DymuError(f"{len(features)} image(s) given but the prompts have {image} <image> placeholder(s)")
     pad = processor.tokenizer.pad_token_id or 0
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -166,6 +161,14 @@ def prepare_inputs(model, processor, images, text, **processor_kwargs) -> dict:
         attention_mask[i, width - len(row):] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask,
             "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=list(features))}}
+
+
+def _placeholders_per_image(base) -> int:
+    """Placeholder tokens the processor writes for one LLaVA-1.5 image: its patches (+ CLS with "full")."""
+    from .vision import tower_info
+
+    info = tower_info(base)
+    return info.num_patches + (info.protected if base.config.vision_feature_select_strategy == "full" else 0)
 
 
 def _image_mask(base, input_ids, inputs_embeds) -> torch.Tensor:
@@ -178,11 +181,10 @@ def _image_mask(base, input_ids, inputs_embeds) -> torch.Tensor:
 
 def _vlm_forward(state: LlavaState):
     def forward(self, *args, **kwargs):
-        bound = inspect.signature(type(self).forward).bind(self, *args, **kwargs)
-        arguments = dict(bound.arguments)
+        arguments, extra = compat.bind_arguments(type(self).forward, self, *args, **kwargs)
         arguments.pop("self")
-        extra = arguments.pop("kwargs", {})
-        state.pending = None
+        language = state.language
+        language.pending = None
         if arguments.get("pixel_values") is not None and arguments.get("mm_encoder_outputs") is None:
             arguments["mm_encoder_outputs"] = {"image": self.get_image_features(
                 pixel_values=arguments.pop("pixel_values"),
@@ -192,134 +194,43 @@ def _vlm_forward(state: LlavaState):
             )}
         image_outputs = (arguments.get("mm_encoder_outputs") or {}).get("image")
         if image_outputs is not None:
-            features = list(image_outputs.pooler_output)
-            sources = [getattr(f, "_dymu_source", None) for f in features]
-            mask = _image_mask(self, arguments.get("input_ids"), arguments.get("inputs_embeds"))
-            visual_tokens = sum(f.shape[0] for f in features)
-            if int(mask.sum()) != visual_tokens:
-                hint = "build compact inputs with dymu.prepare_inputs" if state.vtu == "none" else "put one <image> per image in the prompt"
-                raise DymuError(
-                    f"{len(features)} image(s) give {visual_tokens} visual tokens but the prompt(s) have "
-                    f"{int(mask.sum())} image placeholder tokens ({hint})"
-                )
-            attention_mask = arguments.get("attention_mask")
-            padding = attention_mask == 0 if attention_mask is not None and attention_mask.dim() == 2 else None
-            try:
-                if state.vtu != "none" and all(s is not None for s in sources):
-                    state.pending = V.build_map(mask, sources, padding)
-                elif state.vtu == "none" and padding is not None and bool(padding.any()):
-                    state.pending = V.build_map(torch.zeros_like(mask), [], padding)  # batch cost = real tokens
-            except ValueError as exc:
-                raise DymuError(str(exc)) from None
-        return type(self).forward(self, **arguments, **extra)
+            language.pending = _plan(self, state, arguments, list(image_outputs.pooler_output))
+        try:
+            return type(self).forward(self, **arguments, **extra)
+        finally:
+            language.pending = None  # the language model took it, or never ran
 
     return forward
 
 
-def _decoder_layer_forward(state: LlavaState, first: bool, last: bool):
-    """The first layer compresses to the unique tokens, the last expands back; in between the stock pre-norm
-    block, with the MLP on the packed real tokens when rows have different unique counts."""
-
-    def forward(self, hidden_states, *args, **kwargs):
-        if first:
-            state.active, state.pending = state.pending, None
-            if state.active is not None:
-                if hidden_states.shape[1] != state.active.num_full:
-                    state.active = None
-                else:
-                    hidden_states = V.compress(hidden_states, state.active)  # (batch, unique, hidden)
-        vmap = state.active
-        if vmap is None or not vmap.padded:
-            output = type(self).forward(self, hidden_states, *args, **kwargs)
-        else:
-            residual = hidden_states
-            attended, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **_layer_kwargs(args, kwargs))
-            hidden_states = residual + attended
-            output = hidden_states + V.packed_apply(lambda h: self.mlp(self.post_attention_layernorm(h)), hidden_states, vmap)
-        if last and state.active is not None:
-            output = V.expand(output, state.active)  # (batch, full, hidden)
-            state.active = None
-        return output
-
-    return forward
+def _plan(base, state: LlavaState, arguments: dict, features: list) -> V.VirtualMap | None:
+    """The prompt's VirtualMap: merge groups of every image at its placeholders, padding as one token per row."""
+    sources = [getattr(f, "_dymu_source", None) for f in features]
+    mask = _image_mask(base, arguments.get("input_ids"), arguments.get("inputs_embeds"))
+    visual_tokens = sum(f.shape[0] for f in features)
+    if int(mask.sum()) != visual_tokens:
+        hint = ("build compact inputs with dymu.prepare_inputs" if state.vtu == "none"
+                else "each image needs the processor's placeholder run: pass the prompt and images through the processor")
+        raise DymuError(f"{len(features)} image(s) give {visual_tokens} visual tokens but the prompt(s) have "
+                        f"{int(mask.sum())} image placeholder tokens ({hint})")
+    attention_mask = arguments.get("attention_mask")
+    padding = attention_mask == 0 if attention_mask is not None and attention_mask.dim() == 2 else None
+    try:
+        if state.vtu != "none" and all(s is not None for s in sources):
+            return V.build_map(mask, sources, padding)
+        if padding is not None and bool(padding.any()):  # compact: a batch costs its real tokens
+            return V.build_map(torch.zeros_like(mask), [], padding)
+    except ValueError as exc:
+        raise DymuError(str(exc)) from None
+    return None
 
 
-#: positional parameters of Llama / Qwen2 decoder layers after hidden_states
-_LAYER_PARAMETERS = ("attention_mask", "position_ids", "past_key_values", "use_cache", "position_embeddings")
-
-
-def _layer_kwargs(args: tuple, kwargs: dict) -> dict:
-    return {**dict(zip(_LAYER_PARAMETERS, args)), **kwargs}
-
-
-def _to_additive(mask: torch.Tensor | None, query: torch.Tensor, kv_length: int) -> torch.Tensor:
-    """HF masks (None = causal, bool = keep, float = additive) as an additive float mask (batch|1, 1, q, kv)."""
-    dtype = accumulation_dtype(query.dtype)
-    q_length = query.shape[-2]
-    if mask is None:
-        q_pos = torch.arange(kv_length - q_length, kv_length, device=query.device)
-        keep = torch.arange(kv_length, device=query.device)[None, :] <= q_pos[:, None]
-        mask = keep[None, None]
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=query.device).masked_fill(~mask, torch.finfo(dtype).min)
-    return mask[..., :kv_length].to(dtype)
-
-
-def _attention_forward(state: LlavaState):
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
-        vmap = state.active
-        if vmap is None:
-            return type(self).forward(self, hidden_states, position_embeddings=position_embeddings,
-                                      attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
-        module = _model_module(self)
-        batch, unique, _ = hidden_states.shape  # (batch, unique, hidden)
-        shape = (batch, unique, -1, self.head_dim)
-
-        def project(linear):  # (batch, unique, hidden) -> (batch, heads, full, d), real tokens only
-            return V.expand_heads(V.packed_apply(linear, hidden_states, vmap).view(shape).transpose(1, 2), vmap)
-
-        query, key, value = project(self.q_proj), project(self.k_proj), project(self.v_proj)
-        cos, sin = position_embeddings  # (batch, full, d)
-        if state.vtu == "exact":
-            attn_output, attn_weights = _exact_attention(self, module, query, key, value, cos, sin, attention_mask, past_key_values)
-        else:
-            query, key = module.apply_rotary_pos_emb(query, key, cos, sin)
-            if past_key_values is not None:
-                key, value = past_key_values.update(key, value, self.layer_idx)
-            interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, module.eager_attention_forward)
-            if getattr(self, "sliding_window", None) is not None:
-                kwargs["sliding_window"] = self.sliding_window
-            attn_output, attn_weights = interface(
-                self, query, key, value, attention_mask,
-                dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **kwargs,
-            )  # (batch, full, heads, d)
-        attn_output = attn_output.reshape(batch, vmap.num_full, -1)
-        attn_output = V.reduce(attn_output, vmap)  # (batch, unique, heads * d)
-        return V.packed_apply(self.o_proj, attn_output, vmap), attn_weights
-
-    return forward
-
-
-def _exact_attention(self, module, query, key, value, cos, sin, attention_mask, past_key_values):
-    """Scores from the C/S decomposition on merged Q/K (no rotated Q is formed); eager softmax."""
-    if past_key_values is not None:
-        if past_key_values.get_seq_length(self.layer_idx) != 0:
-            raise DymuError("vtu='exact' needs an empty KV cache at prefill")
-        rotated_key = key * cos[:, None] + V.rotate_half(key) * sin[:, None]
-        past_key_values.update(rotated_key, value, self.layer_idx)  # the cache holds what the fast path stores
-    groups = query.shape[1] // key.shape[1]
-    key, value = module.repeat_kv(key, groups), module.repeat_kv(value, groups)
-    mask = _to_additive(attention_mask, query, key.shape[-2])
-    softmax_dtype = accumulation_dtype(query.dtype)
-    output = torch.empty_like(query)  # (batch, heads, full, d)
-    for start in range(0, query.shape[1], EXACT_HEADS_PER_CHUNK):  # bounds the (batch, heads, full, full) scores
-        heads = slice(start, start + EXACT_HEADS_PER_CHUNK)
-        scores = V.exact_scores(query[:, heads], key[:, heads], cos, sin, self.scaling)  # (batch, chunk, full, full)
-        weights = torch.softmax(scores + mask.to(scores.dtype), dim=-1, dtype=softmax_dtype).to(query.dtype)
-        output[:, heads] = weights @ value[:, heads]
-    return output.transpose(1, 2).contiguous(), None  # (batch, full, heads, d)
+def _generate(self, *args, **kwargs):
+    """Stock generate on a copy of the caller's pre-encoded features (stock expansion edits them in place)."""
+    outputs = kwargs.get("mm_encoder_outputs")
+    if isinstance(outputs, dict):
+        kwargs["mm_encoder_outputs"] = {key: copy.copy(value) for key, value in outputs.items()}
+    return type(self).generate(self, *args, **kwargs)
 
 
 def patch_vlm(model: nn.Module, vtu: str) -> LlavaPatch:
@@ -328,18 +239,15 @@ def patch_vlm(model: nn.Module, vtu: str) -> LlavaPatch:
     base, language_model = _vlm_parts(model)
     if type(base).__name__ != "LlavaModel":
         raise DymuError(f"{type(base).__name__}: the language-model side of dymu supports LLaVA-1.5 (LlavaModel) so far")
+    compat.check_vlm(base)
     unpatch_vlm(model)
-    state = LlavaState(vtu=vtu)
-    patch = LlavaPatch(state=state)
+    state = LlavaState(vtu=vtu, language=LanguageAdapter(language_model, vtu))
+    patch = LlavaPatch(state=state, modules=[base])
     base.get_image_features = MethodType(_get_image_features(state), base)
     base.forward = MethodType(_vlm_forward(state), base)
-    patch.modules.append(base)
-    layers = language_model.layers
-    for index, layer in enumerate(layers):
-        layer.forward = MethodType(_decoder_layer_forward(state, index == 0, index == len(layers) - 1), layer)
-        patch.modules.append(layer)
-        layer.self_attn.forward = MethodType(_attention_forward(state), layer.self_attn)
-        patch.modules.append(layer.self_attn)
+    if model is not base and hasattr(model, "generate"):
+        model.generate = MethodType(_generate, model)
+        patch.modules.append(model)
     setattr(base, PATCH_ATTRIBUTE, patch)
     return patch
 
@@ -355,8 +263,9 @@ def unpatch_vlm(model: nn.Module) -> bool:
     if patch is None:
         return False
     for module in patch.modules:
-        for name in ("forward", "get_image_features"):
+        for name in ("forward", "get_image_features", "generate"):
             if name in module.__dict__:
                 delattr(module, name)
+    patch.state.language.remove()
     delattr(base, PATCH_ATTRIBUTE)
     return True

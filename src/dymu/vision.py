@@ -282,6 +282,9 @@ def patch_tower(model: nn.Module, thresholds: list[float]) -> Patch:
     info = tower_info(model)
     if len(thresholds) != info.num_layers:
         raise DymuError(f"got {len(thresholds)} thresholds for a {info.num_layers}-layer vision encoder")
+    from .compat import check_tower
+
+    check_tower(info.tower, has_cls=bool(info.protected))
     unpatch_tower(model)
     state = MergeState(info=info, thresholds=[float(t) for t in thresholds])
     encoder = info.tower.encoder

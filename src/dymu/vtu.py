@@ -101,15 +101,27 @@ def build_map(image_mask: torch.Tensor, sources: list[torch.Tensor], padding: to
                       unique_lengths=unique_lengths, padding=padding)
 
 
-def packed_apply(fn, hidden: torch.Tensor, vmap: VirtualMap) -> torch.Tensor:
-    """fn applied to the real unique tokens only: (batch, unique, dim) -> (batch, unique, out), padding rows 0."""
-    if not vmap.padded:
-        return fn(hidden)
-    valid = vmap.valid
-    packed = fn(hidden[valid][None])[0]  # (real tokens, out)
-    out = packed.new_zeros(*valid.shape, packed.shape[-1])
-    out[valid] = packed
-    return out
+def to_unique(hidden: torch.Tensor, vmap: VirtualMap, reduce_mean: bool = False) -> torch.Tensor:
+    """(batch, full, dim) -> the unique tokens a token-wise module runs on.
+
+    One copy per unique token (``compress``), or the mean over its positions (``reduce``) with
+    ``reduce_mean``. Rows with fewer unique tokens than the longest are packed: (1, real unique tokens, dim).
+    """
+    unique = reduce(hidden, vmap) if reduce_mean else compress(hidden, vmap)  # (batch, unique, dim)
+    return unique[vmap.valid][None] if vmap.padded else unique
+
+
+def from_unique(unique: torch.Tensor, vmap: VirtualMap) -> torch.Tensor:
+    """Inverse of ``to_unique``: (batch, unique, dim) or packed (1, real, dim) -> (batch, full, dim).
+
+    Padding unique tokens (packed rows) come back as 0.
+    """
+    if vmap.padded:
+        valid = vmap.valid
+        unpacked = unique.new_zeros(*valid.shape, unique.shape[-1])  # (batch, unique, dim)
+        unpacked[valid] = unique[0]
+        unique = unpacked
+    return expand(unique, vmap)
 
 
 def compress(hidden: torch.Tensor, vmap: VirtualMap) -> torch.Tensor:

@@ -188,6 +188,8 @@ QUESTION_KINDS: tuple[str, ...] = ("exists", "colour", "count", "position", "det
 NUMBER_WORDS: tuple[str, ...] = (
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 )
+#: every answer a question of each kind can have (``candidate_questions`` answers nothing else)
+POSITION_ANSWERS: tuple[str, ...] = ("left", "right", "above", "below")
 SPLIT_CODES: dict[str, int] = {"train": 0, "val": 1, "test": 2}
 DEFAULT_SEED = 0
 DEFAULT_NUM_SCENES = 100
@@ -556,17 +558,24 @@ def candidate_questions(scene: Scene) -> dict[str, list[QA]]:
             if abs(a.x - b.x) >= POSITION_MARGIN:
                 out["position"].append(QA(
                     f"Is the {a.name} left or right of the {b.name}?",
-                    "left" if a.x < b.x else "right", "position"))
+                    POSITION_ANSWERS[0] if a.x < b.x else POSITION_ANSWERS[1], "position"))
             if abs(a.y - b.y) >= POSITION_MARGIN:
                 out["position"].append(QA(
                     f"Is the {a.name} above or below the {b.name}?",
-                    "above" if a.y < b.y else "below", "position"))
+                    POSITION_ANSWERS[2] if a.y < b.y else POSITION_ANSWERS[3], "position"))
 
     for obj in unique:
         if obj.label:
             out["detail"].append(QA(f"What letter is written on the {obj.name}?",
                                     obj.label.lower(), "detail"))
     return out
+
+
+def answer_space(kind: str) -> frozenset[str]:
+    """Every answer a question of ``kind`` can have."""
+    spaces = {"exists": ("yes", "no"), "colour": COLOURS, "count": NUMBER_WORDS, "position": POSITION_ANSWERS,
+              "detail": tuple(letter.lower() for letter in LABEL_LETTERS)}
+    return frozenset(spaces[kind])
 
 
 def _pick(rng: np.random.Generator, items: Sequence[QA], k: int) -> list[QA]:

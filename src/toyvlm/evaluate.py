@@ -26,7 +26,7 @@ import numpy as np
 
 from . import data as D
 from .data import accuracy
-from .train import OPENAI_CLIP_MEAN, PROMPT, greedy_answers
+from .train import OPENAI_CLIP_MEAN, PROMPT, greedy_generate
 
 #: DyMU's LLaVA-1.5 presets: mean visual tokens out of CLIP-L/14-336's 576 patches
 DYMU_LEVELS = {"low": 89 / 576, "mid": 195 / 576, "high": 394 / 576}
@@ -74,12 +74,18 @@ def image_size_of(processor) -> int:
 def answer(model, processor, records, images, batch_size: int = BATCH_SIZE, progress: bool = False,
            desc: str = "answering") -> list[str]:
     """Greedy answers, one per record. Uses ``dymu.prepare_inputs`` when the model is in compact mode."""
+    return generations(model, processor, records, images, batch_size, progress, desc)[0]
+
+
+def generations(model, processor, records, images, batch_size: int = BATCH_SIZE, progress: bool = False,
+                desc: str = "answering") -> tuple[list[str], list[bool]]:
+    """(greedy answers, whether each generation ended with </s>), one per record."""
     from tqdm.auto import tqdm
 
     from dymu.llava import get_vlm_patch
 
     compact = (patch := get_vlm_patch(model)) is not None and patch.state.vtu == "none"
-    answers = []
+    answers, ended = [], []
     for start in tqdm(range(0, len(records), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
         chunk = records[start : start + batch_size]
         prompts = [PROMPT.format(question=r["question"]) for r in chunk]
@@ -90,8 +96,10 @@ def answer(model, processor, records, images, batch_size: int = BATCH_SIZE, prog
             inputs = dymu.prepare_inputs(model, processor, pictures, prompts)
         else:
             inputs = processor(images=pictures, text=prompts, return_tensors="pt", padding=True)
-        answers += greedy_answers(model, processor.tokenizer, inputs)
-    return answers
+        texts, finished = greedy_generate(model, processor.tokenizer, inputs)
+        answers += texts
+        ended += finished
+    return answers, ended
 
 
 def visual_tokens(model, processor, records, images, batch_size: int = BATCH_SIZE) -> dict:

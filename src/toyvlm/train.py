@@ -769,11 +769,18 @@ def training_loss(model, aux_head, pixel_values, input_ids, mask, labels, target
     return losses
 
 
-def greedy_answers(model, tokenizer, inputs) -> list[str]:
-    """Decoded greedy answers (at most MAX_ANSWER_TOKENS tokens) for a left-padded batch of prepared model inputs."""
+def greedy_generate(model, tokenizer, inputs) -> tuple[list[str], list[bool]]:
+    """Decoded greedy answers (at most MAX_ANSWER_TOKENS tokens) for a left-padded batch of prepared model inputs,
+    and whether each generation ended with the end-of-sequence token."""
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=MAX_ANSWER_TOKENS, do_sample=False)
-    return tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    new_tokens = output[:, inputs["input_ids"].shape[1]:]
+    ended = (new_tokens == tokenizer.eos_token_id).any(-1).tolist()
+    return tokenizer.batch_decode(new_tokens, skip_special_tokens=True), ended
+
+
+def greedy_answers(model, tokenizer, inputs) -> list[str]:
+    return greedy_generate(model, tokenizer, inputs)[0]
 
 
 def evaluate(model, processor, examples, pixels: torch.Tensor, batch_size: int = 32) -> dict:

@@ -1,0 +1,209 @@
+"""The one place that names the transformers internals dymu relies on, and checks them.
+
+dymu never patches a transformers class. It replaces ``forward`` on model *instances* (vision encoder layers,
+the LLaVA base model), registers PyTorch hooks around stock sub-modules (the language model's projections and
+MLPs) and, for exact VTU only, registers an attention kernel under its own name with transformers'
+``AttentionInterface``. Everything that names a transformers attribute, parameter or registry is listed here;
+``check_tower`` / ``check_vlm`` run when ``dymu.apply`` patches a model and refuse an unknown layout with one
+line naming the installed transformers version and the tested range.
+
+What is relied on, by adapter:
+
+* vision tower (``dymu.vision``): ``embeddings``, ``pre_layrnorm`` (CLIP), ``encoder.layers[i]`` with
+  ``layer_norm1``, ``self_attn`` (called as ``self_attn(hidden_states=..., attention_mask=...)`` and returning
+  ``(output, weights)``), ``self_attn.k_proj``, ``layer_norm2``, ``mlp``.
+* LLaVA (``dymu.llava``): ``model.model`` with ``vision_tower``, ``multi_modal_projector``, ``language_model``,
+  ``get_image_features``, ``config.image_token_id``; ``forward`` parameters :data:`VLM_FORWARD_PARAMETERS`
+  (public API names); ``generate`` passing pre-encoded features as ``mm_encoder_outputs={"image": ...}``.
+* language model (``dymu.language``): ``layers[i].self_attn.{q,k,v,o}_proj`` and ``layers[i].mlp`` as
+  token-wise modules called on ``(batch, seq, features)``; ``self_attn.head_dim``; everything else in a layer
+  token-wise (norms, residuals) or the attention itself. The KV cache is found by type (``Cache``) in the
+  language model's inputs and outputs, never by argument name. Exact VTU also needs ``rotary_emb`` (returns
+  ``(cos, sin)``), ``config._attn_implementation`` and the ``AttentionInterface`` / ``AttentionMaskInterface``
+  registries.
+
+Run time adds what a structural check cannot see: every hooked module must run once per layer in a prefill
+that dymu compresses, and the KV cache must grow by the full sequence length (``dymu.language``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from importlib.metadata import PackageNotFoundError, version
+
+from torch import nn
+
+from .vision import DymuError
+
+#: transformers releases the whole test suite passes on (``.ci/run`` tests both ends); pyproject.toml admits
+#: ``>=TESTED_MIN,<NEXT_UNTESTED`` (tests/test_compat.py keeps the two in step)
+TESTED_MIN = "5.18.0"
+TESTED_MAX = "5.24.0"
+NEXT_UNTESTED = "5.25"
+
+VISION_LAYER_ATTRIBUTES = ("layer_norm1", "self_attn", "layer_norm2", "mlp")
+VISION_ATTENTION_PARAMETERS = ("hidden_states", "attention_mask")
+VLM_ATTRIBUTES = ("vision_tower", "multi_modal_projector", "language_model", "get_image_features")
+#: LlavaModel.forward parameters dymu reads or sets (by name, through inspect.signature binding)
+VLM_FORWARD_PARAMETERS = ("input_ids", "pixel_values", "attention_mask", "inputs_embeds", "mm_encoder_outputs",
+                          "vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
+#: token-wise linear maps of a decoder layer's attention that VTU runs on the unique tokens
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+#: the attention implementation whose mask format the exact-VTU kernel takes, and its registry names
+EXACT_MASK_FROM = "sdpa"
+EXACT_KERNEL = "dymu_exact"
+
+
+def transformers_version() -> str:
+    try:
+        return version("transformers")
+    except PackageNotFoundError:  # a source checkout without metadata
+        import transformers
+
+        return transformers.__version__
+
+
+def _release(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split("+")[0].split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        if not digits or digits != piece:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def tested_range() -> str:
+    return f"tested {TESTED_MIN} to {TESTED_MAX}"
+
+
+def in_tested_range(text: str | None = None) -> bool:
+    current = _release(text or transformers_version())[:3]
+    return _release(TESTED_MIN) <= current <= _release(TESTED_MAX)
+
+
+class LayoutError(DymuError):
+    """The model does not have the layout dymu relies on (one line, naming the versions)."""
+
+
+def refuse(what: str) -> LayoutError:
+    return LayoutError(f"{what}: dymu does not know this layout (transformers {transformers_version()}, "
+                       f"{tested_range()}); refusing to patch rather than risk wrong answers")
+
+
+def warn_if_untested() -> None:
+    if not in_tested_range():
+        warnings.warn(f"dymu: transformers {transformers_version()} is outside the {tested_range()} range; the layout "
+                      "checks passed and every prefill is checked at run time", stacklevel=3)
+
+
+def _parameters(function) -> set[str]:
+    return set(inspect.signature(function).parameters)
+
+
+def _missing(module: nn.Module, names) -> list[str]:
+    return [name for name in names if not hasattr(module, name)]
+
+
+def check_tower(tower: nn.Module, has_cls: bool) -> None:
+    """The CLIP / SigLIP vision-tower layout ``dymu.vision`` runs on."""
+    name = type(tower).__name__
+    needed = ["embeddings", "encoder"] + (["pre_layrnorm"] if has_cls else [])
+    if missing := _missing(tower, needed):
+        raise refuse(f"{name} has no {', '.join(missing)}")
+    layers = getattr(tower.encoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not len(layers):
+        raise refuse(f"{name}.encoder has no layers list")
+    for index, layer in enumerate(layers):
+        if missing := _missing(layer, VISION_LAYER_ATTRIBUTES):
+            raise refuse(f"{name} encoder layer {index} ({type(layer).__name__}) has no {', '.join(missing)}")
+        attention = layer.self_attn
+        if not isinstance(getattr(attention, "k_proj", None), nn.Linear):
+            raise refuse(f"{name} encoder layer {index}: {type(attention).__name__} has no k_proj linear layer")
+        if missing := [p for p in VISION_ATTENTION_PARAMETERS if p not in _parameters(attention.forward)]:
+            raise refuse(f"{type(attention).__name__}.forward takes no {', '.join(missing)}")
+
+
+def check_vlm(base: nn.Module) -> None:
+    """The LLaVA base-model layout ``dymu.llava`` relies on."""
+    name = type(base).__name__
+    if missing := _missing(base, VLM_ATTRIBUTES):
+        raise refuse(f"{name} has no {', '.join(missing)}")
+    if getattr(base.config, "image_token_id", None) is None:
+        raise refuse(f"{name}.config has no image_token_id")
+    parameters = _parameters(type(base).forward)
+    if missing := [p for p in VLM_FORWARD_PARAMETERS if p not in parameters]:
+        raise refuse(f"{name}.forward takes no {', '.join(missing)}")
+
+
+def check_language_model(language_model: nn.Module, exact: bool) -> None:
+    """The decoder layout ``dymu.language`` hooks into (Llama / Qwen2 style)."""
+    name = type(language_model).__name__
+    layers = getattr(language_model, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not len(layers):
+        raise refuse(f"{name} has no decoder layers list")
+    for index, layer in enumerate(layers):
+        attention = getattr(layer, "self_attn", None)
+        if attention is None or not isinstance(getattr(layer, "mlp", None), nn.Module):
+            raise refuse(f"{name} layer {index} ({type(layer).__name__}) has no self_attn and mlp")
+        if missing := [p for p in PROJECTIONS if not isinstance(getattr(attention, p, None), nn.Linear)]:
+            raise refuse(f"{name} layer {index}: {type(attention).__name__} has no {', '.join(missing)} linear layer(s)")
+        if not isinstance(getattr(attention, "head_dim", None), int):
+            raise refuse(f"{name} layer {index}: {type(attention).__name__} has no head_dim")
+    if exact:
+        if not isinstance(getattr(language_model, "rotary_emb", None), nn.Module):
+            raise refuse(f"{name} has no rotary_emb (exact VTU needs the RoPE tables)")
+        registries = attention_registries()
+        if registries is None:
+            raise refuse("transformers has no AttentionInterface / AttentionMaskInterface (exact VTU)")
+        if EXACT_MASK_FROM not in registries[1]:
+            raise refuse(f"transformers has no {EXACT_MASK_FROM} attention mask (exact VTU)")
+
+
+def attention_registries():
+    """(AttentionInterface, AttentionMaskInterface) classes, or None when this transformers lacks them."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError:
+        return None
+    return AttentionInterface, AttentionMaskInterface._global_mapping
+
+
+def register_exact_kernel(kernel) -> str:
+    """Register the exact-VTU attention kernel (idempotent). Returns the implementation name to select."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(EXACT_KERNEL, kernel)
+    AttentionMaskInterface.register(EXACT_KERNEL, AttentionMaskInterface._global_mapping[EXACT_MASK_FROM])
+    return EXACT_KERNEL
+
+
+def fallback_kernel():
+    """The attention kernel exact VTU uses where it is not active (decode steps, unmerged prompts)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS[EXACT_MASK_FROM]
+
+
+def find_cache(values):
+    """The first transformers ``Cache`` among ``values`` (found by type, whatever the argument is called)."""
+    from transformers.cache_utils import Cache
+
+    for value in values:
+        if isinstance(value, Cache):
+            return value
+    return None
+
+
+def bind_arguments(function, *args, **kwargs) -> tuple[dict, dict]:
+    """(named arguments, extra ``**kwargs``) of a call, bound to ``function``'s signature."""
+    bound = inspect.signature(function).bind(*args, **kwargs)
+    arguments = dict(bound.arguments)
+    extra = {}
+    for name, parameter in inspect.signature(function).parameters.items():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            extra = arguments.pop(name, {})
+    return arguments, extra
