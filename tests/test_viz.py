@@ -17,19 +17,29 @@ def _random_image(seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(SIDE, SIDE, 3), dtype=np.uint8)
 
 
-def test_identity_source_fills_each_patch_with_its_mean():
-    image = _random_image()
-    out = viz.merge_map(image, torch.arange(NUM_PATCHES))
+@pytest.mark.parametrize("grid, patch, extra_rows, extra_cols", [
+    (GRID, PATCH, 0, 0),
+    (GRID, PATCH, GRID - 1, 2),  # the conv stride drops rows / columns that do not fill a patch (fewer than GRID)
+    (27, 14, 6, 6),  # SigLIP 384 px / patch 14: 27x27 patches cover 378 px
+])
+def test_identity_source_fills_each_patch_with_its_mean(grid, patch, extra_rows, extra_cols):
+    covered = grid * patch
+    height, width = covered + extra_rows, covered + extra_cols
+    image = np.random.default_rng(0).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    out = viz.merge_map(image, torch.arange(grid * grid))
     assert out.shape == image.shape and out.dtype == np.uint8
 
-    ys, xs = np.mgrid[0:SIDE, 0:SIDE]
-    outline = ((xs % PATCH == PATCH - 1) & (xs < SIDE - 1)) | ((ys % PATCH == PATCH - 1) & (ys < SIDE - 1))
-    assert np.all(out[outline] == viz.OUTLINE_COLOUR)
-    for r in range(GRID):
-        for c in range(GRID):
-            block = np.s_[r * PATCH:(r + 1) * PATCH, c * PATCH:(c + 1) * PATCH]
+    np.testing.assert_array_equal(out[covered:], np.broadcast_to(viz.UNCOVERED_COLOUR, (extra_rows, width, 3)))
+    np.testing.assert_array_equal(out[:, covered:], np.broadcast_to(viz.UNCOVERED_COLOUR, (height, extra_cols, 3)))
+    ys, xs = np.mgrid[0:covered, 0:covered]
+    outline = ((xs % patch == patch - 1) & (xs < covered - 1)) | ((ys % patch == patch - 1) & (ys < covered - 1))
+    inside = out[:covered, :covered]
+    assert np.all(inside[outline] == viz.OUTLINE_COLOUR)
+    for r in range(grid):
+        for c in range(grid):
+            block = np.s_[r * patch:(r + 1) * patch, c * patch:(c + 1) * patch]
             expected = np.rint(image[block].reshape(-1, 3).mean(axis=0)).astype(np.uint8)
-            inner = out[block][~outline[block]]
+            inner = inside[block][~outline[block]]
             assert len(inner) > 0
             np.testing.assert_array_equal(inner, np.broadcast_to(expected, inner.shape))
 
@@ -64,8 +74,8 @@ def test_non_contiguous_group_ids_and_bad_shapes():
     np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError):
         viz.merge_map(image, np.zeros(NUM_PATCHES - 1))  # not a square grid
-    with pytest.raises(ValueError):
-        viz.merge_map(image[:-1], np.zeros(NUM_PATCHES))  # height not divisible by grid
+    with pytest.raises(ValueError, match="patch grid"):
+        viz.merge_map(image[: GRID - 1, : GRID - 1], np.zeros(NUM_PATCHES))  # smaller than one pixel per patch
 
 
 def test_denormalize_round_trip():
@@ -89,6 +99,15 @@ def test_save_merge_figure(tmp_path):
         assert im.width > 2 * SIDE and im.height > SIDE
         pixels = np.asarray(im.convert("RGB"))
     assert tuple(pixels[0, 0]) == viz.BACKGROUND
+
+
+def test_figures_create_their_folder_only_when_written(tmp_path):
+    folder = tmp_path / "a" / "b"
+    with pytest.raises(ValueError):
+        viz.save_merge_figure(folder / "bad.png", _random_image(), np.zeros(NUM_PATCHES - 1), "t")
+    assert not (tmp_path / "a").exists()
+    viz.save_merge_figure(folder / "fig.png", _random_image(), np.zeros(NUM_PATCHES), "t")
+    assert (folder / "fig.png").is_file()
 
 
 def test_save_overview(tmp_path):

@@ -93,9 +93,7 @@ def cmd_encode(args) -> None:
     model, processor = _open(args.model)
     api.apply(model, thresholds)
     rows, skipped, figures = [], list(image_set.skipped), []
-    viz_dir = Path(args.viz) if args.viz else None
-    if viz_dir:
-        viz_dir.mkdir(parents=True, exist_ok=True)
+    viz_dir = Path(args.viz) if args.viz else None  # created by the first figure written
     from tqdm.auto import tqdm
 
     for start in tqdm(range(0, len(image_set.paths), args.batch_size), desc="encoding", unit="batch", disable=args.json):

@@ -1,8 +1,10 @@
 """Pictures of token-merge groups: which original patches ended up in which merged token.
 
 Inputs come from ``dymu.encode``: ``source[i]`` maps each original patch (raster order over a square
-``g x g`` grid) to the merged token that holds it. Only numpy, Pillow and matplotlib are used;
-matplotlib is imported lazily with the Agg backend so importing ``dymu`` never touches a GUI.
+``g x g`` grid) to the merged token that holds it. The grid covers the top-left ``g * patch`` pixels of the
+image; rows / columns past it (6 for 384 px SigLIP with 14 px patches) are not seen by the encoder.
+Only numpy, Pillow and matplotlib are used; matplotlib is imported lazily with the Agg backend so importing
+``dymu`` never touches a GUI.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 MAX_PIXEL = 255  # largest uint8 value
 OUTLINE_COLOUR = (20, 20, 20)  # dark grey line between different merge groups
 BACKGROUND = (255, 255, 255)  # white canvas for composed figures
+UNCOVERED_COLOUR = BACKGROUND  # merge-map pixels past the patch grid, which the encoder never sees
 TEXT_COLOUR = (0, 0, 0)
 MARGIN = 8  # pixels around / between panels in composed figures
 ELLIPSIS = "..."
@@ -54,16 +57,23 @@ def denormalize(pixel_values, mean: Sequence[float], std: Sequence[float]) -> np
 
 
 def _pixel_labels(source, height: int, width: int) -> np.ndarray:
-    """Group index of every pixel: ``(num_patches,)`` source -> ``(H, W)`` int array."""
+    """Group index of every pixel the patch grid covers: ``(num_patches,)`` source -> ``(g * ph, g * pw)`` int array.
+
+    The encoder's patch embedding is a convolution with stride = kernel = patch side, so a ``g x g`` grid covers
+    the top-left ``g * patch`` pixels and drops the remaining rows / columns (SigLIP: 27 patches of 14 px cover
+    378 of 384 px). The patch side per axis is ``side // g``: the encoder's own patch whenever fewer than ``g``
+    pixels are dropped, which holds for every tower with at least as many patches per side as pixels per patch.
+    """
     labels = _to_numpy(source).astype(np.int64).reshape(-1)  # (num_patches,)
     grid = math.isqrt(labels.size)
     if grid * grid != labels.size or grid == 0:
         raise ValueError(f"source has {labels.size} patches, not a square grid")
-    if height % grid or width % grid:
-        raise ValueError(f"image of {height}x{width} pixels does not split into a {grid}x{grid} patch grid")
+    patch_h, patch_w = height // grid, width // grid
+    if not patch_h or not patch_w:
+        raise ValueError(f"image of {height}x{width} pixels is smaller than its {grid}x{grid} patch grid")
     _, dense = np.unique(labels, return_inverse=True)  # group ids -> 0..n_groups-1
     patch_labels = dense.reshape(grid, grid)  # (g, g), row-major like the patch sequence
-    return np.repeat(np.repeat(patch_labels, height // grid, axis=0), width // grid, axis=1)  # (H, W)
+    return np.repeat(np.repeat(patch_labels, patch_h, axis=0), patch_w, axis=1)  # (g * ph, g * pw)
 
 
 def merge_map(image: np.ndarray, source) -> np.ndarray:
@@ -71,26 +81,35 @@ def merge_map(image: np.ndarray, source) -> np.ndarray:
 
     ``image`` is ``(H, W, 3)`` uint8, ``source`` ``(num_patches,)``. Returns ``(H, W, 3)`` uint8.
     A pixel is drawn in ``OUTLINE_COLOUR`` when its right or bottom neighbour is in another group.
-    Groups need not be contiguous.
+    Groups need not be contiguous. Pixels past the patch grid (not seen by the encoder) are ``UNCOVERED_COLOUR``.
     """
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")
-    height, width = image.shape[:2]
-    pixels = _pixel_labels(source, height, width)  # (H, W)
-    flat = pixels.reshape(-1)  # (H*W,)
+    pixels = _pixel_labels(source, *image.shape[:2])  # (h, w) covered area
+    height, width = pixels.shape
+    flat = pixels.reshape(-1)  # (h*w,)
     n_groups = int(flat.max()) + 1
     counts = np.bincount(flat, minlength=n_groups).astype(np.float64)  # (n_groups,)
-    colours = image.reshape(-1, 3).astype(np.float64)  # (H*W, 3)
+    colours = image[:height, :width].reshape(-1, 3).astype(np.float64)  # (h*w, 3)
     sums = np.stack([np.bincount(flat, weights=colours[:, c], minlength=n_groups) for c in range(3)], axis=1)
     means = np.rint(sums / counts[:, None]).astype(np.uint8)  # (n_groups, 3)
-    out = means[pixels]  # (H, W, 3)
 
-    boundary = np.zeros((height, width), dtype=bool)  # (H, W)
+    boundary = np.zeros((height, width), dtype=bool)  # (h, w)
     boundary[:, :-1] |= pixels[:, :-1] != pixels[:, 1:]  # right neighbour differs
     boundary[:-1, :] |= pixels[:-1, :] != pixels[1:, :]  # bottom neighbour differs
-    out[boundary] = OUTLINE_COLOUR
+    out = np.full(image.shape, UNCOVERED_COLOUR, dtype=np.uint8)  # (H, W, 3)
+    covered = out[:height, :width]  # (h, w, 3) view
+    covered[:] = means[pixels]
+    covered[boundary] = OUTLINE_COLOUR
     return out
+
+
+def _writable(path: str | Path) -> Path:
+    """``path``, after creating its folder: figures make their folder only once there is a figure to write."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _fit_text(draw: ImageDraw.ImageDraw, text: str, font, max_width: int) -> str:
@@ -121,7 +140,7 @@ def save_merge_figure(path: str | Path, image: np.ndarray, source, title: str) -
     top = title_height + 2 * MARGIN
     canvas.paste(Image.fromarray(image), (MARGIN, top))
     canvas.paste(Image.fromarray(mapped), (2 * MARGIN + width, top))
-    canvas.save(path, format="PNG")
+    canvas.save(_writable(path), format="PNG")
 
 
 def save_overview(
@@ -150,7 +169,7 @@ def save_overview(
         picture.thumbnail((thumb, thumb), Image.Resampling.LANCZOS)  # keeps aspect ratio
         canvas.paste(picture, (x0 + (thumb - picture.width) // 2, y0))
         draw.text((x0, y0 + thumb + MARGIN // 2), _fit_text(draw, caption, font, thumb), fill=TEXT_COLOUR, font=font)
-    canvas.save(path, format="PNG")
+    canvas.save(_writable(path), format="PNG")
 
 
 def _bar_figsize(count: int) -> tuple[float, float]:
@@ -193,4 +212,4 @@ def save_token_bar_chart(
     ax.set_title(f"{title} ({num_patches} patches)")
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, format="png", dpi=BAR_DPI)
+    fig.savefig(_writable(path), format="png", dpi=BAR_DPI)
