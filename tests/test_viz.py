@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from dymu import viz
 
@@ -110,17 +110,44 @@ def test_figures_create_their_folder_only_when_written(tmp_path):
     assert (folder / "fig.png").is_file()
 
 
-def test_save_overview(tmp_path):
-    maps = [(f"img{i}.png: {i} tokens", viz.merge_map(_random_image(i), np.arange(NUM_PATCHES) % (i + 1))) for i in range(7)]
+def _find(canvas: np.ndarray, array: np.ndarray) -> list[tuple[int, int]]:
+    """(x, y) of every place where ``array`` appears pixel for pixel in ``canvas``."""
+    h, w = array.shape[:2]
+    corner = np.all(canvas[: canvas.shape[0] - h + 1, : canvas.shape[1] - w + 1] == array[0, 0], axis=2)
+    return [(x, y) for y, x in zip(*np.nonzero(corner)) if np.array_equal(canvas[y : y + h, x : x + w], array)]
+
+
+def test_save_overview_shows_each_image_beside_its_merge_map(tmp_path):
+    tiles = [(f"img{i}.png", _random_image(i), np.arange(NUM_PATCHES) % (i + 2)) for i in range(7)]
     path = tmp_path / "overview.png"
-    thumb = 40
-    viz.save_overview(path, maps, columns=3, thumb=thumb)
+    viz.save_overview(path, tiles, columns=3, thumb=SIDE)  # full-size thumbnails: pixels can be found exactly
     with Image.open(path) as im:
         assert im.format == "PNG"
-        assert im.width == 3 * (thumb + viz.MARGIN) + viz.MARGIN
-        assert im.height > 3 * thumb  # three rows of thumbnails plus captions
+        canvas = np.asarray(im.convert("RGB"))
+    corners = []
+    for _, image, source in tiles:
+        [(x, y)] = _find(canvas, image)
+        [(map_x, map_y)] = _find(canvas, viz.merge_map(image, source))
+        assert map_y == y and SIDE <= map_x - x < 2 * SIDE  # the merge map right beside its image
+        corners.append((y, x))
+    assert corners == sorted(corners) and len({y for y, _ in corners}) == 3  # reading order, 3 rows of 3
+    assert (canvas[: corners[0][0]] != viz.BACKGROUND).any()  # the legend above the tiles
     with pytest.raises(ValueError):
         viz.save_overview(tmp_path / "empty.png", [])
+
+
+def test_overview_caption_legend_and_long_names():
+    tile = viz.OverviewTile("cat", _random_image(), torch.tensor([5, 5, 2, 9] * GRID))
+    assert tile.caption == f"cat: 3 of {NUM_PATCHES} tokens"
+    assert viz._overview_legend([tile]) == viz.OVERVIEW_LEGEND
+    past_grid = viz.OverviewTile("wide", np.zeros((SIDE, SIDE + GRID - 1, 3), np.uint8), np.arange(NUM_PATCHES))
+    assert viz._overview_legend([tile, past_grid]) == viz.OVERVIEW_LEGEND + viz.OVERVIEW_UNCOVERED_NOTE
+
+    draw, font = ImageDraw.Draw(Image.new("RGB", (1, 1))), ImageFont.load_default()
+    long = viz.OverviewTile("x" * 200, _random_image(), np.arange(NUM_PATCHES))
+    text = viz._fit_caption(draw, long, font, 100)
+    assert text.endswith(f"{viz.ELLIPSIS}: {NUM_PATCHES} of {NUM_PATCHES} tokens") and draw.textlength(text, font=font) <= 100
+    assert viz._fit_caption(draw, tile, font, 1000) == tile.caption
 
 
 def test_save_token_bar_chart(tmp_path):

@@ -133,13 +133,13 @@ def _print_table(rows: list[dict]) -> None:
 
 
 def _save_viz(viz_dir: Path, name: str, pixels, source, row: dict, processor):
-    from .viz import denormalize, merge_map, save_merge_figure
+    from .viz import denormalize, save_merge_figure
 
     image = denormalize(pixels, processor.image_mean, processor.image_std)
     stem = Path(name).stem
     title = f"{Path(name).name}: {row['tokens']} tokens / {row['patches']} patches"
     save_merge_figure(viz_dir / f"{stem}.png", image, source, title)
-    return (f"{stem}: {row['tokens']}", merge_map(image, source))
+    return (stem, image, source)
 
 
 def cmd_import_thresholds(args) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -23,6 +24,13 @@ UNCOVERED_COLOUR = BACKGROUND  # merge-map pixels past the patch grid, which the
 TEXT_COLOUR = (0, 0, 0)
 MARGIN = 8  # pixels around / between panels in composed figures
 ELLIPSIS = "..."
+
+OVERVIEW_COLUMNS = 4  # tiles per row
+OVERVIEW_THUMB = 160  # pixels: the image and its merge map each fit a square this size
+PAIR_GAP = MARGIN // 2  # between an image and its merge map
+TILE_GAP = 3 * MARGIN  # between tiles, wider than PAIR_GAP so pairs read as one
+OVERVIEW_LEGEND = "Each pair: image | merge map (each merged token's patches filled with their mean colour and outlined)"
+OVERVIEW_UNCOVERED_NOTE = "; blank edge: pixels past the patch grid, not seen by the encoder"
 
 BAR_FIG_WIDTH_IN = 8.0  # bar chart width in inches
 BAR_HEIGHT_PER_NAME_IN = 0.25  # vertical space per bar
@@ -112,15 +120,6 @@ def _writable(path: str | Path) -> Path:
     return path
 
 
-def _fit_text(draw: ImageDraw.ImageDraw, text: str, font, max_width: int) -> str:
-    """``text``, shortened with an ellipsis if it is wider than ``max_width`` pixels."""
-    if draw.textlength(text, font=font) <= max_width:
-        return text
-    while text and draw.textlength(text + ELLIPSIS, font=font) > max_width:
-        text = text[:-1]
-    return text + ELLIPSIS
-
-
 def _text_height(font) -> int:
     left, top, right, bottom = font.getbbox("Ag")
     return int(bottom) + 2  # a little leading below descenders
@@ -143,32 +142,74 @@ def save_merge_figure(path: str | Path, image: np.ndarray, source, title: str) -
     canvas.save(_writable(path), format="PNG")
 
 
+class OverviewTile(NamedTuple):
+    """One overview tile: ``image`` ``(H, W, 3)`` uint8 beside its merge map for ``source`` ``(num_patches,)``."""
+
+    name: str
+    image: np.ndarray
+    source: object
+
+    @property
+    def caption(self) -> str:
+        """``"NAME: n of N tokens"``: merged tokens (groups in ``source``) of the original patches."""
+        labels = _to_numpy(self.source).reshape(-1)
+        return f"{self.name}: {np.unique(labels).size} of {labels.size} tokens"
+
+
+def _overview_legend(tiles: Sequence[OverviewTile]) -> str:
+    """The one-line key printed above the overview tiles."""
+    legend = OVERVIEW_LEGEND
+    if any(_pixel_labels(t.source, *t.image.shape[:2]).shape != t.image.shape[:2] for t in tiles):
+        legend += OVERVIEW_UNCOVERED_NOTE
+    return legend
+
+
+def _fit_caption(draw: ImageDraw.ImageDraw, tile: OverviewTile, font, max_width: int) -> str:
+    """``tile.caption``, its name shortened with an ellipsis if the caption is wider than ``max_width`` pixels."""
+    caption = tile.caption
+    if draw.textlength(caption, font=font) <= max_width:
+        return caption
+    name, counts = tile.name, caption[len(tile.name):]  # counts: ": n of N tokens"
+    while name and draw.textlength(name + ELLIPSIS + counts, font=font) > max_width:
+        name = name[:-1]
+    return name + ELLIPSIS + counts
+
+
 def save_overview(
     path: str | Path,
-    entries: Sequence[tuple[str, np.ndarray]],
-    columns: int = 5,
-    thumb: int = 192,
+    tiles: Sequence[tuple[str, np.ndarray, object]],
+    columns: int = OVERVIEW_COLUMNS,
+    thumb: int = OVERVIEW_THUMB,
 ) -> None:
-    """Write one PNG with a grid of ``(caption, merge_map)`` thumbnails (each fits ``thumb`` x ``thumb``)."""
-    if not entries:
-        raise ValueError("save_overview needs at least one entry")
+    """Write one PNG: a legend line, then a grid of tiles, each an image beside its merge map (each fitting
+    ``thumb`` x ``thumb``) over the caption ``"NAME: n of N tokens"``. ``tiles``: ``(name, image, source)``
+    (see ``OverviewTile``)."""
+    if not tiles:
+        raise ValueError("save_overview needs at least one tile")
     if columns < 1 or thumb < 1:
         raise ValueError("columns and thumb must be positive")
-    columns = min(columns, len(entries))
-    rows = math.ceil(len(entries) / columns)
+    tiles = [OverviewTile(name, np.asarray(image, dtype=np.uint8), source) for name, image, source in tiles]
+    columns = min(columns, len(tiles))
+    rows = math.ceil(len(tiles) / columns)
     font = ImageFont.load_default()
-    caption_height = _text_height(font)
-    cell_w = thumb + MARGIN
-    cell_h = thumb + caption_height + 2 * MARGIN
-    canvas = Image.new("RGB", (columns * cell_w + MARGIN, rows * cell_h + MARGIN), BACKGROUND)
+    line_height = _text_height(font)
+    tile_w = 2 * thumb + PAIR_GAP
+    cell_w, cell_h = tile_w + TILE_GAP, thumb + line_height + TILE_GAP
+    legend = _overview_legend(tiles)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width = max(columns * cell_w - TILE_GAP, int(math.ceil(probe.textlength(legend, font=font)))) + 2 * MARGIN
+    top = 2 * MARGIN + line_height  # below the legend
+    canvas = Image.new("RGB", (width, top + rows * cell_h - TILE_GAP + MARGIN), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
-    for k, (caption, array) in enumerate(entries):
+    draw.text((MARGIN, MARGIN), legend, fill=TEXT_COLOUR, font=font)
+    for k, tile in enumerate(tiles):
         row, col = divmod(k, columns)
-        x0, y0 = MARGIN + col * cell_w, MARGIN + row * cell_h
-        picture = Image.fromarray(np.asarray(array, dtype=np.uint8))
-        picture.thumbnail((thumb, thumb), Image.Resampling.LANCZOS)  # keeps aspect ratio
-        canvas.paste(picture, (x0 + (thumb - picture.width) // 2, y0))
-        draw.text((x0, y0 + thumb + MARGIN // 2), _fit_text(draw, caption, font, thumb), fill=TEXT_COLOUR, font=font)
+        x0, y0 = MARGIN + col * cell_w, top + row * cell_h
+        for x, array in ((x0, tile.image), (x0 + thumb + PAIR_GAP, merge_map(tile.image, tile.source))):
+            picture = Image.fromarray(array)
+            picture.thumbnail((thumb, thumb), Image.Resampling.LANCZOS)  # keeps aspect ratio
+            canvas.paste(picture, (x + (thumb - picture.width) // 2, y0))
+        draw.text((x0, y0 + thumb + MARGIN // 2), _fit_caption(draw, tile, font, tile_w), fill=TEXT_COLOUR, font=font)
     canvas.save(_writable(path), format="PNG")
 
 
