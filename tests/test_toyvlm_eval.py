@@ -139,3 +139,22 @@ def test_model_card_states_the_shipped_accuracy_and_every_kind_below_target():
     for kind, value in unmerged["per_kind"].items():
         assert (f"{kind} {100 * value:.1f}%" in text) == (below and value < card.TARGET_PER_KIND)
     assert text == (TOY / "README.md").read_text()  # the shipped card is regenerated from the shipped results
+
+
+def test_markdown_table_keeps_an_absent_background_kind_in_its_slot():
+    per_kind = {"count": 0.5, "exists": 1.0}
+    measured = {"flat": 30.0, "texture": 60.0, "photo": 70.0}  # no gradient scene among the test images
+    results = {"patches": 144, "rows": [
+        {"name": "unmerged", "level": None, "overall": 0.8, "per_kind": per_kind,
+         "tokens": {"mean": 144.0, "std": 0.0, "per_background": {}}},
+        {"name": "DToMe-mid (VTU)", "level": "mid", "overall": 0.6, "per_kind": per_kind,
+         "tokens": {"mean": 50.0, "std": 9.0, "per_background": measured}},
+    ]}
+    header, _, unmerged, merged = [[cell.strip() for cell in line.split("|")[1:-1]] for line in E.markdown_table(results).splitlines()]
+    column = next(i for i, cell in enumerate(header) if cell.endswith(" tokens") and " / " in cell)
+    labels = header[column].removesuffix(" tokens").split(" / ")
+    values = merged[column].split(" / ")
+    assert len(values) == len(labels)
+    assert dict(zip(labels, values)) == {kind: f"{measured[kind]:.1f}" if kind in measured else "-" for kind in labels}
+    assert set(labels) == set(measured) | {"gradient"}
+    assert unmerged[column] == "-"  # no per-background measurement at all
