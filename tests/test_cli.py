@@ -45,6 +45,26 @@ def test_encode_table_json_and_viz(capsys, model_dirs, image_dir, clip_threshold
     assert sorted(p.name for p in (tmp_path / "viz").iterdir()) == ["checkerboard.png", "grass.png", "overview.png"]
 
 
+def test_encode_viz_on_a_384px_patch14_tower(capsys, model_dirs, image_dir, tmp_path):
+    """SigLIP 384 px / patch 14: 27x27 patches cover 378 px; the merge maps must still be drawn."""
+    thresholds = tmp_path / "siglip.json"
+    images = [image_dir / "checkerboard.png", image_dir / "coins.png"]
+    assert run(capsys, "find-thresholds", model_dirs["tiny-siglip"], *images, "--target-tokens", "500",
+               "--out", thresholds, "--measure", "0")[0] == 0
+    code, out, err = run(capsys, "encode", model_dirs["tiny-siglip"], *images, "--thresholds", thresholds,
+                         "--viz", tmp_path / "viz")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "viz").iterdir()) == ["checkerboard.png", "coins.png", "overview.png"]
+
+
+def test_failed_encode_leaves_no_viz_folder(capsys, model_dirs, clip_thresholds, tmp_path):
+    corrupt = tmp_path / "only.png"
+    corrupt.write_bytes(b"nope")
+    _one_line_error(*run(capsys, "encode", model_dirs["tiny-clip"], corrupt, "--thresholds", clip_thresholds,
+                         "--viz", tmp_path / "viz")[::2], "no readable images")
+    assert not (tmp_path / "viz").exists()
+
+
 def test_corrupt_image_in_folder_is_skipped_and_reported(capsys, model_dirs, image_dir, clip_thresholds, tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()

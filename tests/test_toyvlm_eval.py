@@ -159,3 +159,22 @@ def test_demo_checks_itself_and_exits_non_zero_on_wrong_answers(tmp_path, capsys
     errors = [line for line in captured.err.splitlines() if line.startswith("dymu demo: error")]
     assert len(errors) == 1 and "self-check failed" in errors[0] and captured.err.rstrip().endswith(errors[0])
     assert "[2/4]" not in captured.out, "nothing is reported before the check"
+
+
+def test_markdown_table_keeps_an_absent_background_kind_in_its_slot():
+    per_kind = {"count": 0.5, "exists": 1.0}
+    measured = {"flat": 30.0, "texture": 60.0, "photo": 70.0}  # no gradient scene among the test images
+    results = {"patches": 144, "rows": [
+        {"name": "unmerged", "level": None, "overall": 0.8, "per_kind": per_kind,
+         "tokens": {"mean": 144.0, "std": 0.0, "per_background": {}}},
+        {"name": "DToMe-mid (VTU)", "level": "mid", "overall": 0.6, "per_kind": per_kind,
+         "tokens": {"mean": 50.0, "std": 9.0, "per_background": measured}},
+    ]}
+    header, _, unmerged, merged = [[cell.strip() for cell in line.split("|")[1:-1]] for line in E.markdown_table(results).splitlines()]
+    column = next(i for i, cell in enumerate(header) if cell.endswith(" tokens") and " / " in cell)
+    labels = header[column].removesuffix(" tokens").split(" / ")
+    values = merged[column].split(" / ")
+    assert len(values) == len(labels)
+    assert dict(zip(labels, values)) == {kind: f"{measured[kind]:.1f}" if kind in measured else "-" for kind in labels}
+    assert set(labels) == set(measured) | {"gradient"}
+    assert unmerged[column] == "-"  # no per-background measurement at all

@@ -93,9 +93,7 @@ def cmd_encode(args) -> None:
     model, processor = _open(args.model)
     api.apply(model, thresholds)
     rows, skipped, figures = [], list(image_set.skipped), []
-    viz_dir = Path(args.viz) if args.viz else None
-    if viz_dir:
-        viz_dir.mkdir(parents=True, exist_ok=True)
+    viz_dir = Path(args.viz) if args.viz else None  # created by the first figure written
     from tqdm.auto import tqdm
 
     for start in tqdm(range(0, len(image_set.paths), args.batch_size), desc="encoding", unit="batch", disable=args.json):
@@ -135,13 +133,13 @@ def _print_table(rows: list[dict]) -> None:
 
 
 def _save_viz(viz_dir: Path, name: str, pixels, source, row: dict, processor):
-    from .viz import denormalize, merge_map, save_merge_figure
+    from .viz import denormalize, save_merge_figure
 
     image = denormalize(pixels, processor.image_mean, processor.image_std)
     stem = Path(name).stem
     title = f"{Path(name).name}: {row['tokens']} tokens / {row['patches']} patches"
     save_merge_figure(viz_dir / f"{stem}.png", image, source, title)
-    return (f"{stem}: {row['tokens']}", merge_map(image, source))
+    return (stem, image, source)
 
 
 def cmd_import_thresholds(args) -> None:

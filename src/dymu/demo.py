@@ -50,7 +50,7 @@ def run_clip_demo(out_dir: Path, layers: int | None = None, target_tokens: int |
     from .finder import find_thresholds
     from .images import load_batch
     from .models import describe, load_model, load_processor, make_model
-    from .viz import denormalize, merge_map, save_merge_figure, save_overview, save_token_bar_chart
+    from .viz import denormalize, save_merge_figure, save_overview, save_token_bar_chart
 
     layers = layers or DEMO_LAYERS
     target_tokens = target_tokens or DEMO_TARGET_TOKENS
@@ -95,14 +95,13 @@ def run_clip_demo(out_dir: Path, layers: int | None = None, target_tokens: int |
 
     print(f"[4/4] writing merge maps and a bar chart to {out_dir}/")
     maps_dir = out_dir / "merge_maps"
-    maps_dir.mkdir(exist_ok=True)
     figures = []
     for i in order:
         image = denormalize(pixel_values[i], processor.image_mean, processor.image_std)
         stem = Path(names[i]).stem
         title = f"{stem}: {encoding.num_tokens[i]} tokens / {encoding.num_patches} patches"
         save_merge_figure(maps_dir / f"{stem}.png", image, encoding.source[i], title)
-        figures.append((f"{stem}: {encoding.num_tokens[i]}", merge_map(image, encoding.source[i])))
+        figures.append((stem, image, encoding.source[i]))
     save_overview(out_dir / "overview.png", figures)
     save_token_bar_chart(out_dir / "tokens_per_image.png", [Path(n).stem for n in names], encoding.num_tokens,
                          encoding.num_patches, f"DToMe tokens per image, target {target_tokens}")
@@ -128,7 +127,7 @@ def run_demo(out_dir: Path, model_dir: Path | None = None, scenes: int | None = 
     from toyvlm import evaluate as E
 
     from . import api
-    from .viz import denormalize, merge_map, save_merge_figure, save_overview
+    from .viz import denormalize, save_merge_figure, save_overview
 
     model_dir = Path(model_dir) if model_dir else default_toy_model()
     if not (model_dir / "config.json").is_file():
@@ -194,7 +193,6 @@ def run_demo(out_dir: Path, model_dir: Path | None = None, scenes: int | None = 
 
     print(f"[4/4] merge maps -> {out_dir}/merge_maps/, {out_dir}/overview.png")
     maps_dir = out_dir / "merge_maps"
-    maps_dir.mkdir(exist_ok=True)
     figures = []
     mean, std = processor.image_processor.image_mean, processor.image_processor.image_std
     for k, image_id in enumerate(shown):
@@ -203,7 +201,7 @@ def run_demo(out_dir: Path, model_dir: Path | None = None, scenes: int | None = 
             encoding = encodings[name]
             title = f"{image_id} {name}: {encoding.num_tokens[k]}/{patches} tokens"
             save_merge_figure(maps_dir / f"{image_id}_{level}.png", image, encoding.source[k], title)
-            figures.append((f"{image_id} {level}: {encoding.num_tokens[k]}", merge_map(image, encoding.source[k])))
+            figures.append((f"{image_id} {level}", image, encoding.source[k]))
     save_overview(out_dir / "overview.png", figures)
     print(f"\ndone in {time.time() - started:.0f} s. Full table (1000 test scenes, low/mid/high, with and without VTU):")
     print(f"  python -m toyvlm.evaluate --model {model_dir}")

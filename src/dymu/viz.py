@@ -1,8 +1,10 @@
 """Pictures of token-merge groups: which original patches ended up in which merged token.
 
 Inputs come from ``dymu.encode``: ``source[i]`` maps each original patch (raster order over a square
-``g x g`` grid) to the merged token that holds it. Only numpy, Pillow and matplotlib are used;
-matplotlib is imported lazily with the Agg backend so importing ``dymu`` never touches a GUI.
+``g x g`` grid) to the merged token that holds it. The grid covers the top-left ``g * patch`` pixels of the
+image; rows / columns past it (6 for 384 px SigLIP with 14 px patches) are not seen by the encoder.
+Only numpy, Pillow and matplotlib are used; matplotlib is imported lazily with the Agg backend so importing
+``dymu`` never touches a GUI.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -17,9 +20,17 @@ from PIL import Image, ImageDraw, ImageFont
 MAX_PIXEL = 255  # largest uint8 value
 OUTLINE_COLOUR = (20, 20, 20)  # dark grey line between different merge groups
 BACKGROUND = (255, 255, 255)  # white canvas for composed figures
+UNCOVERED_COLOUR = BACKGROUND  # merge-map pixels past the patch grid, which the encoder never sees
 TEXT_COLOUR = (0, 0, 0)
 MARGIN = 8  # pixels around / between panels in composed figures
 ELLIPSIS = "..."
+
+OVERVIEW_COLUMNS = 4  # tiles per row
+OVERVIEW_THUMB = 160  # pixels: the image and its merge map each fit a square this size
+PAIR_GAP = MARGIN // 2  # between an image and its merge map
+TILE_GAP = 3 * MARGIN  # between tiles, wider than PAIR_GAP so pairs read as one
+OVERVIEW_LEGEND = "Each pair: image | merge map (each merged token's patches filled with their mean colour and outlined)"
+OVERVIEW_UNCOVERED_NOTE = "; blank edge: pixels past the patch grid, not seen by the encoder"
 
 BAR_FIG_WIDTH_IN = 8.0  # bar chart width in inches
 BAR_HEIGHT_PER_NAME_IN = 0.25  # vertical space per bar
@@ -54,16 +65,23 @@ def denormalize(pixel_values, mean: Sequence[float], std: Sequence[float]) -> np
 
 
 def _pixel_labels(source, height: int, width: int) -> np.ndarray:
-    """Group index of every pixel: ``(num_patches,)`` source -> ``(H, W)`` int array."""
+    """Group index of every pixel the patch grid covers: ``(num_patches,)`` source -> ``(g * ph, g * pw)`` int array.
+
+    The encoder's patch embedding is a convolution with stride = kernel = patch side, so a ``g x g`` grid covers
+    the top-left ``g * patch`` pixels and drops the remaining rows / columns (SigLIP: 27 patches of 14 px cover
+    378 of 384 px). The patch side per axis is ``side // g``: the encoder's own patch whenever fewer than ``g``
+    pixels are dropped, which holds for every tower with at least as many patches per side as pixels per patch.
+    """
     labels = _to_numpy(source).astype(np.int64).reshape(-1)  # (num_patches,)
     grid = math.isqrt(labels.size)
     if grid * grid != labels.size or grid == 0:
         raise ValueError(f"source has {labels.size} patches, not a square grid")
-    if height % grid or width % grid:
-        raise ValueError(f"image of {height}x{width} pixels does not split into a {grid}x{grid} patch grid")
+    patch_h, patch_w = height // grid, width // grid
+    if not patch_h or not patch_w:
+        raise ValueError(f"image of {height}x{width} pixels is smaller than its {grid}x{grid} patch grid")
     _, dense = np.unique(labels, return_inverse=True)  # group ids -> 0..n_groups-1
     patch_labels = dense.reshape(grid, grid)  # (g, g), row-major like the patch sequence
-    return np.repeat(np.repeat(patch_labels, height // grid, axis=0), width // grid, axis=1)  # (H, W)
+    return np.repeat(np.repeat(patch_labels, patch_h, axis=0), patch_w, axis=1)  # (g * ph, g * pw)
 
 
 def merge_map(image: np.ndarray, source) -> np.ndarray:
@@ -71,35 +89,35 @@ def merge_map(image: np.ndarray, source) -> np.ndarray:
 
     ``image`` is ``(H, W, 3)`` uint8, ``source`` ``(num_patches,)``. Returns ``(H, W, 3)`` uint8.
     A pixel is drawn in ``OUTLINE_COLOUR`` when its right or bottom neighbour is in another group.
-    Groups need not be contiguous.
+    Groups need not be contiguous. Pixels past the patch grid (not seen by the encoder) are ``UNCOVERED_COLOUR``.
     """
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")
-    height, width = image.shape[:2]
-    pixels = _pixel_labels(source, height, width)  # (H, W)
-    flat = pixels.reshape(-1)  # (H*W,)
+    pixels = _pixel_labels(source, *image.shape[:2])  # (h, w) covered area
+    height, width = pixels.shape
+    flat = pixels.reshape(-1)  # (h*w,)
     n_groups = int(flat.max()) + 1
     counts = np.bincount(flat, minlength=n_groups).astype(np.float64)  # (n_groups,)
-    colours = image.reshape(-1, 3).astype(np.float64)  # (H*W, 3)
+    colours = image[:height, :width].reshape(-1, 3).astype(np.float64)  # (h*w, 3)
     sums = np.stack([np.bincount(flat, weights=colours[:, c], minlength=n_groups) for c in range(3)], axis=1)
     means = np.rint(sums / counts[:, None]).astype(np.uint8)  # (n_groups, 3)
-    out = means[pixels]  # (H, W, 3)
 
-    boundary = np.zeros((height, width), dtype=bool)  # (H, W)
+    boundary = np.zeros((height, width), dtype=bool)  # (h, w)
     boundary[:, :-1] |= pixels[:, :-1] != pixels[:, 1:]  # right neighbour differs
     boundary[:-1, :] |= pixels[:-1, :] != pixels[1:, :]  # bottom neighbour differs
-    out[boundary] = OUTLINE_COLOUR
+    out = np.full(image.shape, UNCOVERED_COLOUR, dtype=np.uint8)  # (H, W, 3)
+    covered = out[:height, :width]  # (h, w, 3) view
+    covered[:] = means[pixels]
+    covered[boundary] = OUTLINE_COLOUR
     return out
 
 
-def _fit_text(draw: ImageDraw.ImageDraw, text: str, font, max_width: int) -> str:
-    """``text``, shortened with an ellipsis if it is wider than ``max_width`` pixels."""
-    if draw.textlength(text, font=font) <= max_width:
-        return text
-    while text and draw.textlength(text + ELLIPSIS, font=font) > max_width:
-        text = text[:-1]
-    return text + ELLIPSIS
+def _writable(path: str | Path) -> Path:
+    """``path``, after creating its folder: figures make their folder only once there is a figure to write."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _text_height(font) -> int:
@@ -121,36 +139,78 @@ def save_merge_figure(path: str | Path, image: np.ndarray, source, title: str) -
     top = title_height + 2 * MARGIN
     canvas.paste(Image.fromarray(image), (MARGIN, top))
     canvas.paste(Image.fromarray(mapped), (2 * MARGIN + width, top))
-    canvas.save(path, format="PNG")
+    canvas.save(_writable(path), format="PNG")
+
+
+class OverviewTile(NamedTuple):
+    """One overview tile: ``image`` ``(H, W, 3)`` uint8 beside its merge map for ``source`` ``(num_patches,)``."""
+
+    name: str
+    image: np.ndarray
+    source: object
+
+    @property
+    def caption(self) -> str:
+        """``"NAME: n of N tokens"``: merged tokens (groups in ``source``) of the original patches."""
+        labels = _to_numpy(self.source).reshape(-1)
+        return f"{self.name}: {np.unique(labels).size} of {labels.size} tokens"
+
+
+def _overview_legend(tiles: Sequence[OverviewTile]) -> str:
+    """The one-line key printed above the overview tiles."""
+    legend = OVERVIEW_LEGEND
+    if any(_pixel_labels(t.source, *t.image.shape[:2]).shape != t.image.shape[:2] for t in tiles):
+        legend += OVERVIEW_UNCOVERED_NOTE
+    return legend
+
+
+def _fit_caption(draw: ImageDraw.ImageDraw, tile: OverviewTile, font, max_width: int) -> str:
+    """``tile.caption``, its name shortened with an ellipsis if the caption is wider than ``max_width`` pixels."""
+    caption = tile.caption
+    if draw.textlength(caption, font=font) <= max_width:
+        return caption
+    name, counts = tile.name, caption[len(tile.name):]  # counts: ": n of N tokens"
+    while name and draw.textlength(name + ELLIPSIS + counts, font=font) > max_width:
+        name = name[:-1]
+    return name + ELLIPSIS + counts
 
 
 def save_overview(
     path: str | Path,
-    entries: Sequence[tuple[str, np.ndarray]],
-    columns: int = 5,
-    thumb: int = 192,
+    tiles: Sequence[tuple[str, np.ndarray, object]],
+    columns: int = OVERVIEW_COLUMNS,
+    thumb: int = OVERVIEW_THUMB,
 ) -> None:
-    """Write one PNG with a grid of ``(caption, merge_map)`` thumbnails (each fits ``thumb`` x ``thumb``)."""
-    if not entries:
-        raise ValueError("save_overview needs at least one entry")
+    """Write one PNG: a legend line, then a grid of tiles, each an image beside its merge map (each fitting
+    ``thumb`` x ``thumb``) over the caption ``"NAME: n of N tokens"``. ``tiles``: ``(name, image, source)``
+    (see ``OverviewTile``)."""
+    if not tiles:
+        raise ValueError("save_overview needs at least one tile")
     if columns < 1 or thumb < 1:
         raise ValueError("columns and thumb must be positive")
-    columns = min(columns, len(entries))
-    rows = math.ceil(len(entries) / columns)
+    tiles = [OverviewTile(name, np.asarray(image, dtype=np.uint8), source) for name, image, source in tiles]
+    columns = min(columns, len(tiles))
+    rows = math.ceil(len(tiles) / columns)
     font = ImageFont.load_default()
-    caption_height = _text_height(font)
-    cell_w = thumb + MARGIN
-    cell_h = thumb + caption_height + 2 * MARGIN
-    canvas = Image.new("RGB", (columns * cell_w + MARGIN, rows * cell_h + MARGIN), BACKGROUND)
+    line_height = _text_height(font)
+    tile_w = 2 * thumb + PAIR_GAP
+    cell_w, cell_h = tile_w + TILE_GAP, thumb + line_height + TILE_GAP
+    legend = _overview_legend(tiles)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width = max(columns * cell_w - TILE_GAP, int(math.ceil(probe.textlength(legend, font=font)))) + 2 * MARGIN
+    top = 2 * MARGIN + line_height  # below the legend
+    canvas = Image.new("RGB", (width, top + rows * cell_h - TILE_GAP + MARGIN), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
-    for k, (caption, array) in enumerate(entries):
+    draw.text((MARGIN, MARGIN), legend, fill=TEXT_COLOUR, font=font)
+    for k, tile in enumerate(tiles):
         row, col = divmod(k, columns)
-        x0, y0 = MARGIN + col * cell_w, MARGIN + row * cell_h
-        picture = Image.fromarray(np.asarray(array, dtype=np.uint8))
-        picture.thumbnail((thumb, thumb), Image.Resampling.LANCZOS)  # keeps aspect ratio
-        canvas.paste(picture, (x0 + (thumb - picture.width) // 2, y0))
-        draw.text((x0, y0 + thumb + MARGIN // 2), _fit_text(draw, caption, font, thumb), fill=TEXT_COLOUR, font=font)
-    canvas.save(path, format="PNG")
+        x0, y0 = MARGIN + col * cell_w, top + row * cell_h
+        for x, array in ((x0, tile.image), (x0 + thumb + PAIR_GAP, merge_map(tile.image, tile.source))):
+            picture = Image.fromarray(array)
+            picture.thumbnail((thumb, thumb), Image.Resampling.LANCZOS)  # keeps aspect ratio
+            canvas.paste(picture, (x + (thumb - picture.width) // 2, y0))
+        draw.text((x0, y0 + thumb + MARGIN // 2), _fit_caption(draw, tile, font, tile_w), fill=TEXT_COLOUR, font=font)
+    canvas.save(_writable(path), format="PNG")
 
 
 def _bar_figsize(count: int) -> tuple[float, float]:
@@ -193,4 +253,4 @@ def save_token_bar_chart(
     ax.set_title(f"{title} ({num_patches} patches)")
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, format="png", dpi=BAR_DPI)
+    fig.savefig(_writable(path), format="png", dpi=BAR_DPI)

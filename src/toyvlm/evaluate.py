@@ -40,6 +40,8 @@ SLICE_QUESTIONS = 200
 BATCH_SIZE = 32
 RESULTS_FORMAT = "toyvlm-eval"
 RESULTS_VERSION = 1
+#: table cell for a value not measured (a background kind without test images, a row without per-background tokens)
+NOT_MEASURED = "-"
 
 
 def load(folder):
@@ -234,15 +236,22 @@ def run(model_dir, out_dir=None, scenes: int = DEFAULT_TEST_SCENES, seed: int = 
     return results
 
 
+def _background_split(per_background: dict) -> str:
+    """Mean tokens per background kind in ``BACKGROUND_KINDS`` order, ``NOT_MEASURED`` in the slot of a kind without
+    test images (and alone when nothing was measured), so numbers stay under their labels."""
+    if not per_background:
+        return NOT_MEASURED
+    return " / ".join(f"{per_background[k]:.1f}" if k in per_background else NOT_MEASURED for k in D.BACKGROUND_KINDS)
+
+
 def markdown_table(results: dict) -> str:
     kinds = list(results["rows"][0]["per_kind"])
-    header = "| setting | visual tokens (mean) | flat / gradient / texture / photo tokens | accuracy | " + \
+    header = f"| setting | visual tokens (mean) | {' / '.join(D.BACKGROUND_KINDS)} tokens | accuracy | " + \
         " | ".join(kinds) + " |\n|" + "---|" * (4 + len(kinds)) + "\n"
     reference = results["rows"][0]["overall"]
     lines = []
     for row in results["rows"]:
-        per = row["tokens"].get("per_background") or {}
-        split = " / ".join(f"{per[k]:.1f}" for k in D.BACKGROUND_KINDS if k in per) or "-"
+        split = _background_split(row["tokens"].get("per_background"))
         relative = f" ({100 * row['overall'] / reference:.1f}% of unmerged)" if row["level"] else ""
         lines.append(f"| {row['name']} | {row['tokens']['mean']:.1f} of {results['patches']} | {split} | "
                      f"{100 * row['overall']:.1f}%{relative} | " + " | ".join(f"{100 * row['per_kind'][k]:.1f}" for k in kinds) + " |")
