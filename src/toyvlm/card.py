@@ -16,6 +16,8 @@ from .evaluate import DEFAULT_THRESHOLD_SCENES, DYMU_LEVELS, markdown_table
 #: accuracy the toy model is meant to reach on the test split (issue 4)
 TARGET_OVERALL = 0.90
 TARGET_PER_KIND = 0.75
+#: hand-written training history kept next to the checkpoint, included in the card
+HISTORY_FILE = "history.md"
 #: a kind whose accuracy is within this of the blind (grey image) score is not read from the image
 NEAR_BLIND_MARGIN = 0.05
 
@@ -130,7 +132,16 @@ Llama (`vtu="fast"`); no VTU = the merged tokens fed as a shorter sequence (`vtu
 Visual tokens follow image complexity: the tokens column splits the mean by background
 ({" / ".join(D.BACKGROUND_KINDS)}). Full results: `eval/results.json`, plot: `eval/accuracy_vs_tokens.png`.
 Reproduce: `python -m toyvlm.evaluate --model assets/toy-llava`.
-"""
+{_history(folder)}"""
+
+
+def _history(folder: Path) -> str:
+    """The hand-written account of the runs that led to this recipe (``HISTORY_FILE``), if the folder has one."""
+    path = folder / HISTORY_FILE
+    if not path.is_file():
+        return ""
+    text = "\n".join(line for line in path.read_text().splitlines() if not line.startswith("<!--"))
+    return f"\n## How this recipe was found\n\n{text.strip()}\n"
 
 
 def _stage_one(cfg: dict) -> str:
