@@ -215,3 +215,28 @@ def test_vlm_folder_uses_its_tower_processor_and_feature_layer(capsys, image_pat
     assert sum(data["budgets"]) == 576 - 250
     code, stdout, _ = run(capsys, "encode", folder, *image_paths[:6], "--thresholds", out, "--json")
     assert code == 0 and len(stdout.splitlines()) == 6
+
+
+def test_encode_json_into_a_closed_pipe_exits_quietly(capsys, monkeypatch, model_dirs, image_paths, clip_thresholds):
+    """`dymu encode --json | head -1`: the reader goes away; no traceback, exit 141 like a SIGPIPE'd tool."""
+    import os
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    pipe = os.fdopen(write_end, "w")
+    monkeypatch.setattr(sys, "stdout", pipe)
+    code = main(["encode", str(model_dirs["tiny-clip"]), *image_paths[:2], "--thresholds", str(clip_thresholds), "--json"])
+    monkeypatch.undo()
+    assert code == 141
+    assert capsys.readouterr().err.count("error") == 0
+    print("more output", file=pipe)
+    pipe.close()  # stdout now goes to devnull: flushing at exit raises nothing
+
+
+def test_thresholds_repr_is_short(clip_thresholds):
+    from dymu import Thresholds
+
+    text = repr(Thresholds.load(clip_thresholds))
+    assert "\n" not in text and "png" not in text and len(text) < 200, text
+    assert "/4 merging layers" in text and "8 images" in text and "target 250" in text

@@ -12,6 +12,8 @@ from pathlib import Path
 from .vision import DymuError
 
 SCHEDULES = ("constant", "linear", "reverse-linear")
+#: exit status of a command whose reader went away (`dymu encode --json | head`), as 128 + SIGPIPE
+EXIT_BROKEN_PIPE = 141
 
 
 def _add_images(parser: argparse.ArgumentParser) -> None:
@@ -357,11 +359,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _silence_stdout() -> None:
+    """Point stdout at devnull so the final flush at exit does not raise again (Python's SIGPIPE recipe)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         args.func(args)
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except (DymuError, ValueError, OSError) as exc:
         if os.environ.get("DYMU_DEBUG"):
             raise

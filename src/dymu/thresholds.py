@@ -142,6 +142,13 @@ class Thresholds:
                     f"but the model has {key}={identity.get(key)!r}"
                 )
 
+    def __repr__(self) -> str:
+        """Counts, not lists: the image paths stay in ``images``."""
+        text = self.describe()
+        if self.images:
+            text += f", {self.images.get('count', 0)} images ({len(self.images.get('skipped', []))} skipped)"
+        return f"Thresholds({text}, from {self.path or self.source})"
+
     def describe(self) -> str:
         finite = [v for v in self.values if math.isfinite(v)]
         text = f"{len(finite)}/{len(self.values)} merging layers"
