@@ -240,3 +240,25 @@ def test_thresholds_repr_is_short(clip_thresholds):
     text = repr(Thresholds.load(clip_thresholds))
     assert "\n" not in text and "png" not in text and len(text) < 200, text
     assert "/4 merging layers" in text and "8 images" in text and "target 250" in text
+
+
+def _subcommands():
+    import argparse
+
+    from dymu.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return subparsers.choices.items()
+
+
+@pytest.mark.parametrize("command,parser", _subcommands())
+def test_every_option_has_help_that_states_its_default(command, parser):
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        text = (action.help or "") % dict(vars(action), prog=parser.prog)
+        assert text.strip(), f"{command} {action.option_strings or action.dest}: no help"
+        if action.default not in (None, False):
+            assert str(action.default) in text, f"{command} {action.option_strings}: default {action.default} not shown: {text}"
+        assert "dymu." not in text, f"{command} {action.option_strings}: points at source code: {text}"

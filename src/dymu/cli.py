@@ -290,25 +290,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dymu {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from .demo import DEMO_LAYERS, DEMO_TARGET_TOKENS
     from .models import ALL_PRESETS
 
     p = sub.add_parser("make-model", help="write a random-weight checkpoint of a real architecture")
-    p.add_argument("preset", choices=ALL_PRESETS)
-    p.add_argument("out_dir")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--layers", type=int, help="encoder layers (vision presets) or language-model layers (LLaVA presets)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weight dtype (llava-1.5-7b at full depth needs bfloat16 on 24 GiB)")
+    p.add_argument("preset", choices=ALL_PRESETS, help="architecture to build: %(choices)s")
+    p.add_argument("out_dir", help="checkpoint folder to write (config, weights, processor)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default: %(default)s)")
+    p.add_argument("--layers", type=int, help="encoder layers (vision presets) or language-model layers (LLaVA presets) (default: the real architecture's depth)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weight dtype (llava-1.5-7b at full depth needs bfloat16 on 24 GiB) (default: float32)")
     p.set_defaults(func=cmd_make_model)
 
     p = sub.add_parser("find-thresholds", help="learn per-layer merge thresholds from a set of images")
     p.add_argument("model", help="local checkpoint folder or hub id")
     _add_images(p)
     p.add_argument("--target-tokens", type=int, required=True, help="mean visual tokens wanted out of the last merging layer (CLS not counted)")
-    p.add_argument("--schedule", choices=SCHEDULES, default="constant")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--schedule", choices=SCHEDULES, default="constant",
+                   help="how the tokens to remove are spread over the merging layers: %(choices)s (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="images per calibration batch; each batch yields one statistic per layer (default: %(default)s)")
     p.add_argument("--out", required=True, help="thresholds file to write (JSON)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.partial")
-    p.add_argument("--measure", type=int, default=256, help="encode this many images with the result to report mean±std tokens (0: skip)")
+    p.add_argument("--measure", type=int, default=256, help="encode this many images with the result to report mean±std tokens, 0 to skip (default: %(default)s)")
     p.set_defaults(func=cmd_find_thresholds)
 
     p = sub.add_parser("encode", help="encode images with merging: tokens per image, merge maps")
@@ -316,8 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_images(p)
     p.add_argument("--thresholds", help="thresholds file (default: the checkpoint's \"dymu\" config section)")
     p.add_argument("--json", action="store_true", help="print one JSON line per image: image, tokens, patches")
-    p.add_argument("--viz", metavar="DIR", help="write a merge-map PNG per image and overview.png here")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--viz", metavar="DIR", help="write a merge-map PNG per image and overview.png here (default: none)")
+    p.add_argument("--batch-size", type=int, default=8, help="images encoded together (default: %(default)s)")
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("generate", help="answer a prompt about images with DyMU (and optionally the unmerged model)")
@@ -326,35 +329,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="the question; <image> placeholders optional (added by the chat template)")
     p.add_argument("--thresholds", help="thresholds file (default: the checkpoint's \"dymu\" config section)")
     p.add_argument("--vtu", choices=["fast", "exact", "none"], help="virtual token unmerging mode (default: fast)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer, in tokens (default: %(default)s)")
     p.add_argument("--compare", action="store_true", help="also run the unmerged model and print both answers")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("enable", help="store thresholds in a checkpoint's config.json so loading applies DyMU")
-    p.add_argument("checkpoint")
-    p.add_argument("--thresholds", required=True)
-    p.add_argument("--vtu", default="fast", choices=["fast", "exact", "none"])
+    p.add_argument("checkpoint", help="local checkpoint folder whose config.json gets the \"dymu\" section")
+    p.add_argument("--thresholds", required=True, help="thresholds file to copy into the checkpoint")
+    p.add_argument("--vtu", default="fast", choices=["fast", "exact", "none"],
+                   help="virtual token unmerging mode stored with them: %(choices)s (default: %(default)s)")
     p.set_defaults(func=cmd_enable)
 
     p = sub.add_parser("convert-llava", help="convert an original LLaVA checkpoint (liuhaotian layout) to transformers format")
-    p.add_argument("src")
-    p.add_argument("dst")
+    p.add_argument("src", help="original LLaVA checkpoint folder (liuhaotian layout)")
+    p.add_argument("dst", help="folder to write the transformers checkpoint to")
     p.add_argument("--vision-tower", help="local CLIP checkpoint folder (default: the source's mm_vision_tower)")
     p.set_defaults(func=cmd_convert_llava)
 
     p = sub.add_parser("import-thresholds", help="convert a DyMU reference threshold checkpoint to a dymu thresholds file")
-    p.add_argument("checkpoint")
-    p.add_argument("--out", required=True)
-    p.add_argument("--num-layers", type=int, help="keep only the first N layers (LLaVA-OneVision towers drop the last SigLIP layer)")
+    p.add_argument("checkpoint", help="reference threshold checkpoint (.pt, torch.save of a state dict)")
+    p.add_argument("--out", required=True, help="thresholds file to write (JSON)")
+    p.add_argument("--num-layers", type=int, help="keep only the first N layers (LLaVA-OneVision towers drop the last SigLIP layer) (default: all)")
     p.set_defaults(func=cmd_import_thresholds)
 
     p = sub.add_parser("demo", help="offline demo: the trained toy LLaVA answering with and without DToMe (--clip: "
                                     "encoder-only demo on a random-weight CLIP-L/14-336 and scikit-image's photos)")
-    p.add_argument("--out", default="dymu-demo", help="output folder (default: ./dymu-demo)")
+    p.add_argument("--out", default="dymu-demo", help="output folder (default: ./%(default)s)")
     p.add_argument("--model", default=None, help="toy checkpoint folder (default: $DYMU_TOY_MODEL or assets/toy-llava)")
     p.add_argument("--clip", action="store_true", help="run the encoder-only CLIP-L/14-336 demo instead")
-    p.add_argument("--layers", type=int, default=None, help="--clip: encoder depth (default: see dymu.demo.DEMO_LAYERS)")
-    p.add_argument("--target-tokens", type=int, default=None, help="--clip: mean tokens to find thresholds for")
+    p.add_argument("--layers", type=int, default=DEMO_LAYERS, help="--clip: encoder depth (default: %(default)s)")
+    p.add_argument("--target-tokens", type=int, default=DEMO_TARGET_TOKENS,
+                   help="--clip: mean tokens to find thresholds for (default: %(default)s)")
     p.set_defaults(func=cmd_demo)
     return parser
 
