@@ -262,3 +262,18 @@ def test_every_option_has_help_that_states_its_default(command, parser):
         if action.default not in (None, False):
             assert str(action.default) in text, f"{command} {action.option_strings}: default {action.default} not shown: {text}"
         assert "dymu." not in text, f"{command} {action.option_strings}: points at source code: {text}"
+
+
+def test_make_model_refuses_a_non_empty_folder_unless_overwrite(capsys, tmp_path):
+    from dymu.models import load_model, load_processor
+
+    folder, fresh = tmp_path / "m", tmp_path / "fresh"
+    assert run(capsys, "make-model", "tiny-llava", folder, "--layers", "1")[0] == 0
+    _one_line_error(*run(capsys, "make-model", "tiny-siglip", folder, "--layers", "1")[::2], str(folder), "not empty", "--overwrite")
+    assert type(load_model(folder)).__name__ == "LlavaForConditionalGeneration", "a refused run leaves the folder as it was"
+    assert run(capsys, "make-model", "tiny-siglip", folder, "--layers", "1", "--overwrite")[0] == 0
+    assert run(capsys, "make-model", "tiny-siglip", fresh, "--layers", "1")[0] == 0
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in fresh.iterdir()), "no stale files of the old model"
+    assert load_processor(folder).size["height"] == load_model(folder).config.image_size == 384
+    (tmp_path / "file").write_text("x")
+    _one_line_error(*run(capsys, "make-model", "tiny-siglip", tmp_path / "file", "--overwrite")[::2], "file", "not a folder")

@@ -45,7 +45,7 @@ def cmd_make_model(args) -> None:
     import torch
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    out = make_model(args.preset, args.out_dir, seed=args.seed, layers=args.layers, dtype=dtype)
+    out = make_model(args.preset, args.out_dir, seed=args.seed, layers=args.layers, dtype=dtype, overwrite=args.overwrite)
     print(f"wrote random-weight {args.preset} checkpoint to {out}")
 
 
@@ -299,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default: %(default)s)")
     p.add_argument("--layers", type=int, help="encoder layers (vision presets) or language-model layers (LLaVA presets) (default: the real architecture's depth)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weight dtype (llava-1.5-7b at full depth needs bfloat16 on 24 GiB) (default: float32)")
+    p.add_argument("--overwrite", action="store_true", help="delete the contents of a non-empty OUT_DIR first")
     p.set_defaults(func=cmd_make_model)
 
     p = sub.add_parser("find-thresholds", help="learn per-layer merge thresholds from a set of images")

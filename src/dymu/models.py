@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -131,10 +132,23 @@ def make_image_processor(family: str, image_size: int):
     return SiglipImageProcessorPil(size={"height": image_size, "width": image_size}, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD)
 
 
-def make_model(name: str, out_dir, seed: int = 0, layers: int | None = None, dtype: torch.dtype | None = None) -> Path:
-    model, processor = build_preset(name, seed=seed, layers=layers, dtype=dtype)
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    """Files of another checkpoint (processor, tokenizer) must not mix with a new one: ``out`` must be empty or go."""
+    if out.exists() and not out.is_dir():
+        raise DymuError(f"{out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise DymuError(f"{out} is not empty: pass --overwrite to replace its contents, or choose another folder")
+
+
+def make_model(name: str, out_dir, seed: int = 0, layers: int | None = None, dtype: torch.dtype | None = None,
+               overwrite: bool = False) -> Path:
+    """Write a preset checkpoint into ``out_dir``, which must be empty or absent (``overwrite``: cleared first)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_out_dir(out, overwrite)
+    model, processor = build_preset(name, seed=seed, layers=layers, dtype=dtype)
+    if out.is_dir():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     (out / "README.md").write_text(
