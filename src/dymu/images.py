@@ -14,6 +14,8 @@ from pathlib import Path
 from .vision import DymuError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+#: 16-bit grey levels per 8-bit level (65535 / 255)
+LEVELS_16_TO_8 = 257
 
 
 class ImageError(DymuError):
@@ -76,6 +78,19 @@ def collect_images(inputs, image_root=None) -> ImageSet:
     return ImageSet(paths=paths, skipped=skipped)
 
 
+def to_rgb(image):
+    """RGB copy of a PIL image. Integer grey ("I;16", "I": 16-bit PNG/TIFF) is scaled to 8 bits first, where
+    Pillow's own conversion clips every level above 255 to white."""
+    from PIL import Image
+
+    if image.mode.startswith("I"):
+        import numpy as np
+
+        grey = np.rint(np.asarray(image, dtype=np.float64) / LEVELS_16_TO_8)
+        image = Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
 def open_image(path):
     """Decode an image file to RGB, or raise ImageError naming the file."""
     from PIL import Image, UnidentifiedImageError
@@ -83,7 +98,7 @@ def open_image(path):
     try:
         with Image.open(path) as image:
             image.load()
-            return image.convert("RGB")
+            return to_rgb(image)
     except FileNotFoundError:
         raise ImageError(f"image not found: {path}") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
@@ -98,7 +113,7 @@ def load_batch(items, processor):
     images, names, failures = [], [], []
     for item in items:
         if isinstance(item, Image.Image):
-            images.append(item.convert("RGB"))
+            images.append(to_rgb(item))
             names.append(getattr(item, "filename", "") or f"<image {len(names)}>")
             continue
         try:
