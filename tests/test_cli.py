@@ -277,3 +277,23 @@ def test_make_model_refuses_a_non_empty_folder_unless_overwrite(capsys, tmp_path
     assert load_processor(folder).size["height"] == load_model(folder).config.image_size == 384
     (tmp_path / "file").write_text("x")
     _one_line_error(*run(capsys, "make-model", "tiny-siglip", tmp_path / "file", "--overwrite")[::2], "file", "not a folder")
+
+
+def test_output_paths_are_checked_before_any_work(capsys, model_dirs, image_paths, tmp_path):
+    clip_dir, images = model_dirs["tiny-clip"], image_paths[:2]
+    find = ("find-thresholds", clip_dir, *images, "--target-tokens", "300", "--measure", "0", "--out")
+    code, _, err = run(capsys, *find, tmp_path / "missing" / "t.json")
+    _one_line_error(code, err, "--out", str(tmp_path / "missing"), "does not exist")
+    assert "model:" not in err, "refused before loading the model"
+    (tmp_path / "folder").mkdir()
+    code, _, err = run(capsys, *find, tmp_path / "folder")
+    _one_line_error(code, err, "--out", "is a folder")
+    assert "model:" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"] and not any((tmp_path / "folder").iterdir()), \
+        "no .tmp / .partial files left behind"
+    _one_line_error(*run(capsys, "import-thresholds", tmp_path / "absent.pt", "--out", tmp_path / "folder")[::2],
+                    "--out", "is a folder")
+    (tmp_path / "file.png").write_text("x")
+    code, _, err = run(capsys, "encode", clip_dir, *images, "--thresholds", tmp_path / "t.json", "--viz", tmp_path / "file.png")
+    _one_line_error(code, err, "--viz", "not a folder")
+    _one_line_error(*run(capsys, "convert-llava", tmp_path / "folder", tmp_path / "file.png")[::2], "file.png", "not a folder")

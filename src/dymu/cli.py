@@ -31,6 +31,27 @@ def _open(model_name: str):
     return model, processor
 
 
+def _out_file(path: str) -> Path:
+    """--out: a file in an existing folder, checked before any work so a typo does not cost a whole run."""
+    out = Path(path)
+    if out.is_dir():
+        raise DymuError(f"--out {out} is a folder: name the file to write in it")
+    if not out.parent.is_dir():
+        raise DymuError(f"--out {out}: folder {out.parent} does not exist")
+    return out
+
+
+def _out_folder(path: str | None, option: str) -> Path | None:
+    """A folder to write into (created), checked before any work."""
+    if path is None:
+        return None
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise DymuError(f"{option} {folder} is a file, not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def _report_skipped(skipped: list[dict]) -> None:
     if skipped:
         print(f"skipped {len(skipped)} image(s):", file=sys.stderr)
@@ -53,9 +74,9 @@ def cmd_find_thresholds(args) -> None:
     from .finder import find_thresholds
     from .images import collect_images
 
+    out = _out_file(args.out)
     image_set = collect_images(args.images, args.image_root)
     model, processor = _open(args.model)
-    out = Path(args.out)
     partial = out.with_name(out.name + ".partial")
     if partial.exists() and not args.resume:
         print(f"note: {partial} holds an interrupted run; starting over (pass --resume to continue it)", file=sys.stderr)
@@ -87,6 +108,7 @@ def cmd_encode(args) -> None:
 
     from .models import settings_from_config
 
+    viz_dir = _out_folder(args.viz, "--viz")
     image_set = collect_images(args.images, args.image_root)
     thresholds, _ = settings_from_config(args.model, args.thresholds, None)
     if thresholds is None:
@@ -95,9 +117,6 @@ def cmd_encode(args) -> None:
     model, processor = _open(args.model)
     api.apply(model, thresholds)
     rows, skipped, figures = [], list(image_set.skipped), []
-    viz_dir = Path(args.viz) if args.viz else None
-    if viz_dir:
-        viz_dir.mkdir(parents=True, exist_ok=True)
     from tqdm.auto import tqdm
 
     for start in tqdm(range(0, len(image_set.paths), args.batch_size), desc="encoding", unit="batch", disable=args.json):
@@ -149,8 +168,9 @@ def _save_viz(viz_dir: Path, name: str, pixels, source, row: dict, processor):
 def cmd_import_thresholds(args) -> None:
     from .reference import import_reference
 
+    out = _out_file(args.out)
     result = import_reference(args.checkpoint, num_layers=args.num_layers)
-    result.save(args.out)
+    result.save(out)
     print(f"wrote {args.out}: {result.describe()} ({result.model.get('model_type')}, {len(result)} layers)")
 
 

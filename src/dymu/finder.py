@@ -100,8 +100,11 @@ class _Checkpoint:
         data = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": self.config,
                 "statistics": statistics, "skipped": skipped}
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_text(json.dumps(data))
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)  # left only when writing failed
 
     def delete(self) -> None:
         if self.path is not None and self.path.exists():

@@ -86,8 +86,11 @@ class Thresholds:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1, allow_nan=True) + "\n")
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(self.to_json(), indent=1, allow_nan=True) + "\n")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)  # left only when writing failed
 
     @classmethod
     def from_json(cls, data, origin: str = "thresholds") -> "Thresholds":
