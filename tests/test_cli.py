@@ -297,3 +297,23 @@ def test_output_paths_are_checked_before_any_work(capsys, model_dirs, image_path
     code, _, err = run(capsys, "encode", clip_dir, *images, "--thresholds", tmp_path / "t.json", "--viz", tmp_path / "file.png")
     _one_line_error(code, err, "--viz", "not a folder")
     _one_line_error(*run(capsys, "convert-llava", tmp_path / "folder", tmp_path / "file.png")[::2], "file.png", "not a folder")
+
+
+def test_viz_gives_every_image_its_own_file(capsys, model_dirs, image_dir, clip_thresholds, tmp_path):
+    from PIL import Image
+
+    from dymu.cli import _viz_names
+
+    folder = tmp_path / "imgs"
+    for sub, name, source in [("a", "img.png", "coins"), ("b", "img.png", "moon"), ("a", "img.jpg", "camera"),
+                              ("b", "overview.png", "grass")]:
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        Image.open(image_dir / f"{source}.png").save(folder / sub / name)
+    code, _, err = run(capsys, "encode", model_dirs["tiny-clip"], folder, "--thresholds", clip_thresholds, "--viz", tmp_path / "viz")
+    assert code == 0, err
+    written = sorted(p.name for p in (tmp_path / "viz").iterdir())
+    assert len(written) == 5 and "overview.png" in written, written
+    paths = sorted(str(p) for p in folder.rglob("*.*"))
+    names = _viz_names(paths)
+    assert sorted(f"{n}.png" for n in names.values()) + ["overview.png"] == written
+    assert _viz_names(paths[::-1]) == names, "a file's name does not depend on the order or the run"

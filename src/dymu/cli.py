@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 from .vision import DymuError
@@ -14,6 +15,8 @@ from .vision import DymuError
 SCHEDULES = ("constant", "linear", "reverse-linear")
 #: exit status of a command whose reader went away (`dymu encode --json | head`), as 128 + SIGPIPE
 EXIT_BROKEN_PIPE = 141
+#: --viz: file stem of the picture of all merge maps
+OVERVIEW = "overview"
 
 
 def _add_images(parser: argparse.ArgumentParser) -> None:
@@ -117,6 +120,7 @@ def cmd_encode(args) -> None:
     model, processor = _open(args.model)
     api.apply(model, thresholds)
     rows, skipped, figures = [], list(image_set.skipped), []
+    viz_names = _viz_names(image_set.paths)
     from tqdm.auto import tqdm
 
     for start in tqdm(range(0, len(image_set.paths), args.batch_size), desc="encoding", unit="batch", disable=args.json):
@@ -131,13 +135,14 @@ def cmd_encode(args) -> None:
             if args.json:
                 print(json.dumps(rows[-1]), flush=True)
             if viz_dir:
-                figures.append(_save_viz(viz_dir, name, pixel_values[i], encoding.source[i], rows[-1], processor))
+                figures.append(_save_viz(viz_dir / f"{viz_names[name]}.png", name, pixel_values[i], encoding.source[i],
+                                         rows[-1], processor))
     if not rows:
         raise DymuError("no readable images: every image failed to decode")
     if viz_dir:
         from .viz import save_overview
 
-        save_overview(viz_dir / "overview.png", figures)
+        save_overview(viz_dir / f"{OVERVIEW}.png", figures)
     counts = torch.tensor([r["tokens"] for r in rows], dtype=torch.float64)
     if not args.json:
         _print_table(rows)
@@ -155,14 +160,35 @@ def _print_table(rows: list[dict]) -> None:
         print(f"{Path(r['image']).name:<{width}}  {r['tokens']:>6}  {r['patches']:>7}  {100 * r['tokens'] / r['patches']:>5.1f}%")
 
 
-def _save_viz(viz_dir: Path, name: str, pixels, source, row: dict, processor):
+def _viz_names(paths: list[str]) -> dict[str, str]:
+    """A distinct file stem per image for --viz, the same on every run: the image's stem; where stems clash
+    (case-insensitively), its path from the images' common folder with the extension ("a/img.png" -> "a_img.png"),
+    numbered if that clashes too. No image takes the overview's name."""
+    paths = list(dict.fromkeys(paths))
+    clashes = Counter(Path(p).stem.lower() for p in paths) + Counter([OVERVIEW])
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+    names, used = {}, {OVERVIEW}
+    for path in paths:
+        name = base = Path(path).stem
+        if clashes[name.lower()] > 1:
+            name = base = "_".join(Path(os.path.relpath(os.path.abspath(path), root)).parts)
+        number = 1
+        while name.lower() in used:
+            number += 1
+            name = f"{base}-{number}"
+        used.add(name.lower())
+        names[path] = name
+    return names
+
+
+def _save_viz(out: Path, name: str, pixels, source, row: dict, processor):
+    """Write the merge figure of one image to ``out``; return its overview entry (label, merge map)."""
     from .viz import denormalize, merge_map, save_merge_figure
 
     image = denormalize(pixels, processor.image_mean, processor.image_std)
-    stem = Path(name).stem
     title = f"{Path(name).name}: {row['tokens']} tokens / {row['patches']} patches"
-    save_merge_figure(viz_dir / f"{stem}.png", image, source, title)
-    return (f"{stem}: {row['tokens']}", merge_map(image, source))
+    save_merge_figure(out, image, source, title)
+    return (f"{out.stem}: {row['tokens']}", merge_map(image, source))
 
 
 def cmd_import_thresholds(args) -> None:
