@@ -317,3 +317,28 @@ def test_viz_gives_every_image_its_own_file(capsys, model_dirs, image_dir, clip_
     names = _viz_names(paths)
     assert sorted(f"{n}.png" for n in names.values()) + ["overview.png"] == written
     assert _viz_names(paths[::-1]) == names, "a file's name does not depend on the order or the run"
+
+
+#: far below the ~30 s of hub retries a mistyped name used to cost offline, far above a local check
+FAST_FAILURE_SECONDS = 5
+
+
+@pytest.mark.parametrize("name,offline,fragment", [
+    ("tiny-clp", True, "HF_HUB_OFFLINE"),  # a valid hub id, absent from the hub cache
+    ("models/tiny-clp", False, "model folder not found"),  # models/ is a local folder: a path, not org/name
+    ("my model", False, "model folder not found"),  # not a valid hub id
+])
+def test_mistyped_model_name_fails_at_once(capsys, monkeypatch, tmp_path, image_paths, name, offline, fragment):
+    import time
+
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    from transformers import AutoConfig  # noqa: F401  (imported before the clock starts)
+
+    start = time.perf_counter()
+    code, _, err = run(capsys, "find-thresholds", name, image_paths[0], "--target-tokens", "300", "--out", "t.json")
+    assert time.perf_counter() - start < FAST_FAILURE_SECONDS
+    _one_line_error(code, err, fragment, name)

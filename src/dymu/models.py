@@ -159,8 +159,24 @@ def make_model(name: str, out_dir, seed: int = 0, layers: int | None = None, dty
 
 
 def _looks_local(name: str) -> bool:
-    """A hub id is ``name`` or ``org/name``; anything else is meant as a local folder."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/") or "\\" in name
+    """Meant as a local folder: a form no hub id takes (hub ids are ``name`` or ``org/name``), or ``org/name``
+    whose ``org`` is a local folder."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/") or "\\" in name:
+        return True
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True
+    return "/" in name and Path(name).parent.is_dir()
+
+
+def _hub_unreachable(name: str) -> bool:
+    """HF_HUB_OFFLINE=1 and no copy of ``name`` in the local hub cache: loading it can only fail."""
+    from huggingface_hub import is_offline_mode, try_to_load_from_cache
+
+    return is_offline_mode() and not isinstance(try_to_load_from_cache(name, "config.json"), str)
 
 
 def load_model(name_or_path, dtype: torch.dtype | None = None):
@@ -176,6 +192,8 @@ def load_model(name_or_path, dtype: torch.dtype | None = None):
         raise DymuError(f"model path is a file, expected a checkpoint folder: {name}")
     if not path.exists() and _looks_local(name):
         raise DymuError(f"model folder not found: {name}")
+    if not path.exists() and _hub_unreachable(name):
+        raise DymuError(f"model {name!r} not found: no such local folder, and HF_HUB_OFFLINE=1 with no copy in the hub cache")
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise DymuError(f"not a Hugging Face checkpoint folder (no config.json): {name}")
