@@ -115,3 +115,46 @@ def test_torchrun_two_processes_match_one_process(model_dirs, image_paths, tmp_p
     one, two = json.loads(single.read_text()), json.loads(double.read_text())
     assert one["thresholds"] == two["thresholds"]
     assert one["images"]["batches"] == two["images"]["batches"] == 4
+
+
+def _numbers_after(text, phrase):
+    import re
+
+    return int(re.search(re.escape(phrase) + r" (\d+)", text).group(1))
+
+
+def _reachable(info, target, schedule):
+    from dymu.finder import budgets_for
+
+    try:
+        budgets_for(info, target, schedule)
+        return True
+    except dymu.DymuError:
+        return False
+
+
+@pytest.mark.parametrize("schedule", ["constant", "reverse-linear"])
+def test_unreachable_target_names_the_smallest_reachable_one(clip, schedule):
+    from dymu.vision import tower_info
+
+    info = tower_info(clip[0])
+    with pytest.raises(dymu.DymuError) as error:
+        find_thresholds(clip[0], [], target_tokens=5, schedule=schedule)
+    smallest = _numbers_after(str(error.value), "the smallest reachable target is")
+    assert _reachable(info, smallest, schedule) and not any(_reachable(info, t, schedule) for t in range(1, smallest))
+
+
+def test_unreachable_target_above_the_smallest_names_the_nearest_one_above():
+    """linear schedules are not monotone: on a 256-patch, 8-layer SigLIP 16 tokens are reachable but not 17 or 18."""
+    from dymu.finder import budgets_for
+    from dymu.vision import TowerInfo
+
+    info = TowerInfo(tower=None, model_type="siglip_vision_model", protected=0, num_layers=8, hidden_size=8, num_heads=1,
+                     intermediate_size=8, image_size=224, patch_size=14, read_layer=7)
+    target = next(t for t in range(2, info.num_patches) if not _reachable(info, t, "linear") and _reachable(info, t - 1, "linear"))
+    with pytest.raises(dymu.DymuError) as error:
+        budgets_for(info, target, "linear")
+    message = str(error.value)
+    assert _numbers_after(message, "the smallest reachable target is") < target
+    above = _numbers_after(message, f"the nearest above {target} is")
+    assert _reachable(info, above, "linear") and not any(_reachable(info, t, "linear") for t in range(target, above))

@@ -58,16 +58,37 @@ def _default_processor(model):
     return load_processor(name)
 
 
+def _merge_budgets(info, target_tokens: int, schedule: str) -> list[int] | None:
+    """Budgets of the merging layers for ``target_tokens``, None when a layer would merge more than it can."""
+    rs = M.merge_schedule(info.merge_layers, info.num_patches - target_tokens, schedule)
+    try:
+        M.check_schedule(rs, info.num_tokens, info.protected)
+    except ValueError:
+        return None
+    return rs
+
+
+def reachable_targets(info, schedule: str) -> list[int]:
+    """Every token count the schedule can reach on this tower (not an interval: linear schedules have gaps)."""
+    return [t for t in range(1, info.num_patches + 1) if _merge_budgets(info, t, schedule) is not None]
+
+
+def _unreachable(info, target_tokens: int, schedule: str) -> str:
+    reachable = reachable_targets(info, schedule)  # never empty: num_patches needs no merge
+    text = (f"target {target_tokens} tokens is out of reach of the {schedule} schedule over {info.merge_layers} merging "
+            f"layers (a layer merges at most half its tokens): the smallest reachable target is {reachable[0]}")
+    if reachable[0] < target_tokens:
+        text += f", the nearest above {target_tokens} is {next(t for t in reachable if t > target_tokens)}"
+    return text
+
+
 def budgets_for(info, target_tokens: int, schedule: str) -> list[int]:
     """Per-layer merge budget (tokens removed per image), zeros after the read layer."""
     if not isinstance(target_tokens, int) or not 1 <= target_tokens <= info.num_patches:
         raise DymuError(f"--target-tokens must be between 1 and {info.num_patches} (the patch count), got {target_tokens}")
-    r_total = info.num_patches - target_tokens
-    rs = M.merge_schedule(info.merge_layers, r_total, schedule)
-    try:
-        M.check_schedule(rs, info.num_tokens, info.protected)
-    except ValueError as exc:
-        raise DymuError(f"target {target_tokens} tokens with the {schedule} schedule: {exc}") from None
+    rs = _merge_budgets(info, target_tokens, schedule)
+    if rs is None:
+        raise DymuError(_unreachable(info, target_tokens, schedule))
     return rs + [0] * (info.num_layers - info.merge_layers)
 
 
