@@ -25,8 +25,9 @@ def apply(model: nn.Module, thresholds, vtu: str = "fast") -> nn.Module:
     (compact: merged tokens fed directly; build inputs with ``dymu.prepare_inputs``).
     Returns ``model``. Applying again replaces the previous settings.
     """
-    from .llava import is_vlm, patch_vlm, supports_language_side
+    from .llava import check_vtu, is_vlm, patch_vlm, supports_language_side
 
+    check_vtu(vtu)
     info = tower_info(model)
     thresholds = as_thresholds(thresholds)
     thresholds.check(info.identity(), origin=_origin(thresholds))

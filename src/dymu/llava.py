@@ -322,9 +322,13 @@ def _exact_attention(self, module, query, key, value, cos, sin, attention_mask, 
     return output.transpose(1, 2).contiguous(), None  # (batch, full, heads, d)
 
 
-def patch_vlm(model: nn.Module, vtu: str) -> LlavaPatch:
+def check_vtu(vtu: str) -> None:
     if vtu not in VTU_MODES:
         raise DymuError(f"vtu must be one of {', '.join(VTU_MODES)}, got {vtu!r}")
+
+
+def patch_vlm(model: nn.Module, vtu: str) -> LlavaPatch:
+    check_vtu(vtu)
     base, language_model = _vlm_parts(model)
     if type(base).__name__ != "LlavaModel":
         raise DymuError(f"{type(base).__name__}: the language-model side of dymu supports LLaVA-1.5 (LlavaModel) so far")

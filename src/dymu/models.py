@@ -300,15 +300,14 @@ def from_pretrained(name_or_path, dtype: torch.dtype | None = None, thresholds=N
 
 def enable(checkpoint, thresholds, vtu: str = "fast") -> Path:
     """Write a ``"dymu"`` section into a checkpoint folder's config.json (the thresholds file is copied in)."""
-    from .llava import VTU_MODES
+    from .llava import check_vtu
     from .thresholds import Thresholds
 
     folder = Path(str(checkpoint)).expanduser()
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise DymuError(f"not a checkpoint folder (no config.json): {folder}")
-    if vtu not in VTU_MODES:
-        raise DymuError(f"--vtu must be one of {', '.join(VTU_MODES)}, got {vtu!r}")
+    check_vtu(vtu)
     loaded = Thresholds.load(thresholds)
     model = load_model(folder)  # checks the thresholds against the real encoder, as dymu.apply will
     from .vision import tower_info
