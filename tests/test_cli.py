@@ -342,3 +342,13 @@ def test_mistyped_model_name_fails_at_once(capsys, monkeypatch, tmp_path, image_
     code, _, err = run(capsys, "find-thresholds", name, image_paths[0], "--target-tokens", "300", "--out", "t.json")
     assert time.perf_counter() - start < FAST_FAILURE_SECONDS
     _one_line_error(code, err, fragment, name)
+
+
+def test_every_image_failing_says_why_in_the_error(capsys, model_dirs, clip_thresholds, tmp_path):
+    corrupt = tmp_path / "only.png"
+    corrupt.write_bytes(b"nope")
+    clip_dir = model_dirs["tiny-clip"]
+    _one_line_error(*run(capsys, "encode", clip_dir, corrupt, "--thresholds", clip_thresholds)[::2],
+                    "no readable images", "only.png", "cannot read image")
+    _one_line_error(*run(capsys, "find-thresholds", clip_dir, corrupt, "--target-tokens", "300", "--out", tmp_path / "t.json")[::2],
+                    "no readable images", "only.png", "cannot read image")

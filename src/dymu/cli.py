@@ -56,11 +56,12 @@ def _out_folder(path: str | None, option: str) -> Path | None:
 
 
 def _report_skipped(skipped: list[dict]) -> None:
+    from .images import failure_line
+
     if skipped:
         print(f"skipped {len(skipped)} image(s):", file=sys.stderr)
         for entry in skipped:
-            message = entry["error"] if entry["image"] in entry["error"] else f"{entry['image']}: {entry['error']}"
-            print(f"  {message}", file=sys.stderr)
+            print(f"  {failure_line(entry)}", file=sys.stderr)
 
 
 def cmd_make_model(args) -> None:
@@ -74,8 +75,10 @@ def cmd_make_model(args) -> None:
 
 
 def cmd_find_thresholds(args) -> None:
+    import warnings
+
     from .finder import find_thresholds
-    from .images import collect_images
+    from .images import SkippedImagesWarning, collect_images
 
     out = _out_file(args.out)
     image_set = collect_images(args.images, args.image_root)
@@ -83,10 +86,12 @@ def cmd_find_thresholds(args) -> None:
     partial = out.with_name(out.name + ".partial")
     if partial.exists() and not args.resume:
         print(f"note: {partial} holds an interrupted run; starting over (pass --resume to continue it)", file=sys.stderr)
-    result = find_thresholds(
-        model, image_set.paths, target_tokens=args.target_tokens, schedule=args.schedule, batch_size=args.batch_size,
-        processor=processor, checkpoint=partial, resume=args.resume, measure=args.measure,
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SkippedImagesWarning)  # the full list is printed below
+        result = find_thresholds(
+            model, image_set.paths, target_tokens=args.target_tokens, schedule=args.schedule, batch_size=args.batch_size,
+            processor=processor, checkpoint=partial, resume=args.resume, measure=args.measure,
+        )
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -106,7 +111,7 @@ def cmd_encode(args) -> None:
     import torch
 
     from . import api
-    from .images import collect_images, load_batch
+    from .images import collect_images, load_batch, summarize_failures
     from .thresholds import Thresholds
 
     from .models import settings_from_config
@@ -138,7 +143,7 @@ def cmd_encode(args) -> None:
                 figures.append(_save_viz(viz_dir / f"{viz_names[name]}.png", name, pixel_values[i], encoding.source[i],
                                          rows[-1], processor))
     if not rows:
-        raise DymuError("no readable images: every image failed to decode")
+        raise DymuError(f"no readable images: every image failed ({summarize_failures(skipped)})")
     if viz_dir:
         from .viz import save_overview
 

@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +24,7 @@ import torch
 
 from . import merge as M
 from .api import run_encoder, _check_pixels
-from .images import load_batch
+from .images import SkippedImagesWarning, collect_images, load_batch, summarize_failures
 from .thresholds import Thresholds
 from .vision import DymuError, get_patch, patch_tower, tower_info, unpatch_tower
 
@@ -46,6 +47,26 @@ def _distributed():
 
 def _fingerprint(names: list[str]) -> str:
     return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+
+
+def _image_items(images) -> tuple[list, list[dict]]:
+    """Image files, folders and JSON manifests expanded as the CLI does (a path or a list), PIL images kept.
+    Returns (items, manifest entries that named no image)."""
+    from PIL import Image
+
+    if isinstance(images, (str, os.PathLike)):
+        images = [images]
+    items, skipped = [], []
+    for item in images:
+        if isinstance(item, Image.Image):
+            items.append(item)
+        elif isinstance(item, (str, os.PathLike)):
+            found = collect_images(item)
+            items += found.paths
+            skipped += found.skipped
+        else:
+            raise DymuError(f"images must be paths, folders, manifests or PIL images (or one pixel tensor), got {type(item).__name__}")
+    return items, skipped
 
 
 def _default_processor(model):
@@ -160,7 +181,9 @@ def find_thresholds(
     """Learn per-layer thresholds so that the images merge to about ``target_tokens`` tokens on average.
 
     model: a CLIP/SigLIP vision model or a LLaVA-style VLM (its tower is used, up to its read layer).
-    images: a list of image paths / PIL images, or a pixel tensor (N, 3, H, W).
+    images: image files, folders (searched recursively) and JSON manifests as the CLI takes them (one path or a
+    list), PIL images, or a pixel tensor (N, 3, H, W). Images that cannot be used are skipped, recorded in
+    ``images["skipped"]`` and reported with a ``SkippedImagesWarning``.
     target_tokens: tokens out of the last merging layer, CLS not counted (the reference's "Xout").
     schedule: constant | linear | reverse-linear. checkpoint: a file to save progress to after every batch;
     resume=True continues from it. measure: encode up to this many images with the result to record the
@@ -173,12 +196,13 @@ def find_thresholds(
         raise DymuError(f"--batch-size must be >= 1, got {batch_size}")
     budgets = budgets_for(info, target_tokens, schedule)
     is_tensor = isinstance(images, torch.Tensor)
+    unlisted: list[dict] = []  # manifest entries that named no image
     if is_tensor:
         pixels = _check_pixels(images, info)
         names = [f"<tensor {i}>" for i in range(len(images))]
     else:
-        images = list(images)
-        names = [str(im) if isinstance(im, (str, Path)) else f"<image {i}>" for i, im in enumerate(images)]
+        images, unlisted = _image_items(images)
+        names = [im if isinstance(im, str) else f"<image {i}>" for i, im in enumerate(images)]
         if processor is None:
             processor = _default_processor(model)
     if not names:
@@ -235,7 +259,10 @@ def find_thresholds(
         statistics, skipped = _gather(statistics, skipped, world)
     rows = [statistics[str(k)] for k in range(num_batches) if statistics.get(str(k)) is not None]
     if not rows:
-        raise DymuError("no readable images: every image failed to decode (see the skipped list)")
+        raise DymuError(f"no readable images: every image failed ({summarize_failures(unlisted + skipped)})")
+    if unlisted + skipped:
+        warnings.warn(f"dymu.find_thresholds: skipped {len(unlisted + skipped)} image(s): {summarize_failures(unlisted + skipped)}",
+                      SkippedImagesWarning, stacklevel=2)
     table = torch.tensor(rows, dtype=torch.float64)  # (batches, layers), summed in batch order
     sums = torch.zeros(info.num_layers, dtype=torch.float64)
     for row in table:
@@ -250,7 +277,8 @@ def find_thresholds(
         target_tokens=target_tokens,
         budgets=budgets,
         batch_size=batch_size,
-        images={"count": len(names) - len(failed), "batches": len(rows), "used": [n for n in names if n not in failed], "skipped": skipped},
+        images={"count": len(names) - len(failed), "batches": len(rows), "used": [n for n in names if n not in failed],
+                "skipped": unlisted + skipped},
         source="dymu find-thresholds",
     )
     if measure and rank == 0:

@@ -16,10 +16,16 @@ from .vision import DymuError
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 #: 16-bit grey levels per 8-bit level (65535 / 255)
 LEVELS_16_TO_8 = 257
+#: failures quoted in a one-line summary
+REASONS_SHOWN = 3
 
 
 class ImageError(DymuError):
     pass
+
+
+class SkippedImagesWarning(UserWarning):
+    """Some images of a set could not be used (the API's report; the CLI prints its own list)."""
 
 
 @dataclass
@@ -43,6 +49,18 @@ def _manifest(path: Path, image_root: Path | None) -> tuple[list[str], list[dict
             continue
         paths.append(str(root / entry["image"]))
     return paths, skipped
+
+
+def failure_line(entry: dict) -> str:
+    """One skipped image, {"image": ..., "error": ...}, as a line that names it once."""
+    return entry["error"] if entry["image"] in entry["error"] else f"{entry['image']}: {entry['error']}"
+
+
+def summarize_failures(failures: list[dict]) -> str:
+    """The first few failures on one line, for warnings and for errors when nothing was readable."""
+    text = "; ".join(failure_line(entry) for entry in failures[:REASONS_SHOWN])
+    more = len(failures) - REASONS_SHOWN
+    return text + (f"; and {more} more" if more > 0 else "")
 
 
 def collect_images(inputs, image_root=None) -> ImageSet:
