@@ -352,3 +352,47 @@ def test_every_image_failing_says_why_in_the_error(capsys, model_dirs, clip_thre
                     "no readable images", "only.png", "cannot read image")
     _one_line_error(*run(capsys, "find-thresholds", clip_dir, corrupt, "--target-tokens", "300", "--out", tmp_path / "t.json")[::2],
                     "no readable images", "only.png", "cannot read image")
+
+
+def _tower_saved_alone(model_dir, folder):
+    """The model of a make-model folder saved with save_pretrained alone: no preprocessor_config.json."""
+    from dymu.models import load_model
+
+    load_model(model_dir).save_pretrained(folder)
+    assert not list(folder.glob("*processor*"))
+    return folder
+
+
+def test_tower_without_processor_config_uses_its_family_standard_processor(capsys, model_dirs, image_paths, tmp_path):
+    clip_dir, images = model_dirs["tiny-clip"], image_paths[:2]
+    bare = _tower_saved_alone(clip_dir, tmp_path / "bare")
+    out = tmp_path / "t.json"
+    code, _, err = run(capsys, "find-thresholds", bare, *images, "--target-tokens", "300", "--batch-size", "2",
+                       "--measure", "0", "--out", out)
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if "preprocessor_config.json" in line]
+    assert len(notes) == 1 and "standard CLIP image processor" in notes[0] and "--processor" in notes[0], err
+    encoded = {}
+    for model, extra in [(bare, ()), (clip_dir, ()), (bare, ("--processor", clip_dir))]:
+        code, stdout, err = run(capsys, "encode", model, *images, "--thresholds", out, "--json", *extra)
+        assert code == 0, err
+        encoded[(str(model), extra)] = [json.loads(line)["tokens"] for line in stdout.splitlines()]
+        assert ("preprocessor_config.json" in err) == (model == bare and not extra)
+    # make-model saved the family's standard processor with the original folder: the same tokens everywhere
+    assert len({tuple(tokens) for tokens in encoded.values()}) == 1, encoded
+    _one_line_error(*run(capsys, "encode", bare, *images, "--thresholds", out, "--processor", bare)[::2],
+                    str(bare), "no image processor")
+    _one_line_error(*run(capsys, "encode", bare, *images, "--thresholds", out, "--processor", tmp_path / "nowhere")[::2],
+                    "nowhere", "not found")
+
+
+def test_api_builds_the_standard_processor_of_a_siglip_without_one(model_dirs, image_paths, tmp_path):
+    import dymu
+    from dymu.models import load_model, load_processor
+
+    bare = load_model(_tower_saved_alone(model_dirs["tiny-siglip"], tmp_path / "bare"))
+    kwargs = dict(target_tokens=400, batch_size=2, progress=False, measure=0)
+    with pytest.warns(UserWarning, match="standard SigLIP image processor") as notes:
+        found = dymu.find_thresholds(bare, image_paths[:2], **kwargs)
+    assert len(notes) == 1
+    assert found.values == dymu.find_thresholds(bare, image_paths[:2], processor=load_processor(model_dirs["tiny-siglip"]), **kwargs).values

@@ -19,18 +19,29 @@ EXIT_BROKEN_PIPE = 141
 OVERVIEW = "overview"
 
 
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="local checkpoint folder or hub id")
+    parser.add_argument("--processor", metavar="DIR", help="folder holding the image processor to use (a preprocessor_config.json) "
+                        "(default: the model's; without one, the standard processor of its family, with a notice)")
+
+
 def _add_images(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", metavar="IMAGES",
                         help="image files, folders (searched recursively) or JSON manifests [{\"image\": \"rel/path\"}, ...]")
     parser.add_argument("--image-root", help="folder that manifest paths are relative to (default: the manifest's folder)")
 
 
-def _open(model_name: str):
-    from .models import describe, load_model, load_processor
+def _open(model_name: str, processor_path: str | None):
+    """The model and its image processor: --processor, else the checkpoint's, else its family's standard one."""
+    from .models import describe, image_processor_for, load_model, load_processor
 
     model = load_model(model_name)
-    processor = load_processor(model_name)
     print(f"model: {model_name} ({describe(model)})", file=sys.stderr)
+    if processor_path is not None:
+        return model, load_processor(processor_path)
+    processor, notice = image_processor_for(model, model_name)
+    if notice:
+        print(f"note: {notice} (pass --processor DIR to use another)", file=sys.stderr)
     return model, processor
 
 
@@ -82,7 +93,7 @@ def cmd_find_thresholds(args) -> None:
 
     out = _out_file(args.out)
     image_set = collect_images(args.images, args.image_root)
-    model, processor = _open(args.model)
+    model, processor = _open(args.model, args.processor)
     partial = out.with_name(out.name + ".partial")
     if partial.exists() and not args.resume:
         print(f"note: {partial} holds an interrupted run; starting over (pass --resume to continue it)", file=sys.stderr)
@@ -122,7 +133,7 @@ def cmd_encode(args) -> None:
     if thresholds is None:
         raise DymuError(f"no thresholds: pass --thresholds FILE, or store them in {args.model} with `dymu enable`")
     thresholds = Thresholds.load(thresholds) if isinstance(thresholds, str) else thresholds
-    model, processor = _open(args.model)
+    model, processor = _open(args.model, args.processor)
     api.apply(model, thresholds)
     rows, skipped, figures = [], list(image_set.skipped), []
     viz_names = _viz_names(image_set.paths)
@@ -354,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_make_model)
 
     p = sub.add_parser("find-thresholds", help="learn per-layer merge thresholds from a set of images")
-    p.add_argument("model", help="local checkpoint folder or hub id")
+    _add_model(p)
     _add_images(p)
     p.add_argument("--target-tokens", type=int, required=True, help="mean visual tokens wanted out of the last merging layer (CLS not counted)")
     p.add_argument("--schedule", choices=SCHEDULES, default="constant",
@@ -367,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_find_thresholds)
 
     p = sub.add_parser("encode", help="encode images with merging: tokens per image, merge maps")
-    p.add_argument("model", help="local checkpoint folder or hub id")
+    _add_model(p)
     _add_images(p)
     p.add_argument("--thresholds", help="thresholds file (default: the checkpoint's \"dymu\" config section)")
     p.add_argument("--json", action="store_true", help="print one JSON line per image: image, tokens, patches")

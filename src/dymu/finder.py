@@ -70,13 +70,13 @@ def _image_items(images) -> tuple[list, list[dict]]:
 
 
 def _default_processor(model):
-    """The image processor saved with the model's checkpoint folder, for image files given without one."""
-    from .models import load_processor
+    """The image processor saved with the model's checkpoint, else the standard one of its family (with a warning)."""
+    from .models import image_processor_for
 
-    name = getattr(getattr(model, "config", None), "_name_or_path", "")
-    if not name or not Path(name).is_dir():
-        raise DymuError("find_thresholds needs the model's image processor to read image files (processor=...)")
-    return load_processor(name)
+    processor, notice = image_processor_for(model, getattr(getattr(model, "config", None), "_name_or_path", ""))
+    if notice:
+        warnings.warn(f"dymu.find_thresholds: {notice} (pass processor=... to use another)", stacklevel=3)
+    return processor
 
 
 def _merge_budgets(info, target_tokens: int, schedule: str) -> list[int] | None:

@@ -14,6 +14,13 @@ OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 SIGLIP_MEAN = [0.5, 0.5, 0.5]
 SIGLIP_STD = [0.5, 0.5, 0.5]
+#: vision tower model_type -> (make_image_processor family, name in messages, its pixel normalisation)
+TOWER_FAMILIES = {
+    "clip_vision_model": ("clip", "CLIP", "OpenAI CLIP mean/std"),
+    "siglip_vision_model": ("siglip", "SigLIP", "mean/std 0.5"),
+}
+#: files a checkpoint keeps its image processor settings in (a multimodal processor nests them in the second)
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 #: name -> (family, config kwargs). Geometry of the tiny presets is the real one (577 / 729 tokens),
 #: only width and depth are small, so token counts in tests are the real ones.
@@ -179,6 +186,19 @@ def _hub_unreachable(name: str) -> bool:
     return is_offline_mode() and not isinstance(try_to_load_from_cache(name, "config.json"), str)
 
 
+def _checked_name(name: str, what: str) -> Path:
+    """Fail at once, one line, for a name that can only fail to load: a file, a missing local folder, or (with
+    HF_HUB_OFFLINE=1) a hub id absent from the hub cache. Returns the name as a path."""
+    path = Path(name).expanduser()
+    if path.exists() and not path.is_dir():
+        raise DymuError(f"{what} path is a file, expected a checkpoint folder: {name}")
+    if not path.exists() and _looks_local(name):
+        raise DymuError(f"{what} folder not found: {name}")
+    if not path.exists() and _hub_unreachable(name):
+        raise DymuError(f"{what} {name!r} not found: no such local folder, and HF_HUB_OFFLINE=1 with no copy in the hub cache")
+    return path
+
+
 def load_model(name_or_path, dtype: torch.dtype | None = None):
     """Load a vision encoder or LLaVA-style VLM with ``from_pretrained`` from a local folder or a hub id.
 
@@ -187,13 +207,7 @@ def load_model(name_or_path, dtype: torch.dtype | None = None):
     from transformers import AutoConfig
 
     name = str(name_or_path)
-    path = Path(name).expanduser()
-    if path.exists() and not path.is_dir():
-        raise DymuError(f"model path is a file, expected a checkpoint folder: {name}")
-    if not path.exists() and _looks_local(name):
-        raise DymuError(f"model folder not found: {name}")
-    if not path.exists() and _hub_unreachable(name):
-        raise DymuError(f"model {name!r} not found: no such local folder, and HF_HUB_OFFLINE=1 with no copy in the hub cache")
+    path = _checked_name(name, "model")
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise DymuError(f"not a Hugging Face checkpoint folder (no config.json): {name}")
@@ -225,6 +239,10 @@ def _model_class(model_type: str, name: str):
     return classes[model_type]
 
 
+def _has_processor(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in PROCESSOR_FILES)
+
+
 def load_processor(name_or_path, full: bool = False):
     """The image processor saved with a checkpoint (PIL backend when torchvision is absent).
 
@@ -232,12 +250,31 @@ def load_processor(name_or_path, full: bool = False):
     """
     from transformers import AutoImageProcessor, AutoProcessor
 
+    name = str(name_or_path)
+    folder = _checked_name(name, "processor")
+    if folder.is_dir() and not _has_processor(folder):
+        raise DymuError(f"{name}: no image processor saved there (no {' or '.join(PROCESSOR_FILES)})")
     try:
-        if full:
-            return AutoProcessor.from_pretrained(str(name_or_path))
-        return AutoImageProcessor.from_pretrained(str(name_or_path))
+        return (AutoProcessor if full else AutoImageProcessor).from_pretrained(str(folder) if folder.is_dir() else name)
     except Exception as exc:
-        raise DymuError(f"cannot load the image processor of {name_or_path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        raise DymuError(f"cannot load the {'processor' if full else 'image processor'} of {name} ({type(exc).__name__})") from None
+
+
+def image_processor_for(model, name_or_path=None):
+    """(image processor, notice): the one saved with the model's checkpoint; when there is none (a tower saved with
+    ``save_pretrained`` alone, a model built in memory), the standard processor of the tower's family for its
+    image size, and a one-line notice saying so (else None)."""
+    from .vision import tower_info
+
+    name = str(name_or_path or "")
+    folder = Path(name).expanduser()
+    if name and (_has_processor(folder) or not folder.is_dir()):  # saved in the folder, or a hub id
+        return load_processor(name), None
+    info = tower_info(model)
+    family, label, normalization = TOWER_FAMILIES[info.model_type]
+    where = f"{name} has no {PROCESSOR_FILES[0]}" if name else "the model has no saved image processor"
+    notice = f"{where}: using the standard {label} image processor ({info.image_size} px, {normalization})"
+    return make_image_processor(family, info.image_size), notice
 
 
 def describe(model) -> str:
