@@ -257,11 +257,12 @@ def find_thresholds(
 
     if world > 1:
         statistics, skipped = _gather(statistics, skipped, world)
+    skipped = unlisted + skipped
     rows = [statistics[str(k)] for k in range(num_batches) if statistics.get(str(k)) is not None]
     if not rows:
-        raise DymuError(f"no readable images: every image failed ({summarize_failures(unlisted + skipped)})")
-    if unlisted + skipped:
-        warnings.warn(f"dymu.find_thresholds: skipped {len(unlisted + skipped)} image(s): {summarize_failures(unlisted + skipped)}",
+        raise DymuError(f"no readable images: every image failed ({summarize_failures(skipped)})")
+    if skipped:
+        warnings.warn(f"dymu.find_thresholds: skipped {len(skipped)} image(s): {summarize_failures(skipped)}",
                       SkippedImagesWarning, stacklevel=2)
     table = torch.tensor(rows, dtype=torch.float64)  # (batches, layers), summed in batch order
     sums = torch.zeros(info.num_layers, dtype=torch.float64)
@@ -277,8 +278,7 @@ def find_thresholds(
         target_tokens=target_tokens,
         budgets=budgets,
         batch_size=batch_size,
-        images={"count": len(names) - len(failed), "batches": len(rows), "used": [n for n in names if n not in failed],
-                "skipped": unlisted + skipped},
+        images={"count": len(names) - len(failed), "batches": len(rows), "used": [n for n in names if n not in failed], "skipped": skipped},
         source="dymu find-thresholds",
     )
     if measure and rank == 0:
