@@ -235,3 +235,184 @@ def test_vlm_folder_uses_its_tower_processor_and_feature_layer(capsys, image_pat
     assert sum(data["budgets"]) == 576 - 250
     code, stdout, _ = run(capsys, "encode", folder, *image_paths[:6], "--thresholds", out, "--json")
     assert code == 0 and len(stdout.splitlines()) == 6
+
+
+def test_encode_json_into_a_closed_pipe_exits_quietly(capsys, monkeypatch, model_dirs, image_paths, clip_thresholds):
+    """`dymu encode --json | head -1`: the reader goes away; no traceback, exit 141 like a SIGPIPE'd tool."""
+    import os
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    pipe = os.fdopen(write_end, "w")
+    monkeypatch.setattr(sys, "stdout", pipe)
+    code = main(["encode", str(model_dirs["tiny-clip"]), *image_paths[:2], "--thresholds", str(clip_thresholds), "--json"])
+    monkeypatch.undo()
+    assert code == 141
+    assert capsys.readouterr().err.count("error") == 0
+    print("more output", file=pipe)
+    pipe.close()  # stdout now goes to devnull: flushing at exit raises nothing
+
+
+def test_thresholds_repr_is_short(clip_thresholds):
+    from dymu import Thresholds
+
+    text = repr(Thresholds.load(clip_thresholds))
+    assert "\n" not in text and "png" not in text and len(text) < 200, text
+    assert "/4 merging layers" in text and "8 images" in text and "target 250" in text
+
+
+def _subcommands():
+    import argparse
+
+    from dymu.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return subparsers.choices.items()
+
+
+@pytest.mark.parametrize("command,parser", _subcommands())
+def test_every_option_has_help_that_states_its_default(command, parser):
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        text = (action.help or "") % dict(vars(action), prog=parser.prog)
+        assert text.strip(), f"{command} {action.option_strings or action.dest}: no help"
+        if action.default not in (None, False):
+            assert str(action.default) in text, f"{command} {action.option_strings}: default {action.default} not shown: {text}"
+        assert "dymu." not in text, f"{command} {action.option_strings}: points at source code: {text}"
+
+
+def test_make_model_refuses_a_non_empty_folder_unless_overwrite(capsys, tmp_path):
+    from dymu.models import load_model, load_processor
+
+    folder, fresh = tmp_path / "m", tmp_path / "fresh"
+    assert run(capsys, "make-model", "tiny-llava", folder, "--layers", "1")[0] == 0
+    _one_line_error(*run(capsys, "make-model", "tiny-siglip", folder, "--layers", "1")[::2], str(folder), "not empty", "--overwrite")
+    assert type(load_model(folder)).__name__ == "LlavaForConditionalGeneration", "a refused run leaves the folder as it was"
+    assert run(capsys, "make-model", "tiny-siglip", folder, "--layers", "1", "--overwrite")[0] == 0
+    assert run(capsys, "make-model", "tiny-siglip", fresh, "--layers", "1")[0] == 0
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in fresh.iterdir()), "no stale files of the old model"
+    assert load_processor(folder).size["height"] == load_model(folder).config.image_size == 384
+    (tmp_path / "file").write_text("x")
+    _one_line_error(*run(capsys, "make-model", "tiny-siglip", tmp_path / "file", "--overwrite")[::2], "file", "not a folder")
+
+
+def test_output_paths_are_checked_before_any_work(capsys, model_dirs, image_paths, tmp_path):
+    clip_dir, images = model_dirs["tiny-clip"], image_paths[:2]
+    find = ("find-thresholds", clip_dir, *images, "--target-tokens", "300", "--measure", "0", "--out")
+    code, _, err = run(capsys, *find, tmp_path / "missing" / "t.json")
+    _one_line_error(code, err, "--out", str(tmp_path / "missing"), "does not exist")
+    assert "model:" not in err, "refused before loading the model"
+    (tmp_path / "folder").mkdir()
+    code, _, err = run(capsys, *find, tmp_path / "folder")
+    _one_line_error(code, err, "--out", "is a folder")
+    assert "model:" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"] and not any((tmp_path / "folder").iterdir()), \
+        "no .tmp / .partial files left behind"
+    _one_line_error(*run(capsys, "import-thresholds", tmp_path / "absent.pt", "--out", tmp_path / "folder")[::2],
+                    "--out", "is a folder")
+    (tmp_path / "file.png").write_text("x")
+    code, _, err = run(capsys, "encode", clip_dir, *images, "--thresholds", tmp_path / "t.json", "--viz", tmp_path / "file.png")
+    _one_line_error(code, err, "--viz", "not a folder")
+    _one_line_error(*run(capsys, "convert-llava", tmp_path / "folder", tmp_path / "file.png")[::2], "file.png", "not a folder")
+
+
+def test_viz_gives_every_image_its_own_file(capsys, model_dirs, image_dir, clip_thresholds, tmp_path):
+    from PIL import Image
+
+    from dymu.cli import _viz_names
+
+    folder = tmp_path / "imgs"
+    for sub, name, source in [("a", "img.png", "coins"), ("b", "img.png", "moon"), ("a", "img.jpg", "camera"),
+                              ("b", "overview.png", "grass")]:
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        Image.open(image_dir / f"{source}.png").save(folder / sub / name)
+    code, _, err = run(capsys, "encode", model_dirs["tiny-clip"], folder, "--thresholds", clip_thresholds, "--viz", tmp_path / "viz")
+    assert code == 0, err
+    written = sorted(p.name for p in (tmp_path / "viz").iterdir())
+    assert len(written) == 5 and "overview.png" in written, written
+    paths = sorted(str(p) for p in folder.rglob("*.*"))
+    names = _viz_names(paths)
+    assert sorted(f"{n}.png" for n in names.values()) + ["overview.png"] == written
+    assert _viz_names(paths[::-1]) == names, "a file's name does not depend on the order or the run"
+
+
+#: far below the ~30 s of hub retries a mistyped name used to cost offline, far above a local check
+FAST_FAILURE_SECONDS = 5
+
+
+@pytest.mark.parametrize("name,offline,fragment", [
+    ("tiny-clp", True, "HF_HUB_OFFLINE"),  # a valid hub id, absent from the hub cache
+    ("models/tiny-clp", False, "model folder not found"),  # models/ is a local folder: a path, not org/name
+    ("my model", False, "model folder not found"),  # not a valid hub id
+])
+def test_mistyped_model_name_fails_at_once(capsys, monkeypatch, tmp_path, image_paths, name, offline, fragment):
+    import time
+
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    from transformers import AutoConfig  # noqa: F401  (imported before the clock starts)
+
+    start = time.perf_counter()
+    code, _, err = run(capsys, "find-thresholds", name, image_paths[0], "--target-tokens", "300", "--out", "t.json")
+    assert time.perf_counter() - start < FAST_FAILURE_SECONDS
+    _one_line_error(code, err, fragment, name)
+
+
+def test_every_image_failing_says_why_in_the_error(capsys, model_dirs, clip_thresholds, tmp_path):
+    corrupt = tmp_path / "only.png"
+    corrupt.write_bytes(b"nope")
+    clip_dir = model_dirs["tiny-clip"]
+    _one_line_error(*run(capsys, "encode", clip_dir, corrupt, "--thresholds", clip_thresholds)[::2],
+                    "no readable images", "only.png", "cannot read image")
+    _one_line_error(*run(capsys, "find-thresholds", clip_dir, corrupt, "--target-tokens", "300", "--out", tmp_path / "t.json")[::2],
+                    "no readable images", "only.png", "cannot read image")
+
+
+def _tower_saved_alone(model_dir, folder):
+    """The model of a make-model folder saved with save_pretrained alone: no preprocessor_config.json."""
+    from dymu.models import load_model
+
+    load_model(model_dir).save_pretrained(folder)
+    assert not list(folder.glob("*processor*"))
+    return folder
+
+
+def test_tower_without_processor_config_uses_its_family_standard_processor(capsys, model_dirs, image_paths, tmp_path):
+    clip_dir, images = model_dirs["tiny-clip"], image_paths[:2]
+    bare = _tower_saved_alone(clip_dir, tmp_path / "bare")
+    out = tmp_path / "t.json"
+    code, _, err = run(capsys, "find-thresholds", bare, *images, "--target-tokens", "300", "--batch-size", "2",
+                       "--measure", "0", "--out", out)
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if "preprocessor_config.json" in line]
+    assert len(notes) == 1 and "standard CLIP image processor" in notes[0] and "--processor" in notes[0], err
+    encoded = {}
+    for model, extra in [(bare, ()), (clip_dir, ()), (bare, ("--processor", clip_dir))]:
+        code, stdout, err = run(capsys, "encode", model, *images, "--thresholds", out, "--json", *extra)
+        assert code == 0, err
+        encoded[(str(model), extra)] = [json.loads(line)["tokens"] for line in stdout.splitlines()]
+        assert ("preprocessor_config.json" in err) == (model == bare and not extra)
+    # make-model saved the family's standard processor with the original folder: the same tokens everywhere
+    assert len({tuple(tokens) for tokens in encoded.values()}) == 1, encoded
+    _one_line_error(*run(capsys, "encode", bare, *images, "--thresholds", out, "--processor", bare)[::2],
+                    str(bare), "no image processor")
+    _one_line_error(*run(capsys, "encode", bare, *images, "--thresholds", out, "--processor", tmp_path / "nowhere")[::2],
+                    "nowhere", "not found")
+
+
+def test_api_builds_the_standard_processor_of_a_siglip_without_one(model_dirs, image_paths, tmp_path):
+    import dymu
+    from dymu.models import load_model, load_processor
+
+    bare = load_model(_tower_saved_alone(model_dirs["tiny-siglip"], tmp_path / "bare"))
+    kwargs = dict(target_tokens=400, batch_size=2, progress=False, measure=0)
+    with pytest.warns(UserWarning, match="standard SigLIP image processor") as notes:
+        found = dymu.find_thresholds(bare, image_paths[:2], **kwargs)
+    assert len(notes) == 1
+    assert found.values == dymu.find_thresholds(bare, image_paths[:2], processor=load_processor(model_dirs["tiny-siglip"]), **kwargs).values

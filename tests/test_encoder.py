@@ -186,3 +186,28 @@ def test_threshold_list_length_is_checked(clip):
     model, _ = clip
     with pytest.raises(dymu.ThresholdsError, match="4 layers"):
         dymu.apply(model, [0.5] * 3)
+
+
+def test_thresholds_found_at_another_read_layer_are_refused():
+    """The budgets are spread over the layers up to the read layer: a tower read at layer 3 needs its own thresholds."""
+    model = _tiny_llava()
+    tower = model.model.vision_tower
+    x = torch.randn(2, 3, 336, 336)
+    on_tower = dymu.find_thresholds(tower, x, target_tokens=300, progress=False, measure=0)
+    on_vlm = dymu.find_thresholds(model, x, target_tokens=300, progress=False, measure=0)
+    assert (tower_info(tower).read_layer, tower_info(model).read_layer) == (3, 2)
+    with pytest.raises(dymu.ThresholdsError, match="read_layer=3.*read_layer=2"):
+        dymu.apply(model, on_tower)
+    assert not dymu.is_applied(model)
+    with pytest.raises(dymu.ThresholdsError, match="read_layer=2.*read_layer=3"):
+        dymu.apply(tower, on_vlm)
+    dymu.apply(model, on_vlm)
+    dymu.remove(model)
+    dymu.apply(tower, on_tower)
+
+
+def test_apply_checks_vtu_on_every_model(clip):
+    model, _ = clip
+    with pytest.raises(dymu.DymuError, match="vtu must be one of fast, exact, none, got 'fats'"):
+        dymu.apply(model, [math.inf] * 4, vtu="fats")
+    assert not dymu.is_applied(model)

@@ -10,6 +10,7 @@ import pytest
 
 import dymu
 from dymu.finder import find_thresholds
+from dymu.images import SkippedImagesWarning
 
 
 class Interrupt(Exception):
@@ -91,7 +92,8 @@ def test_corrupt_image_is_skipped_and_reported(clip, image_paths, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     images = image_paths[:3] + [str(bad)] + image_paths[3:5]
-    result = find_thresholds(model, images, target_tokens=250, batch_size=3, processor=processor, progress=False, measure=0)
+    with pytest.warns(SkippedImagesWarning, match="skipped 1 image"):
+        result = find_thresholds(model, images, target_tokens=250, batch_size=3, processor=processor, progress=False, measure=0)
     assert [s["image"] for s in result.images["skipped"]] == [str(bad)]
     assert "cannot read image" in result.images["skipped"][0]["error"]
     assert result.images["count"] == 5 and str(bad) not in result.images["used"]
@@ -115,3 +117,85 @@ def test_torchrun_two_processes_match_one_process(model_dirs, image_paths, tmp_p
     one, two = json.loads(single.read_text()), json.loads(double.read_text())
     assert one["thresholds"] == two["thresholds"]
     assert one["images"]["batches"] == two["images"]["batches"] == 4
+
+
+def _numbers_after(text, phrase):
+    import re
+
+    return int(re.search(re.escape(phrase) + r" (\d+)", text).group(1))
+
+
+def _reachable(info, target, schedule):
+    from dymu.finder import budgets_for
+
+    try:
+        budgets_for(info, target, schedule)
+        return True
+    except dymu.DymuError:
+        return False
+
+
+@pytest.mark.parametrize("schedule", ["constant", "reverse-linear"])
+def test_unreachable_target_names_the_smallest_reachable_one(clip, schedule):
+    from dymu.vision import tower_info
+
+    info = tower_info(clip[0])
+    with pytest.raises(dymu.DymuError) as error:
+        find_thresholds(clip[0], [], target_tokens=5, schedule=schedule)
+    smallest = _numbers_after(str(error.value), "the smallest reachable target is")
+    assert _reachable(info, smallest, schedule) and not any(_reachable(info, t, schedule) for t in range(1, smallest))
+
+
+def test_unreachable_target_above_the_smallest_names_the_nearest_one_above():
+    """linear schedules are not monotone: on a 256-patch, 8-layer SigLIP 16 tokens are reachable but not 17 or 18."""
+    from dymu.finder import budgets_for
+    from dymu.vision import TowerInfo
+
+    info = TowerInfo(tower=None, model_type="siglip_vision_model", protected=0, num_layers=8, hidden_size=8, num_heads=1,
+                     intermediate_size=8, image_size=224, patch_size=14, read_layer=7)
+    target = next(t for t in range(2, info.num_patches) if not _reachable(info, t, "linear") and _reachable(info, t - 1, "linear"))
+    with pytest.raises(dymu.DymuError) as error:
+        budgets_for(info, target, "linear")
+    message = str(error.value)
+    assert _numbers_after(message, "the smallest reachable target is") < target
+    above = _numbers_after(message, f"the nearest above {target} is")
+    assert _reachable(info, above, "linear") and not any(_reachable(info, t, "linear") for t in range(target, above))
+
+
+QUICK = dict(target_tokens=250, batch_size=2, progress=False, measure=0)
+
+
+def test_folders_manifests_and_paths_are_taken_as_the_cli_takes_them(clip, image_dir, tmp_path):
+    from PIL import Image
+
+    model, processor = clip
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "moon.png").write_bytes((image_dir / "moon.png").read_bytes())
+    (folder / "sub" / "coins.png").write_bytes((image_dir / "coins.png").read_bytes())
+    (folder / "notes.txt").write_text("not an image: ignored in folders")
+    listed = sorted(str(p) for p in folder.rglob("*.png"))
+    reference = find_thresholds(model, listed, processor=processor, **QUICK)
+    for images in (str(folder), [folder]):
+        result = find_thresholds(model, images, processor=processor, **QUICK)
+        assert result.values == reference.values and result.images["used"] == listed
+    manifest = tmp_path / "set.json"
+    manifest.write_text(json.dumps([{"image": str(Path(p).relative_to(tmp_path))} for p in listed] + [{"id": 1}]))
+    with pytest.warns(SkippedImagesWarning, match=r"skipped 1 image.*set\.json\[2\]"):
+        result = find_thresholds(model, manifest, processor=processor, **QUICK)
+    assert result.values == reference.values and result.images["skipped"][0]["image"] == f"{manifest}[2]"
+    assert find_thresholds(model, [Image.open(p) for p in listed], processor=processor, **QUICK).values == reference.values
+    with pytest.raises(dymu.DymuError, match="image not found"):
+        find_thresholds(model, [str(tmp_path / "absent.png")], processor=processor, **QUICK)
+
+
+def test_skipped_images_are_reported_and_all_failing_says_why(clip, image_paths, tmp_path):
+    model, processor = clip
+    bad = [tmp_path / f"broken{i}.png" for i in range(2)]
+    for path in bad:
+        path.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with pytest.warns(SkippedImagesWarning, match=r"skipped 2 image\(s\).*broken0\.png.*broken1\.png"):
+        find_thresholds(model, [str(bad[0]), *image_paths[:2], str(bad[1])], processor=processor, **QUICK)
+    with pytest.raises(dymu.DymuError, match=r"no readable images.*broken0\.png: .*cannot read image") as error:
+        find_thresholds(model, [str(p) for p in bad], processor=processor, **QUICK)
+    assert "\n" not in str(error.value) and "see the skipped list" not in str(error.value)

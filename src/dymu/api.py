@@ -26,8 +26,9 @@ def apply(model: nn.Module, thresholds, vtu: str = "fast") -> nn.Module:
     Returns ``model``. Applying again replaces the previous settings.
     """
     from .compat import warn_if_untested
-    from .llava import is_vlm, patch_vlm, supports_language_side
+    from .llava import check_vtu, is_vlm, patch_vlm, supports_language_side
 
+    check_vtu(vtu)
     warn_if_untested()
     info = tower_info(model)
     thresholds = as_thresholds(thresholds)

@@ -7,11 +7,22 @@ import json
 import math
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 from .vision import DymuError
 
 SCHEDULES = ("constant", "linear", "reverse-linear")
+#: exit status of a command whose reader went away (`dymu encode --json | head`), as 128 + SIGPIPE
+EXIT_BROKEN_PIPE = 141
+#: --viz: file stem of the picture of all merge maps
+OVERVIEW = "overview"
+
+
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="local checkpoint folder or hub id")
+    parser.add_argument("--processor", metavar="DIR", help="folder holding the image processor to use (a preprocessor_config.json) "
+                        "(default: the model's; without one, the standard processor of its family, with a notice)")
 
 
 def _add_images(parser: argparse.ArgumentParser) -> None:
@@ -20,21 +31,51 @@ def _add_images(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-root", help="folder that manifest paths are relative to (default: the manifest's folder)")
 
 
-def _open(model_name: str):
-    from .models import describe, load_model, load_processor
+def _open(model_name: str, processor_path: str | None):
+    """The model and its image processor: --processor, else the checkpoint's, else its family's standard one."""
+    from .models import describe, image_processor_for, load_model, load_processor
 
     model = load_model(model_name)
-    processor = load_processor(model_name)
     print(f"model: {model_name} ({describe(model)})", file=sys.stderr)
+    if processor_path is not None:
+        return model, load_processor(processor_path)
+    processor, notice = image_processor_for(model, model_name)
+    if notice:
+        print(f"note: {notice} (pass --processor DIR to use another)", file=sys.stderr)
     return model, processor
 
 
+def _out_file(path: str) -> Path:
+    """--out: a file in an existing folder, checked before any work so a typo does not cost a whole run."""
+    out = Path(path)
+    if out.is_dir():
+        raise DymuError(f"--out {out} is a folder: name the file to write in it")
+    if not out.parent.is_dir():
+        raise DymuError(f"--out {out}: folder {out.parent} does not exist")
+    return out
+
+
+def _out_folder(path: str | None, option: str) -> Path | None:
+    """A folder to write into, checked before any work (created by the first file written, so a failed run leaves
+    no empty folder)."""
+    if path is None:
+        return None
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise DymuError(f"{option} {folder} is a file, not a folder")
+    existing = next(parent for parent in (folder, *folder.absolute().parents) if parent.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise DymuError(f"{option} {folder}: cannot create a folder inside {existing}")
+    return folder
+
+
 def _report_skipped(skipped: list[dict]) -> None:
+    from .images import failure_line
+
     if skipped:
         print(f"skipped {len(skipped)} image(s):", file=sys.stderr)
         for entry in skipped:
-            message = entry["error"] if entry["image"] in entry["error"] else f"{entry['image']}: {entry['error']}"
-            print(f"  {message}", file=sys.stderr)
+            print(f"  {failure_line(entry)}", file=sys.stderr)
 
 
 def cmd_make_model(args) -> None:
@@ -43,24 +84,28 @@ def cmd_make_model(args) -> None:
     import torch
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    out = make_model(args.preset, args.out_dir, seed=args.seed, layers=args.layers, dtype=dtype)
+    out = make_model(args.preset, args.out_dir, seed=args.seed, layers=args.layers, dtype=dtype, overwrite=args.overwrite)
     print(f"wrote random-weight {args.preset} checkpoint to {out}")
 
 
 def cmd_find_thresholds(args) -> None:
-    from .finder import find_thresholds
-    from .images import collect_images
+    import warnings
 
+    from .finder import find_thresholds
+    from .images import SkippedImagesWarning, collect_images
+
+    out = _out_file(args.out)
     image_set = collect_images(args.images, args.image_root)
-    model, processor = _open(args.model)
-    out = Path(args.out)
+    model, processor = _open(args.model, args.processor)
     partial = out.with_name(out.name + ".partial")
     if partial.exists() and not args.resume:
         print(f"note: {partial} holds an interrupted run; starting over (pass --resume to continue it)", file=sys.stderr)
-    result = find_thresholds(
-        model, image_set.paths, target_tokens=args.target_tokens, schedule=args.schedule, batch_size=args.batch_size,
-        processor=processor, checkpoint=partial, resume=args.resume, measure=args.measure,
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SkippedImagesWarning)  # the full list is printed below
+        result = find_thresholds(
+            model, image_set.paths, target_tokens=args.target_tokens, schedule=args.schedule, batch_size=args.batch_size,
+            processor=processor, checkpoint=partial, resume=args.resume, measure=args.measure,
+        )
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -80,20 +125,21 @@ def cmd_encode(args) -> None:
     import torch
 
     from . import api
-    from .images import collect_images, load_batch
+    from .images import collect_images, load_batch, summarize_failures
     from .thresholds import Thresholds
 
     from .models import settings_from_config
 
+    viz_dir = _out_folder(args.viz, "--viz")
     image_set = collect_images(args.images, args.image_root)
     thresholds, _ = settings_from_config(args.model, args.thresholds, None)
     if thresholds is None:
         raise DymuError(f"no thresholds: pass --thresholds FILE, or store them in {args.model} with `dymu enable`")
     thresholds = Thresholds.load(thresholds) if isinstance(thresholds, str) else thresholds
-    model, processor = _open(args.model)
+    model, processor = _open(args.model, args.processor)
     api.apply(model, thresholds)
     rows, skipped, figures = [], list(image_set.skipped), []
-    viz_dir = Path(args.viz) if args.viz else None  # created by the first figure written
+    viz_names = _viz_names(image_set.paths)
     from tqdm.auto import tqdm
 
     for start in tqdm(range(0, len(image_set.paths), args.batch_size), desc="encoding", unit="batch", disable=args.json):
@@ -108,13 +154,14 @@ def cmd_encode(args) -> None:
             if args.json:
                 print(json.dumps(rows[-1]), flush=True)
             if viz_dir:
-                figures.append(_save_viz(viz_dir, name, pixel_values[i], encoding.source[i], rows[-1], processor))
+                figures.append(_save_viz(viz_dir / f"{viz_names[name]}.png", name, pixel_values[i], encoding.source[i],
+                                         rows[-1], processor))
     if not rows:
-        raise DymuError("no readable images: every image failed to decode")
+        raise DymuError(f"no readable images: every image failed ({summarize_failures(skipped)})")
     if viz_dir:
         from .viz import save_overview
 
-        save_overview(viz_dir / "overview.png", figures)
+        save_overview(viz_dir / f"{OVERVIEW}.png", figures)
     counts = torch.tensor([r["tokens"] for r in rows], dtype=torch.float64)
     if not args.json:
         _print_table(rows)
@@ -132,21 +179,43 @@ def _print_table(rows: list[dict]) -> None:
         print(f"{Path(r['image']).name:<{width}}  {r['tokens']:>6}  {r['patches']:>7}  {100 * r['tokens'] / r['patches']:>5.1f}%")
 
 
-def _save_viz(viz_dir: Path, name: str, pixels, source, row: dict, processor):
+def _viz_names(paths: list[str]) -> dict[str, str]:
+    """A distinct file stem per image for --viz, the same on every run: the image's stem; where stems clash
+    (case-insensitively), its path from the images' common folder with the extension ("a/img.png" -> "a_img.png"),
+    numbered if that clashes too. No image takes the overview's name."""
+    paths = list(dict.fromkeys(paths))
+    clashes = Counter(Path(p).stem.lower() for p in paths) + Counter([OVERVIEW])
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+    names, used = {}, {OVERVIEW}
+    for path in paths:
+        name = base = Path(path).stem
+        if clashes[name.lower()] > 1:
+            name = base = "_".join(Path(os.path.relpath(os.path.abspath(path), root)).parts)
+        number = 1
+        while name.lower() in used:
+            number += 1
+            name = f"{base}-{number}"
+        used.add(name.lower())
+        names[path] = name
+    return names
+
+
+def _save_viz(out: Path, name: str, pixels, source, row: dict, processor):
+    """Write the merge figure of one image to ``out``; return its overview tile (name, image, source)."""
     from .viz import denormalize, save_merge_figure
 
     image = denormalize(pixels, processor.image_mean, processor.image_std)
-    stem = Path(name).stem
     title = f"{Path(name).name}: {row['tokens']} tokens / {row['patches']} patches"
-    save_merge_figure(viz_dir / f"{stem}.png", image, source, title)
-    return (stem, image, source)
+    save_merge_figure(out, image, source, title)
+    return (out.stem, image, source)
 
 
 def cmd_import_thresholds(args) -> None:
     from .reference import import_reference
 
+    out = _out_file(args.out)
     result = import_reference(args.checkpoint, num_layers=args.num_layers)
-    result.save(args.out)
+    result.save(out)
     print(f"wrote {args.out}: {result.describe()} ({result.model.get('model_type')}, {len(result)} layers)")
 
 
@@ -286,34 +355,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dymu {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from .demo import DEMO_LAYERS, DEMO_TARGET_TOKENS
     from .models import ALL_PRESETS
 
     p = sub.add_parser("make-model", help="write a random-weight checkpoint of a real architecture")
-    p.add_argument("preset", choices=ALL_PRESETS)
-    p.add_argument("out_dir")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--layers", type=int, help="encoder layers (vision presets) or language-model layers (LLaVA presets)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weight dtype (llava-1.5-7b at full depth needs bfloat16 on 24 GiB)")
+    p.add_argument("preset", choices=ALL_PRESETS, help="architecture to build: %(choices)s")
+    p.add_argument("out_dir", help="checkpoint folder to write (config, weights, processor)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default: %(default)s)")
+    p.add_argument("--layers", type=int, help="encoder layers (vision presets) or language-model layers (LLaVA presets) (default: the real architecture's depth)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weight dtype (llava-1.5-7b at full depth needs bfloat16 on 24 GiB) (default: float32)")
+    p.add_argument("--overwrite", action="store_true", help="delete the contents of a non-empty OUT_DIR first")
     p.set_defaults(func=cmd_make_model)
 
     p = sub.add_parser("find-thresholds", help="learn per-layer merge thresholds from a set of images")
-    p.add_argument("model", help="local checkpoint folder or hub id")
+    _add_model(p)
     _add_images(p)
     p.add_argument("--target-tokens", type=int, required=True, help="mean visual tokens wanted out of the last merging layer (CLS not counted)")
-    p.add_argument("--schedule", choices=SCHEDULES, default="constant")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--schedule", choices=SCHEDULES, default="constant",
+                   help="how the tokens to remove are spread over the merging layers: %(choices)s (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="images per calibration batch; each batch yields one statistic per layer (default: %(default)s)")
     p.add_argument("--out", required=True, help="thresholds file to write (JSON)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.partial")
-    p.add_argument("--measure", type=int, default=256, help="encode this many images with the result to report mean±std tokens (0: skip)")
+    p.add_argument("--measure", type=int, default=256, help="encode this many images with the result to report mean±std tokens, 0 to skip (default: %(default)s)")
     p.set_defaults(func=cmd_find_thresholds)
 
     p = sub.add_parser("encode", help="encode images with merging: tokens per image, merge maps")
-    p.add_argument("model", help="local checkpoint folder or hub id")
+    _add_model(p)
     _add_images(p)
     p.add_argument("--thresholds", help="thresholds file (default: the checkpoint's \"dymu\" config section)")
     p.add_argument("--json", action="store_true", help="print one JSON line per image: image, tokens, patches")
-    p.add_argument("--viz", metavar="DIR", help="write a merge-map PNG per image and overview.png here")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--viz", metavar="DIR", help="write a merge-map PNG per image and overview.png here (default: none)")
+    p.add_argument("--batch-size", type=int, default=8, help="images encoded together (default: %(default)s)")
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("generate", help="answer a prompt about images with DyMU (and optionally the unmerged model)")
@@ -322,37 +395,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="the question; <image> placeholders optional (added by the chat template)")
     p.add_argument("--thresholds", help="thresholds file (default: the checkpoint's \"dymu\" config section)")
     p.add_argument("--vtu", choices=["fast", "exact", "none"], help="virtual token unmerging mode (default: fast)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer, in tokens (default: %(default)s)")
     p.add_argument("--compare", action="store_true", help="also run the unmerged model and print both answers")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("enable", help="store thresholds in a checkpoint's config.json so loading applies DyMU")
-    p.add_argument("checkpoint")
-    p.add_argument("--thresholds", required=True)
-    p.add_argument("--vtu", default="fast", choices=["fast", "exact", "none"])
+    p.add_argument("checkpoint", help="local checkpoint folder whose config.json gets the \"dymu\" section")
+    p.add_argument("--thresholds", required=True, help="thresholds file to copy into the checkpoint")
+    p.add_argument("--vtu", default="fast", choices=["fast", "exact", "none"],
+                   help="virtual token unmerging mode stored with them: %(choices)s (default: %(default)s)")
     p.set_defaults(func=cmd_enable)
 
     p = sub.add_parser("convert-llava", help="convert an original LLaVA checkpoint (liuhaotian layout) to transformers format")
-    p.add_argument("src")
-    p.add_argument("dst")
+    p.add_argument("src", help="original LLaVA checkpoint folder (liuhaotian layout)")
+    p.add_argument("dst", help="folder to write the transformers checkpoint to")
     p.add_argument("--vision-tower", help="local CLIP checkpoint folder (default: the source's mm_vision_tower)")
     p.set_defaults(func=cmd_convert_llava)
 
     p = sub.add_parser("import-thresholds", help="convert a DyMU reference threshold checkpoint to a dymu thresholds file")
-    p.add_argument("checkpoint")
-    p.add_argument("--out", required=True)
-    p.add_argument("--num-layers", type=int, help="keep only the first N layers (LLaVA-OneVision towers drop the last SigLIP layer)")
+    p.add_argument("checkpoint", help="reference threshold checkpoint (.pt, torch.save of a state dict)")
+    p.add_argument("--out", required=True, help="thresholds file to write (JSON)")
+    p.add_argument("--num-layers", type=int, help="keep only the first N layers (LLaVA-OneVision towers drop the last SigLIP layer) (default: all)")
     p.set_defaults(func=cmd_import_thresholds)
 
     p = sub.add_parser("demo", help="offline demo: the trained toy LLaVA answering with and without DToMe (--clip: "
                                     "encoder-only demo on a random-weight CLIP-L/14-336 and scikit-image's photos)")
-    p.add_argument("--out", default="dymu-demo", help="output folder (default: ./dymu-demo)")
+    p.add_argument("--out", default="dymu-demo", help="output folder (default: ./%(default)s)")
     p.add_argument("--model", default=None, help="toy checkpoint folder (default: $DYMU_TOY_MODEL or assets/toy-llava)")
     p.add_argument("--clip", action="store_true", help="run the encoder-only CLIP-L/14-336 demo instead")
-    p.add_argument("--layers", type=int, default=None, help="--clip: encoder depth (default: see dymu.demo.DEMO_LAYERS)")
-    p.add_argument("--target-tokens", type=int, default=None, help="--clip: mean tokens to find thresholds for")
+    p.add_argument("--layers", type=int, default=DEMO_LAYERS, help="--clip: encoder depth (default: %(default)s)")
+    p.add_argument("--target-tokens", type=int, default=DEMO_TARGET_TOKENS,
+                   help="--clip: mean tokens to find thresholds for (default: %(default)s)")
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+def _silence_stdout() -> None:
+    """Point stdout at devnull so the final flush at exit does not raise again (Python's SIGPIPE recipe)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def main(argv=None) -> int:
@@ -360,6 +442,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         args.func(args)
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except (DymuError, ValueError, OSError) as exc:
         if os.environ.get("DYMU_DEBUG"):
             raise

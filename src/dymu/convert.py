@@ -147,6 +147,8 @@ def convert_llava(src, dst, vision_tower=None) -> Path:
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise DymuError(f"{src}: no such folder")
+    if dst.exists() and not dst.is_dir():
+        raise DymuError(f"{dst} is a file, not a folder")
     if dst.resolve() == src.resolve():
         raise DymuError(f"{dst}: the destination must differ from the source folder")
     if not (src / "config.json").is_file():

@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +24,7 @@ import torch
 
 from . import merge as M
 from .api import run_encoder, _check_pixels
-from .images import load_batch
+from .images import SkippedImagesWarning, collect_images, load_batch, summarize_failures
 from .thresholds import Thresholds
 from .vision import DymuError, get_patch, patch_tower, tower_info, unpatch_tower
 
@@ -48,26 +49,67 @@ def _fingerprint(names: list[str]) -> str:
     return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
 
 
-def _default_processor(model):
-    """The image processor saved with the model's checkpoint folder, for image files given without one."""
-    from .models import load_processor
+def _image_items(images) -> tuple[list, list[dict]]:
+    """Image files, folders and JSON manifests expanded as the CLI does (a path or a list), PIL images kept.
+    Returns (items, manifest entries that named no image)."""
+    from PIL import Image
 
-    name = getattr(getattr(model, "config", None), "_name_or_path", "")
-    if not name or not Path(name).is_dir():
-        raise DymuError("find_thresholds needs the model's image processor to read image files (processor=...)")
-    return load_processor(name)
+    if isinstance(images, (str, os.PathLike)):
+        images = [images]
+    items, skipped = [], []
+    for item in images:
+        if isinstance(item, Image.Image):
+            items.append(item)
+        elif isinstance(item, (str, os.PathLike)):
+            found = collect_images(item)
+            items += found.paths
+            skipped += found.skipped
+        else:
+            raise DymuError(f"images must be paths, folders, manifests or PIL images (or one pixel tensor), got {type(item).__name__}")
+    return items, skipped
+
+
+def _default_processor(model):
+    """The image processor saved with the model's checkpoint, else the standard one of its family (with a warning)."""
+    from .models import image_processor_for
+
+    processor, notice = image_processor_for(model, getattr(getattr(model, "config", None), "_name_or_path", ""))
+    if notice:
+        warnings.warn(f"dymu.find_thresholds: {notice} (pass processor=... to use another)", stacklevel=3)
+    return processor
+
+
+def _merge_budgets(info, target_tokens: int, schedule: str) -> list[int] | None:
+    """Budgets of the merging layers for ``target_tokens``, None when a layer would merge more than it can."""
+    rs = M.merge_schedule(info.merge_layers, info.num_patches - target_tokens, schedule)
+    try:
+        M.check_schedule(rs, info.num_tokens, info.protected)
+    except ValueError:
+        return None
+    return rs
+
+
+def reachable_targets(info, schedule: str) -> list[int]:
+    """Every token count the schedule can reach on this tower (not an interval: linear schedules have gaps)."""
+    return [t for t in range(1, info.num_patches + 1) if _merge_budgets(info, t, schedule) is not None]
+
+
+def _unreachable(info, target_tokens: int, schedule: str) -> str:
+    reachable = reachable_targets(info, schedule)  # never empty: num_patches needs no merge
+    text = (f"target {target_tokens} tokens is out of reach of the {schedule} schedule over {info.merge_layers} merging "
+            f"layers (a layer merges at most half its tokens): the smallest reachable target is {reachable[0]}")
+    if reachable[0] < target_tokens:
+        text += f", the nearest above {target_tokens} is {next(t for t in reachable if t > target_tokens)}"
+    return text
 
 
 def budgets_for(info, target_tokens: int, schedule: str) -> list[int]:
     """Per-layer merge budget (tokens removed per image), zeros after the read layer."""
     if not isinstance(target_tokens, int) or not 1 <= target_tokens <= info.num_patches:
         raise DymuError(f"--target-tokens must be between 1 and {info.num_patches} (the patch count), got {target_tokens}")
-    r_total = info.num_patches - target_tokens
-    rs = M.merge_schedule(info.merge_layers, r_total, schedule)
-    try:
-        M.check_schedule(rs, info.num_tokens, info.protected)
-    except ValueError as exc:
-        raise DymuError(f"target {target_tokens} tokens with the {schedule} schedule: {exc}") from None
+    rs = _merge_budgets(info, target_tokens, schedule)
+    if rs is None:
+        raise DymuError(_unreachable(info, target_tokens, schedule))
     return rs + [0] * (info.num_layers - info.merge_layers)
 
 
@@ -100,8 +142,11 @@ class _Checkpoint:
         data = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": self.config,
                 "statistics": statistics, "skipped": skipped}
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_text(json.dumps(data))
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)  # left only when writing failed
 
     def delete(self) -> None:
         if self.path is not None and self.path.exists():
@@ -136,7 +181,9 @@ def find_thresholds(
     """Learn per-layer thresholds so that the images merge to about ``target_tokens`` tokens on average.
 
     model: a CLIP/SigLIP vision model or a LLaVA-style VLM (its tower is used, up to its read layer).
-    images: a list of image paths / PIL images, or a pixel tensor (N, 3, H, W).
+    images: image files, folders (searched recursively) and JSON manifests as the CLI takes them (one path or a
+    list), PIL images, or a pixel tensor (N, 3, H, W). Images that cannot be used are skipped, recorded in
+    ``images["skipped"]`` and reported with a ``SkippedImagesWarning``.
     target_tokens: tokens out of the last merging layer, CLS not counted (the reference's "Xout").
     schedule: constant | linear | reverse-linear. checkpoint: a file to save progress to after every batch;
     resume=True continues from it. measure: encode up to this many images with the result to record the
@@ -149,12 +196,13 @@ def find_thresholds(
         raise DymuError(f"--batch-size must be >= 1, got {batch_size}")
     budgets = budgets_for(info, target_tokens, schedule)
     is_tensor = isinstance(images, torch.Tensor)
+    unlisted: list[dict] = []  # manifest entries that named no image
     if is_tensor:
         pixels = _check_pixels(images, info)
         names = [f"<tensor {i}>" for i in range(len(images))]
     else:
-        images = list(images)
-        names = [str(im) if isinstance(im, (str, Path)) else f"<image {i}>" for i, im in enumerate(images)]
+        images, unlisted = _image_items(images)
+        names = [im if isinstance(im, str) else f"<image {i}>" for i, im in enumerate(images)]
         if processor is None:
             processor = _default_processor(model)
     if not names:
@@ -209,9 +257,13 @@ def find_thresholds(
 
     if world > 1:
         statistics, skipped = _gather(statistics, skipped, world)
+    skipped = unlisted + skipped
     rows = [statistics[str(k)] for k in range(num_batches) if statistics.get(str(k)) is not None]
     if not rows:
-        raise DymuError("no readable images: every image failed to decode (see the skipped list)")
+        raise DymuError(f"no readable images: every image failed ({summarize_failures(skipped)})")
+    if skipped:
+        warnings.warn(f"dymu.find_thresholds: skipped {len(skipped)} image(s): {summarize_failures(skipped)}",
+                      SkippedImagesWarning, stacklevel=2)
     table = torch.tensor(rows, dtype=torch.float64)  # (batches, layers), summed in batch order
     sums = torch.zeros(info.num_layers, dtype=torch.float64)
     for row in table:

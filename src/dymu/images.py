@@ -14,10 +14,18 @@ from pathlib import Path
 from .vision import DymuError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+#: 16-bit grey levels per 8-bit level (65535 / 255)
+LEVELS_16_TO_8 = 257
+#: failures quoted in a one-line summary
+REASONS_SHOWN = 3
 
 
 class ImageError(DymuError):
     pass
+
+
+class SkippedImagesWarning(UserWarning):
+    """Some images of a set could not be used (the API's report; the CLI prints its own list)."""
 
 
 @dataclass
@@ -41,6 +49,18 @@ def _manifest(path: Path, image_root: Path | None) -> tuple[list[str], list[dict
             continue
         paths.append(str(root / entry["image"]))
     return paths, skipped
+
+
+def failure_line(entry: dict) -> str:
+    """One skipped image, {"image": ..., "error": ...}, as a line that names it once."""
+    return entry["error"] if entry["image"] in entry["error"] else f"{entry['image']}: {entry['error']}"
+
+
+def summarize_failures(failures: list[dict]) -> str:
+    """The first few failures on one line, for warnings and for errors when nothing was readable."""
+    text = "; ".join(failure_line(entry) for entry in failures[:REASONS_SHOWN])
+    more = len(failures) - REASONS_SHOWN
+    return text + (f"; and {more} more" if more > 0 else "")
 
 
 def collect_images(inputs, image_root=None) -> ImageSet:
@@ -76,6 +96,19 @@ def collect_images(inputs, image_root=None) -> ImageSet:
     return ImageSet(paths=paths, skipped=skipped)
 
 
+def to_rgb(image):
+    """RGB copy of a PIL image. Integer grey ("I;16", "I": 16-bit PNG/TIFF) is scaled to 8 bits first, where
+    Pillow's own conversion clips every level above 255 to white."""
+    from PIL import Image
+
+    if image.mode.startswith("I"):
+        import numpy as np
+
+        grey = np.rint(np.asarray(image, dtype=np.float64) / LEVELS_16_TO_8)
+        image = Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
 def open_image(path):
     """Decode an image file to RGB, or raise ImageError naming the file."""
     from PIL import Image, UnidentifiedImageError
@@ -83,7 +116,7 @@ def open_image(path):
     try:
         with Image.open(path) as image:
             image.load()
-            return image.convert("RGB")
+            return to_rgb(image)
     except FileNotFoundError:
         raise ImageError(f"image not found: {path}") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
@@ -98,7 +131,7 @@ def load_batch(items, processor):
     images, names, failures = [], [], []
     for item in items:
         if isinstance(item, Image.Image):
-            images.append(item.convert("RGB"))
+            images.append(to_rgb(item))
             names.append(getattr(item, "filename", "") or f"<image {len(names)}>")
             continue
         try:

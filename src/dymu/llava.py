@@ -233,9 +233,13 @@ def _generate(self, *args, **kwargs):
     return type(self).generate(self, *args, **kwargs)
 
 
-def patch_vlm(model: nn.Module, vtu: str) -> LlavaPatch:
+def check_vtu(vtu: str) -> None:
     if vtu not in VTU_MODES:
         raise DymuError(f"vtu must be one of {', '.join(VTU_MODES)}, got {vtu!r}")
+
+
+def patch_vlm(model: nn.Module, vtu: str) -> LlavaPatch:
+    check_vtu(vtu)
     base, language_model = _vlm_parts(model)
     if type(base).__name__ != "LlavaModel":
         raise DymuError(f"{type(base).__name__}: the language-model side of dymu supports LLaVA-1.5 (LlavaModel) so far")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -13,6 +14,13 @@ OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 SIGLIP_MEAN = [0.5, 0.5, 0.5]
 SIGLIP_STD = [0.5, 0.5, 0.5]
+#: vision tower model_type -> (make_image_processor family, name in messages, its pixel normalisation)
+TOWER_FAMILIES = {
+    "clip_vision_model": ("clip", "CLIP", "OpenAI CLIP mean/std"),
+    "siglip_vision_model": ("siglip", "SigLIP", "mean/std 0.5"),
+}
+#: files a checkpoint keeps its image processor settings in (a multimodal processor nests them in the second)
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 #: name -> (family, config kwargs). Geometry of the tiny presets is the real one (577 / 729 tokens),
 #: only width and depth are small, so token counts in tests are the real ones.
@@ -131,10 +139,23 @@ def make_image_processor(family: str, image_size: int):
     return SiglipImageProcessorPil(size={"height": image_size, "width": image_size}, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD)
 
 
-def make_model(name: str, out_dir, seed: int = 0, layers: int | None = None, dtype: torch.dtype | None = None) -> Path:
-    model, processor = build_preset(name, seed=seed, layers=layers, dtype=dtype)
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    """Files of another checkpoint (processor, tokenizer) must not mix with a new one: ``out`` must be empty or go."""
+    if out.exists() and not out.is_dir():
+        raise DymuError(f"{out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise DymuError(f"{out} is not empty: pass --overwrite to replace its contents, or choose another folder")
+
+
+def make_model(name: str, out_dir, seed: int = 0, layers: int | None = None, dtype: torch.dtype | None = None,
+               overwrite: bool = False) -> Path:
+    """Write a preset checkpoint into ``out_dir``, which must be empty or absent (``overwrite``: cleared first)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_out_dir(out, overwrite)
+    model, processor = build_preset(name, seed=seed, layers=layers, dtype=dtype)
+    if out.is_dir():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     (out / "README.md").write_text(
@@ -145,8 +166,37 @@ def make_model(name: str, out_dir, seed: int = 0, layers: int | None = None, dty
 
 
 def _looks_local(name: str) -> bool:
-    """A hub id is ``name`` or ``org/name``; anything else is meant as a local folder."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/") or "\\" in name
+    """Meant as a local folder: a form no hub id takes (hub ids are ``name`` or ``org/name``), or ``org/name``
+    whose ``org`` is a local folder."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/") or "\\" in name:
+        return True
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True
+    return "/" in name and Path(name).parent.is_dir()
+
+
+def _hub_unreachable(name: str) -> bool:
+    """HF_HUB_OFFLINE=1 and no copy of ``name`` in the local hub cache: loading it can only fail."""
+    from huggingface_hub import is_offline_mode, try_to_load_from_cache
+
+    return is_offline_mode() and not isinstance(try_to_load_from_cache(name, "config.json"), str)
+
+
+def _checked_name(name: str, what: str) -> Path:
+    """Fail at once, one line, for a name that can only fail to load: a file, a missing local folder, or (with
+    HF_HUB_OFFLINE=1) a hub id absent from the hub cache. Returns the name as a path."""
+    path = Path(name).expanduser()
+    if path.exists() and not path.is_dir():
+        raise DymuError(f"{what} path is a file, expected a checkpoint folder: {name}")
+    if not path.exists() and _looks_local(name):
+        raise DymuError(f"{what} folder not found: {name}")
+    if not path.exists() and _hub_unreachable(name):
+        raise DymuError(f"{what} {name!r} not found: no such local folder, and HF_HUB_OFFLINE=1 with no copy in the hub cache")
+    return path
 
 
 def load_model(name_or_path, dtype: torch.dtype | None = None):
@@ -157,11 +207,7 @@ def load_model(name_or_path, dtype: torch.dtype | None = None):
     from transformers import AutoConfig
 
     name = str(name_or_path)
-    path = Path(name).expanduser()
-    if path.exists() and not path.is_dir():
-        raise DymuError(f"model path is a file, expected a checkpoint folder: {name}")
-    if not path.exists() and _looks_local(name):
-        raise DymuError(f"model folder not found: {name}")
+    path = _checked_name(name, "model")
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise DymuError(f"not a Hugging Face checkpoint folder (no config.json): {name}")
@@ -193,6 +239,10 @@ def _model_class(model_type: str, name: str):
     return classes[model_type]
 
 
+def _has_processor(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in PROCESSOR_FILES)
+
+
 def load_processor(name_or_path, full: bool = False):
     """The image processor saved with a checkpoint (PIL backend when torchvision is absent).
 
@@ -200,12 +250,31 @@ def load_processor(name_or_path, full: bool = False):
     """
     from transformers import AutoImageProcessor, AutoProcessor
 
+    name = str(name_or_path)
+    folder = _checked_name(name, "processor")
+    if folder.is_dir() and not _has_processor(folder):
+        raise DymuError(f"{name}: no image processor saved there (no {' or '.join(PROCESSOR_FILES)})")
     try:
-        if full:
-            return AutoProcessor.from_pretrained(str(name_or_path))
-        return AutoImageProcessor.from_pretrained(str(name_or_path))
+        return (AutoProcessor if full else AutoImageProcessor).from_pretrained(str(folder) if folder.is_dir() else name)
     except Exception as exc:
-        raise DymuError(f"cannot load the image processor of {name_or_path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        raise DymuError(f"cannot load the {'processor' if full else 'image processor'} of {name} ({type(exc).__name__})") from None
+
+
+def image_processor_for(model, name_or_path=None):
+    """(image processor, notice): the one saved with the model's checkpoint; when there is none (a tower saved with
+    ``save_pretrained`` alone, a model built in memory), the standard processor of the tower's family for its
+    image size, and a one-line notice saying so (else None)."""
+    from .vision import tower_info
+
+    name = str(name_or_path or "")
+    folder = Path(name).expanduser()
+    if name and (_has_processor(folder) or not folder.is_dir()):  # saved in the folder, or a hub id
+        return load_processor(name), None
+    info = tower_info(model)
+    family, label, normalization = TOWER_FAMILIES[info.model_type]
+    where = f"{name} has no {PROCESSOR_FILES[0]}" if name else "the model has no saved image processor"
+    notice = f"{where}: using the standard {label} image processor ({info.image_size} px, {normalization})"
+    return make_image_processor(family, info.image_size), notice
 
 
 def describe(model) -> str:
@@ -268,15 +337,14 @@ def from_pretrained(name_or_path, dtype: torch.dtype | None = None, thresholds=N
 
 def enable(checkpoint, thresholds, vtu: str = "fast") -> Path:
     """Write a ``"dymu"`` section into a checkpoint folder's config.json (the thresholds file is copied in)."""
-    from .llava import VTU_MODES
+    from .llava import check_vtu
     from .thresholds import Thresholds
 
     folder = Path(str(checkpoint)).expanduser()
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise DymuError(f"not a checkpoint folder (no config.json): {folder}")
-    if vtu not in VTU_MODES:
-        raise DymuError(f"--vtu must be one of {', '.join(VTU_MODES)}, got {vtu!r}")
+    check_vtu(vtu)
     loaded = Thresholds.load(thresholds)
     model = load_model(folder)  # checks the thresholds against the real encoder, as dymu.apply will
     from .vision import tower_info

@@ -15,8 +15,10 @@ File format (JSON, ``format: "dymu-thresholds"``, ``version: 1``)::
     }
 
 ``model`` is the identity check: loading onto an encoder of another family, layer count, hidden size or
-patch grid fails with a one-line message. ``read_layer`` may differ (a bare CLIP vs the tower of a
-LLaVA that reads layer -2): layers after the read layer simply do not merge.
+patch grid fails with a one-line message, and so does another ``read_layer`` (a bare CLIP read at its last
+layer vs the tower of a LLaVA that reads layer -2): the merge budgets were spread over the layers up to the
+read layer, so the same thresholds give another token count there. Files without ``read_layer`` (imported
+reference thresholds) are checked on the other fields.
 """
 
 from __future__ import annotations
@@ -86,8 +88,11 @@ class Thresholds:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1, allow_nan=True) + "\n")
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(self.to_json(), indent=1, allow_nan=True) + "\n")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)  # left only when writing failed
 
     @classmethod
     def from_json(cls, data, origin: str = "thresholds") -> "Thresholds":
@@ -141,6 +146,19 @@ class Thresholds:
                     f"{origin}: made for {key}={self.model[key]!r} ({self.model.get('name_or_path') or 'unknown model'}), "
                     f"but the model has {key}={identity.get(key)!r}"
                 )
+        read_layer = self.model.get("read_layer")
+        if read_layer is not None and read_layer != identity["read_layer"]:
+            raise ThresholdsError(
+                f"{origin}: found on an encoder read at read_layer={read_layer}, but the model reads its vision tower at "
+                f"read_layer={identity['read_layer']}, where they give another token count: find thresholds on this model"
+            )
+
+    def __repr__(self) -> str:
+        """Counts, not lists: the image paths stay in ``images``."""
+        text = self.describe()
+        if self.images:
+            text += f", {self.images.get('count', 0)} images ({len(self.images.get('skipped', []))} skipped)"
+        return f"Thresholds({text}, from {self.path or self.source})"
 
     def describe(self) -> str:
         finite = [v for v in self.values if math.isfinite(v)]
