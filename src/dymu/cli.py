@@ -292,11 +292,14 @@ def _estimated_flops_ratio(model, prompt_length: int, vtu: str) -> float:
 def cmd_generate(args) -> None:
     from . import api
     from .images import open_image
-    from .llava import get_vlm_patch
+    from .llava import get_vlm_patch, is_vlm, supports_language_side
     from .models import describe, load_model, load_processor, settings_from_config
 
     images = [open_image(path) for path in args.image]
     model = load_model(args.model)
+    if not (is_vlm(model) and supports_language_side(model)):
+        raise DymuError(f"{args.model} is a {type(model).__name__}: dymu generate needs a LLaVA-1.5 checkpoint "
+                        "(for vision encoders use dymu encode)")
     processor = load_processor(args.model, full=True)
     print(f"model: {args.model} ({describe(model)})", file=sys.stderr)
     thresholds, vtu = settings_from_config(args.model, args.thresholds, args.vtu)
