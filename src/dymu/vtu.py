@@ -6,10 +6,12 @@ text tokens plus one token per merge group. ``VirtualMap`` links the two per bat
 
 * ``compress``: full -> unique (every member of a group carries the same features; take one copy),
 * ``expand``: unique -> full (copy each unique token to all its positions),
-* ``reduce``: full -> unique by the mean over each token's positions (``(MᵀM)⁻¹Mᵀ`` in the paper).
+* ``reduce``: full -> unique by the mean over each token's positions (``(MᵀM)⁻¹Mᵀ`` in the paper),
+* ``to_unique`` / ``from_unique``: the same around a token-wise module, packing rows of a batch that have fewer
+  unique tokens so a batch costs its real tokens (``dymu.language`` hooks them around the decoder's modules).
 
-Attention (``fast_scores`` / ``exact_scores``) runs at full length with RoPE at the full positions; the
-exact path evaluates the paper's C/S decomposition on the merged Q/K, reassociated into matrix products.
+Attention runs at full length with RoPE at the full positions; ``exact_scores`` evaluates the paper's C/S
+decomposition on the merged Q/K, reassociated into matrix products.
 """
 
 from __future__ import annotations
