@@ -23,7 +23,10 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 demo: $(STAMP)
 	$(BIN)/dymu demo
 
+SHOW_TRANSFORMERS := $(BIN)/python -c "import transformers; print('testing with transformers', transformers.__version__)"
+
 test: $(STAMP)
+	@$(SHOW_TRANSFORMERS)
 	$(BIN)/python -m pytest -q
 
 # The suite on another transformers release in the same venv (pure Python: seconds to swap), then back to the
@@ -31,6 +34,7 @@ test: $(STAMP)
 test-transformers: $(STAMP)
 	test -n "$(V)" || { echo "usage: make test-transformers V=5.x.y"; exit 2; }
 	$(PIP) "transformers==$(V)"
+	@$(SHOW_TRANSFORMERS)
 	$(BIN)/python -m pytest -q; status=$$?; $(PIP) -c $(CONSTRAINTS) transformers; exit $$status
 
 test-lowest: $(STAMP)
