@@ -213,6 +213,7 @@ def test_decoder_prefill_flops_modes():
     assert decoder_prefill_flops(600, 600, mode="fast", **args) == stock
     fast = decoder_prefill_flops(600, 150, mode="fast", **args)
     assert decoder_prefill_flops(600, 150, mode="none", **args) < fast < stock
-    assert decoder_prefill_flops(600, 150, mode="exact", **args) - fast == 2 * 2 * 600 * 600 * 64 * 3
+    # 2 layers x 2 x 600^2 x 64 x (3 - 1): the exact score product is 3 head_dims wide
+    assert decoder_prefill_flops(600, 150, mode="exact", **args) - fast == 2 * 2 * 600 * 600 * 64 * 2
     # encoder: no merging == the plain sum of layer FLOPs
     assert encoder_flops([576] * 2, 577, 1, 64, 128, 16, merging=False) == 2 * M.layer_flops(577, 577, 64, 128)
