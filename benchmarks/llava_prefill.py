@@ -29,6 +29,7 @@ import torch
 
 import dymu
 from dymu.data import write_bundled_images
+from dymu.compat import find_cache
 from dymu.demo import cache_dir
 from dymu.finder import find_thresholds
 from dymu.images import load_batch, open_image
@@ -168,7 +169,7 @@ def main() -> None:
                 row["lm_seconds"] += best_lm
                 row["total_seconds"] += best_total
                 row["peak_extra_bytes"] = max(row["peak_extra_bytes"], peak)
-                row["kv_bytes"] = max(row["kv_bytes"], kv_bytes(output.past_key_values))
+                row["kv_bytes"] = max(row["kv_bytes"], kv_bytes(find_cache(output.values())))
             rows.append(row)
         dymu.remove(model)
 

@@ -7,6 +7,7 @@ import torch
 
 import dymu
 from dymu import vtu as V
+from dymu.compat import find_cache  # the output field is past_key_values before 5.24, cache after
 from dymu.llava import get_vlm_patch
 
 IMAGE_TOKEN = 99
@@ -204,7 +205,7 @@ def test_positions_and_cache_are_full_length(images):
     first_text = 4 + PATCHES
     assert torch.equal(seen["merged"], seen["stock"])
     assert torch.equal(seen["merged"][0, first_text], seen["stock"][0, first_text])
-    assert merged.past_key_values.get_seq_length() == stock.past_key_values.get_seq_length() == ids.shape[1]
+    assert find_cache(merged.values()).get_seq_length() == find_cache(stock.values()).get_seq_length() == ids.shape[1]
 
 
 def test_bad_inputs(images, model_dirs):
@@ -260,7 +261,7 @@ def test_preset_ships_a_real_processor_and_compact_mode_works(tiny_llava_dir, im
         assert torch.equal(batched[i, -4:], alone[0, -4:])
     with torch.no_grad():
         out = model(**inputs, use_cache=True)
-    assert out.past_key_values.get_seq_length() == inputs["input_ids"].shape[1] < stock_inputs["input_ids"].shape[1]
+    assert find_cache(out.values()).get_seq_length() == inputs["input_ids"].shape[1] < stock_inputs["input_ids"].shape[1]
     with pytest.raises(dymu.DymuError, match="<image>"):  # one line: the processor's (5.24) or ours (5.18)
         dymu.prepare_inputs(model, processor, photos, [text, "no image here"])
 
