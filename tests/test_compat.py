@@ -123,7 +123,7 @@ def test_remove_restores_attention_implementation_and_hooks(images):
     with torch.no_grad():
         stock = model(input_ids=ids, attention_mask=mask, pixel_values=images[:2]).logits
     dymu.apply(model, MERGING, vtu="exact")
-    assert language_model.config._attn_implementation == compat.EXACT_KERNEL
+    assert language_model.config._attn_implementation == compat.KERNEL_PREFIX + before
     dymu.remove(model)
     assert language_model.config._attn_implementation == before
     modules = [language_model, *language_model.modules()]

@@ -102,7 +102,7 @@ def test_one_vtu_attention_layer_equals_expand_attend_mean():
     """Spec §9 oracles 8-9: VTU attention == stock RoPE attention at full length, then the mean per group."""
     from transformers.masking_utils import create_causal_mask
 
-    from dymu.language import Prefill
+    from dymu.language import Prefill, TokenPlan
 
     model = tiny_llava(kv_heads=2).double()
     language_model = model.model.language_model
@@ -123,7 +123,8 @@ def test_one_vtu_attention_layer_equals_expand_attend_mean():
             dymu.apply(model, MERGING, vtu=mode)
             causal = create_causal_mask(language_model.config, full_hidden, mask, None, positions)  # the mode's mask format
             language = get_vlm_patch(model).state.language
-            language.prefill = Prefill(vmap=vmap, cache_before=0, rotary=cos_sin)
+            plan = TokenPlan(image=ids == IMAGE_TOKEN, padding=None, vmap=vmap)
+            language.prefill = Prefill(plan=plan, cache_before=[0, 0], rotary=cos_sin)
             merged = attention(full_hidden, position_embeddings=cos_sin, attention_mask=causal)[0]
             assert language.prefill.calls == {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 1}
             language.prefill = None

@@ -14,24 +14,30 @@ from .thresholds import Thresholds, as_thresholds
 from .vision import DymuError, get_patch, patch_tower, tower_info, unpatch_tower
 
 
-def apply(model: nn.Module, thresholds, vtu: str = "fast") -> nn.Module:
-    """Make the vision encoder of ``model`` merge tokens dynamically. Patches the instance in place.
+def apply(model: nn.Module, thresholds=None, vtu: str = "fast", prune=None) -> nn.Module:
+    """Reduce the visual tokens of ``model``. Patches the instance in place; ``dymu.remove`` restores it.
 
-    ``thresholds``: a ``dymu.Thresholds``, a path to a thresholds file, or a list with one float per encoder
-    layer (``float("inf")`` = never merge). Works on ``CLIPVisionModel``, ``SiglipVisionModel`` and the
-    vision tower of LLaVA / LLaVA-OneVision models (merging stops at ``vision_feature_layer``).
+    ``thresholds``: DToMe merging in the vision encoder: a ``dymu.Thresholds``, a path to a thresholds file, or
+    a list with one float per encoder layer (``float("inf")`` = never merge); None = no merging. Works on
+    ``CLIPVisionModel``, ``SiglipVisionModel`` and the vision tower of LLaVA / LLaVA-OneVision models (merging
+    stops at ``vision_feature_layer``).
     On a LLaVA model the language model is patched too, so stock ``generate`` works: ``vtu="fast"`` (virtual
     token unmerging, Q/K/V expanded before RoPE), ``"exact"`` (the paper's C/S decomposition) or ``"none"``
     (compact: merged tokens fed directly; build inputs with ``dymu.prepare_inputs``).
+    ``prune``: decoder-side pruning on LLaVA, ``"fastv:k=2,r=0.5"`` or ``"vtw:k=16"`` (see ``dymu.methods``).
     Returns ``model``. Applying again replaces the previous settings.
     """
     from .compat import warn_if_untested
     from .llava import check_vtu, is_vlm, patch_vlm, supports_language_side
+    from .methods import parse_prune
 
     check_vtu(vtu)
+    prune = parse_prune(prune)
     warn_if_untested()
     info = tower_info(model)
-    thresholds = as_thresholds(thresholds)
+    if prune is not None and not (is_vlm(model) and supports_language_side(model)):
+        raise DymuError(f"{type(model).__name__}: prune= needs a LLaVA-1.5 model (it acts in the language model)")
+    thresholds = as_thresholds([math.inf] * info.num_layers if thresholds is None else thresholds)
     thresholds.check(info.identity(), origin=_origin(thresholds))
     patch_tower(model, thresholds.values)
     get_patch(model).thresholds = thresholds
@@ -40,7 +46,7 @@ def apply(model: nn.Module, thresholds, vtu: str = "fast") -> nn.Module:
                       "generation with merged tokens is supported for LLaVA-1.5 so far", stacklevel=2)
     elif is_vlm(model):
         try:
-            patch_vlm(model, vtu)
+            patch_vlm(model, vtu, prune)
         except Exception:
             unpatch_tower(model)
             raise

@@ -19,8 +19,10 @@ What is relied on, by adapter:
   token-wise modules called on ``(batch, seq, features)``; ``self_attn.head_dim``; everything else in a layer
   token-wise (norms, residuals) or the attention itself. The KV cache is found by type (``Cache``) in the
   language model's inputs and outputs, never by argument name. Exact VTU also needs ``rotary_emb`` (returns
-  ``(cos, sin)``), ``config._attn_implementation`` and the ``AttentionInterface`` / ``AttentionMaskInterface``
-  registries.
+  ``(cos, sin)``); exact VTU and FastV select their own kernel through ``config._attn_implementation`` and the
+  ``AttentionInterface`` / ``AttentionMaskInterface`` registries (wrapping the model's own kernel, and its
+  module's ``eager_attention_forward`` for eager); pruning gathers the decoder-layer forward parameters
+  :data:`DECODER_LAYER_PARAMETERS`.
 
 Run time adds what a structural check cannot see: every hooked module must run once per layer in a prefill
 that dymu compresses, and the KV cache must grow by the full sequence length (``dymu.language``).
@@ -50,9 +52,10 @@ VLM_FORWARD_PARAMETERS = ("input_ids", "pixel_values", "attention_mask", "inputs
                           "vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
 #: token-wise linear maps of a decoder layer's attention that VTU runs on the unique tokens
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-#: the attention implementation whose mask format the exact-VTU kernel takes, and its registry names
-EXACT_MASK_FROM = "sdpa"
-EXACT_KERNEL = "dymu_exact"
+#: decoder-layer forward parameters a pruning plan gathers by the kept positions
+DECODER_LAYER_PARAMETERS = ("hidden_states", "attention_mask", "position_ids", "position_embeddings")
+#: dymu's attention kernel is registered as KERNEL_PREFIX + the model's own implementation (whose masks it takes)
+KERNEL_PREFIX = "dymu_"
 
 
 def transformers_version() -> str:
@@ -137,7 +140,7 @@ def check_vlm(base: nn.Module) -> None:
         raise refuse(f"{name}.forward takes no {', '.join(missing)}")
 
 
-def check_language_model(language_model: nn.Module, exact: bool) -> None:
+def check_language_model(language_model: nn.Module, exact: bool, prune: bool = False) -> None:
     """The decoder layout ``dymu.language`` hooks into (Llama / Qwen2 style)."""
     name = type(language_model).__name__
     layers = getattr(language_model, "layers", None)
@@ -149,16 +152,20 @@ def check_language_model(language_model: nn.Module, exact: bool) -> None:
             raise refuse(f"{name} layer {index} ({type(layer).__name__}) has no self_attn and mlp")
         if missing := [p for p in PROJECTIONS if not isinstance(getattr(attention, p, None), nn.Linear)]:
             raise refuse(f"{name} layer {index}: {type(attention).__name__} has no {', '.join(missing)} linear layer(s)")
-        if not isinstance(getattr(attention, "head_dim", None), int):
-            raise refuse(f"{name} layer {index}: {type(attention).__name__} has no head_dim")
-    if exact:
-        if not isinstance(getattr(language_model, "rotary_emb", None), nn.Module):
-            raise refuse(f"{name} has no rotary_emb (exact VTU needs the RoPE tables)")
-        registries = attention_registries()
-        if registries is None:
-            raise refuse("transformers has no AttentionInterface / AttentionMaskInterface (exact VTU)")
-        if EXACT_MASK_FROM not in registries[1]:
-            raise refuse(f"transformers has no {EXACT_MASK_FROM} attention mask (exact VTU)")
+        if not isinstance(getattr(attention, "head_dim", None), int) or not isinstance(getattr(attention, "layer_idx", None), int):
+            raise refuse(f"{name} layer {index}: {type(attention).__name__} has no head_dim and layer_idx")
+        if prune and (missing := [p for p in DECODER_LAYER_PARAMETERS if p not in _parameters(type(layer).forward)]):
+            raise refuse(f"{type(layer).__name__}.forward takes no {', '.join(missing)}")
+    if exact and not isinstance(getattr(language_model, "rotary_emb", None), nn.Module):
+        raise refuse(f"{name} has no rotary_emb (exact VTU needs the RoPE tables)")
+    if exact or prune:
+        if attention_registries() is None:
+            raise refuse("transformers has no AttentionInterface / AttentionMaskInterface")
+        import sys
+
+        attention = layers[0].self_attn
+        if not callable(getattr(sys.modules[type(attention).__module__], "eager_attention_forward", None)):
+            raise refuse(f"the module of {type(attention).__name__} has no eager_attention_forward")
 
 
 def attention_registries():
@@ -168,24 +175,30 @@ def attention_registries():
         from transformers.masking_utils import AttentionMaskInterface
     except ImportError:
         return None
-    return AttentionInterface, AttentionMaskInterface._global_mapping
+    return AttentionInterface, AttentionMaskInterface
 
 
-def register_exact_kernel(kernel) -> str:
-    """Register the exact-VTU attention kernel (idempotent). Returns the implementation name to select."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+def register_kernel(base: str, kernel) -> str:
+    """Register ``kernel`` as ``dymu_<base>``, taking ``base``'s masks (idempotent). Returns the name to select."""
+    interface, masks = attention_registries()
+    name = KERNEL_PREFIX + base
+    interface.register(name, kernel)
+    mask = masks._global_mapping.get(base)
+    if mask is None:
+        raise refuse(f"attention implementation {base!r} has no mask function dymu can reuse")
+    masks.register(name, mask)
+    return name
 
-    AttentionInterface.register(EXACT_KERNEL, kernel)
-    AttentionMaskInterface.register(EXACT_KERNEL, AttentionMaskInterface._global_mapping[EXACT_MASK_FROM])
-    return EXACT_KERNEL
 
+def base_kernel(module: nn.Module):
+    """The kernel of the implementation dymu's kernel wraps for ``module`` (``dymu_sdpa`` -> sdpa)."""
+    import sys
 
-def fallback_kernel():
-    """The attention kernel exact VTU uses where it is not active (decode steps, unmerged prompts)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    return ALL_ATTENTION_FUNCTIONS[EXACT_MASK_FROM]
+    base = module.config._attn_implementation.removeprefix(KERNEL_PREFIX)
+    eager = sys.modules[type(module).__module__].eager_attention_forward  # each model file defines its eager kernel
+    return ALL_ATTENTION_FUNCTIONS.get_interface(base, eager)
 
 
 def find_cache(values):

@@ -1,25 +1,25 @@
-"""Language-model adapter: virtual token unmerging (VTU) with hooks around the stock decoder (Llama / Qwen2).
+"""Language-model adapter: the per-layer token plan, carried out with hooks around the stock decoder (Llama / Qwen2).
 
-The decoder runs at *full length* exactly as transformers wrote it: positions, RoPE, masks, the KV cache and
-whatever its arguments are called this release. What VTU changes is where the token-wise work happens.
-PyTorch hooks (instance-level, removable) surround the stock sub-modules of every layer:
+The decoder runs as transformers wrote it: positions, RoPE, masks, the KV cache and whatever its arguments are
+called this release. The plan decides which positions exist at each layer and which unique token holds each:
 
-* ``q_proj`` / ``k_proj`` / ``v_proj`` and ``mlp``: the input is compressed to the unique tokens (one copy per
-  merge group: all positions of a group hold the same vector), the module runs on those only, and the output
-  is expanded back to every position (VTU's M·);
-* ``o_proj``: the attention output is reduced to the mean over each group's positions ((MᵀM)⁻¹Mᵀ), projected,
-  and expanded, which keeps the group invariant for the next layer.
+* **VTU** (virtual token unmerging). PyTorch hooks (instance-level, removable) surround the token-wise modules
+  of every layer: ``q_proj`` / ``k_proj`` / ``v_proj`` and ``mlp`` run on the unique tokens (one per merge group:
+  all positions of a group hold the same vector) and their outputs are expanded back to every position (VTU's
+  M·); ``o_proj`` first takes the mean over each group's positions ((MᵀM)⁻¹Mᵀ), which keeps the group invariant.
+  Attention (sdpa / eager / flash, the model's choice) sees the full-length expanded Q/K/V, so RoPE is applied at
+  the original positions and the cache stores full-length K/V: the paper's fast path. ``vtu="exact"`` selects an
+  attention kernel registered through ``AttentionInterface`` that computes the scores with the C/S decomposition
+  on the un-rotated merged Q/K. Rows of a batch with fewer unique tokens are packed.
+* **Pruning** (FastV, VTW; ``dymu.prune``). At prefill, layer K-1's attention kernel also returns the attention
+  the last query gives every key; a pre-hook on decoder layer K keeps the chosen positions (hidden states,
+  RoPE tables, position ids and mask rows/columns gathered), and every later layer runs on them, so layers >= K
+  cache only the kept tokens. The VTU map is restricted to the kept positions. Decode steps gather the mask
+  columns of the pruned layers to their shorter caches.
 
-Attention itself (sdpa / eager / flash, chosen by the model) sees the full-length expanded Q/K/V, so RoPE is
-applied at the original positions and the cache stores full-length K/V: this is the paper's fast path. Exact
-VTU (``vtu="exact"``) additionally selects the ``dymu_exact`` attention kernel (registered through
-``AttentionInterface``), which computes the scores from the C/S decomposition on the un-rotated merged Q/K.
-Rows of a batch with fewer unique tokens are packed, so a batch costs its real tokens.
-
-A *plan* (today: one ``VirtualMap`` for every layer) is handed over by the VLM adapter (``pending``) and taken
-by the language model's forward pre-hook; decode steps get no plan and run the untouched stock path. After a
-prefill with a plan, the adapter checks that every hooked module ran once per layer and that the KV cache grew
-by the full sequence length; anything else raises instead of decoding garbage.
+The VLM adapter hands a ``TokenPlan`` over (``pending``) right before the language model's forward; the forward
+pre-hook takes it. After a planned prefill the adapter checks that every hooked module ran once per layer and
+that each layer's KV cache grew by the positions it holds; anything else raises instead of decoding garbage.
 """
 
 from __future__ import annotations
@@ -31,127 +31,245 @@ import torch
 from torch import nn
 
 from . import compat
+from . import prune as P
 from . import vtu as V
 from .merge import accumulation_dtype
+from .methods import VTW, FastV
 from .vision import DymuError
 
 VTU_MODES = ("fast", "exact", "none")
 #: exact VTU computes its full-length score matrices this many heads at a time (memory bound)
 EXACT_HEADS_PER_CHUNK = 8
-#: hooked modules per decoder layer: each must run once per layer during a planned prefill
+#: hooked modules per decoder layer: each must run once per layer that has a VTU map during a planned prefill
 HOOKED = (*compat.PROJECTIONS, "mlp")
+#: FastV with k = 0 has no attention to rank by: it keeps a random subset, drawn with this seed (reproducible)
+RANDOM_RANK_SEED = 0
 
-#: attention module -> its adapter, for the exact kernel (which transformers calls with the module only)
+#: attention module -> its adapter, for the attention kernel (which transformers calls with the module only)
 _ADAPTERS: "weakref.WeakKeyDictionary[nn.Module, LanguageAdapter]" = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class TokenPlan:
+    """What the VLM adapter hands to the language model for one prefill."""
+
+    image: torch.Tensor  # (batch, full) bool: image placeholder positions
+    padding: torch.Tensor | None  # (batch, full) bool: padding positions
+    vmap: V.VirtualMap | None  # VTU groups over the full sequence (None: every position its own token)
+
+    @property
+    def num_full(self) -> int:
+        return self.image.shape[1]
 
 
 @dataclass
 class Prefill:
     """The forward in flight that carries a plan."""
 
-    vmap: V.VirtualMap
-    cache_before: int  # KV-cache length when the forward started
+    plan: TokenPlan
+    cache_before: list  # per layer: KV-cache length when the forward started
     calls: dict = field(default_factory=dict)  # hooked module name -> calls so far
     compressed: tuple | None = None  # (input tensor, its unique tokens): q/k/v share one input
     stash: dict = field(default_factory=dict)  # exact VTU: (attention module, "q"|"k") -> full-length pre-RoPE states
     rotary: tuple | None = None  # exact VTU: (cos, sin) at the full positions, (batch, full, head_dim)
+    scores: torch.Tensor | None = None  # FastV: (batch, full) attention received at layer K-1
+    kept: P.Kept | None = None  # pruning: the positions of layers >= K (set at layer K)
+    restricted: V.VirtualMap | None = None  # the VTU map over the kept positions
+
+    def vmap_at(self, layer: int, prune_layer: int | None) -> V.VirtualMap | None:
+        pruned = self.kept is not None and prune_layer is not None and layer >= prune_layer
+        return self.restricted if pruned else self.plan.vmap
+
+
+@dataclass
+class Pruned:
+    """After a pruned prefill: layers >= ``layer`` hold only ``kept`` (then every decoded token) in ``cache``."""
+
+    layer: int
+    kept: P.Kept
+    prompt_length: int
+    cache: weakref.ref
 
 
 class LanguageAdapter:
-    """Hooks VTU into one decoder stack. ``remove()`` restores it exactly."""
+    """Carries out token plans in one decoder stack. ``remove()`` restores it exactly."""
 
-    def __init__(self, language_model: nn.Module, vtu: str):
+    def __init__(self, language_model: nn.Module, vtu: str, prune: FastV | VTW | None = None):
         if vtu not in VTU_MODES:
             raise DymuError(f"vtu must be one of {', '.join(VTU_MODES)}, got {vtu!r}")
-        compat.check_language_model(language_model, exact=vtu == "exact")
+        layers = language_model.layers
+        self.prune_layer = prune.k if prune is not None and prune.k < len(layers) else None
+        compat.check_language_model(language_model, exact=vtu == "exact", prune=self.prune_layer is not None)
         self.language_model = language_model
         self.vtu = vtu
-        self.pending: V.VirtualMap | None = None  # set by the VLM adapter right before the forward
+        self.prune = prune
+        self.pending: TokenPlan | None = None  # set by the VLM adapter right before the forward
         self.prefill: Prefill | None = None
+        self.pruned: Pruned | None = None
+        self.last_kept: P.Kept | None = None  # the last prefill's kept positions (reports, tests)
+        self._past = 0  # layer-0 cache length at the start of the forward in flight
+        self._masks = {}  # id(stock mask) -> gathered mask, within one forward
         self._handles = []
-        self._configs = []  # (config, its attention implementation before exact VTU)
-        layers = language_model.layers
+        self._configs = []  # (config, its attention implementation before ours)
         self._handles.append(language_model.register_forward_pre_hook(self._start, with_kwargs=True))
         self._handles.append(language_model.register_forward_hook(self._finish, with_kwargs=True, always_call=True))
-        for layer in layers:
+        for index, layer in enumerate(layers):
             attention = layer.self_attn
             for name in ("q_proj", "k_proj", "v_proj"):
-                self._hook(getattr(attention, name), name, stash=(attention, name[0]) if vtu == "exact" else None)
-            self._hook(attention.o_proj, "o_proj", reduce_mean=True)
-            self._hook(layer.mlp, "mlp")
-        if vtu == "exact":
-            self._use_exact_kernel(language_model)
+                self._hook(getattr(attention, name), name, index, stash=(attention, name[0]) if vtu == "exact" else None)
+            self._hook(attention.o_proj, "o_proj", index, reduce_mean=True)
+            self._hook(layer.mlp, "mlp", index)
+            if self.prune_layer is not None and index >= self.prune_layer:
+                self._handles.append(layer.register_forward_pre_hook(self._layer_hook(index), with_kwargs=True))
+        if vtu == "exact" or (isinstance(prune, FastV) and self.prune_layer):
+            self._use_kernel(language_model)
 
     # ------------------------------------------------------------------ lifecycle of one forward
     def _start(self, module, args, kwargs):
-        vmap, self.pending = self.pending, None
+        plan, self.pending = self.pending, None
         self.prefill = None
-        if vmap is not None:
-            cache = compat.find_cache((*args, *kwargs.values()))
-            self.prefill = Prefill(vmap=vmap, cache_before=cache.get_seq_length() if cache is not None else 0)
+        self._masks = {}
+        cache = compat.find_cache((*args, *kwargs.values()))
+        layers = len(self.language_model.layers)
+        before = [cache.get_seq_length(layer) for layer in range(layers)] if cache is not None else [0] * layers
+        self._past = before[0]
+        if self.pruned is not None and (cache is None or self.pruned.cache() is not cache or plan is not None):
+            self.pruned = None  # a new sequence: the pruned caches belong to another one
+        if plan is not None:
+            self.prefill = Prefill(plan=plan, cache_before=before)
 
     def _finish(self, module, args, kwargs, output):
         prefill, self.prefill = self.prefill, None
+        self._masks = {}
         if prefill is None or output is None:  # no plan, or the forward raised (always_call)
             return
         layers = len(self.language_model.layers)
+        with_map = sum(prefill.vmap_at(layer, self.prune_layer) is not None for layer in range(layers))
         for name in HOOKED:
-            if prefill.calls.get(name, 0) != layers:
+            if prefill.calls.get(name, 0) != with_map:
                 raise compat.refuse(f"{type(module).__name__}: {name} ran {prefill.calls.get(name, 0)} time(s) in a "
-                                    f"{layers}-layer prefill")
+                                    f"prefill with {with_map} VTU layer(s)")
+        if self.prune_layer is not None and prefill.kept is None:
+            raise compat.refuse(f"{type(module).__name__}: decoder layer {self.prune_layer} never took the pruning plan")
         values = output.values() if hasattr(output, "values") else output if isinstance(output, tuple) else ()
         cache = compat.find_cache(values)
-        if cache is not None:
-            expected = prefill.cache_before + prefill.vmap.num_full
-            if cache.get_seq_length() != expected:
-                raise compat.refuse(f"the prefill left the KV cache at {cache.get_seq_length()} positions instead of "
-                                    f"{expected}")
+        if cache is None:
+            return
+        for layer in range(layers):
+            pruned = prefill.kept is not None and layer >= self.prune_layer
+            expected = prefill.cache_before[layer] + (prefill.kept.length if pruned else prefill.plan.num_full)
+            if cache.get_seq_length(layer) != expected:
+                raise compat.refuse(f"the prefill left layer {layer}'s KV cache at {cache.get_seq_length(layer)} "
+                                    f"positions instead of {expected}")
+        if prefill.kept is not None:
+            self.pruned = Pruned(layer=self.prune_layer, kept=prefill.kept, prompt_length=prefill.plan.num_full,
+                                 cache=weakref.ref(cache))
 
-    # ------------------------------------------------------------------ hooks around token-wise modules
-    def _hook(self, module: nn.Module, name: str, reduce_mean: bool = False, stash=None) -> None:
+    # ------------------------------------------------------------------ VTU: hooks around token-wise modules
+    def _hook(self, module: nn.Module, name: str, layer: int, reduce_mean: bool = False, stash=None) -> None:
+        def vmap_now():
+            return None if self.prefill is None else self.prefill.vmap_at(layer, self.prune_layer)
+
         def before(module, args):
-            prefill = self.prefill
-            if prefill is None:
+            vmap = vmap_now()
+            if vmap is None:
                 return None
+            prefill = self.prefill
             prefill.calls[name] = prefill.calls.get(name, 0) + 1
-            if len(args) != 1 or args[0].dim() != 3 or args[0].shape[1] != prefill.vmap.num_full:
+            if len(args) != 1 or args[0].dim() != 3 or args[0].shape[1] != vmap.num_full:
                 shape = tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else "no positional tensor"
-                raise compat.refuse(f"{name} was called with {shape}, expected (batch, {prefill.vmap.num_full}, features)")
-            hidden = args[0]  # (batch, full, features)
+                raise compat.refuse(f"{name} was called with {shape}, expected (batch, {vmap.num_full}, features)")
+            hidden = args[0]  # (batch, positions, features)
             if reduce_mean:
-                return (V.to_unique(hidden, prefill.vmap, reduce_mean=True),)
+                return (V.to_unique(hidden, vmap, reduce_mean=True),)
             if prefill.compressed is None or prefill.compressed[0] is not hidden:
-                prefill.compressed = (hidden, V.to_unique(hidden, prefill.vmap))
+                prefill.compressed = (hidden, V.to_unique(hidden, vmap))
             return (prefill.compressed[1],)
 
         def after(module, args, output):
-            prefill = self.prefill
-            if prefill is None:
+            vmap = vmap_now()
+            if vmap is None:
                 return None
-            full = V.from_unique(output, prefill.vmap)  # (batch, full, out features)
+            full = V.from_unique(output, vmap)  # (batch, positions, out features)
             if stash is not None:
-                prefill.stash[stash] = full
+                self.prefill.stash[stash] = full
             return full
 
         self._handles.append(module.register_forward_pre_hook(before))
         self._handles.append(module.register_forward_hook(after))
 
-    # ------------------------------------------------------------------ exact VTU
-    def _use_exact_kernel(self, language_model: nn.Module) -> None:
-        name = compat.register_exact_kernel(exact_attention)
+    # ------------------------------------------------------------------ pruning: layers >= K
+    def _layer_hook(self, index: int):
+        def hook(module, args, kwargs):
+            arguments, extra = compat.bind_arguments(type(module).forward, module, *args, **kwargs)
+            arguments.pop("self")
+            prefill = self.prefill
+            if prefill is not None:
+                if index == self.prune_layer:
+                    self._choose()
+                    arguments["hidden_states"] = P.gather_rows(arguments["hidden_states"], prefill.kept)
+                kept = prefill.kept
+                arguments["position_embeddings"] = tuple(P.gather_rows(t, kept) for t in arguments["position_embeddings"])
+                if arguments.get("position_ids") is not None:
+                    ids = arguments["position_ids"]
+                    arguments["position_ids"] = P.gather_rows(ids.expand(kept.positions.shape[0], -1), kept)
+                arguments["attention_mask"] = self._mask(arguments.get("attention_mask"), kept, None, kept.length)
+            elif self.pruned is not None:  # a decode step: the pruned layers' caches are shorter
+                kept = self.pruned.kept
+                queries = arguments["hidden_states"].shape[1]
+                appended = self._past + queries - self.pruned.prompt_length  # keys after the prompt, these included
+                positions = self._past + torch.arange(queries, device=kept.positions.device)  # (queries,) full positions
+                arguments["attention_mask"] = self._mask(arguments.get("attention_mask"), kept,
+                                                         positions.expand(kept.positions.shape[0], -1), kept.length + appended)
+            else:
+                return None
+            return (), {**arguments, **extra}
+
+        return hook
+
+    def _mask(self, mask, kept: P.Kept, queries, kv_length: int):
+        key = (id(mask), kv_length)
+        if key not in self._masks:
+            dtype = mask.dtype if mask is not None else torch.bool
+            self._masks[key] = P.gather_mask(mask, kept, queries, kv_length, dtype)
+        return self._masks[key]
+
+    def _choose(self) -> None:
+        """The positions layers >= K keep (FastV: best-scored image tokens; VTW: no image token)."""
+        prefill = self.prefill
+        plan = prefill.plan
+        token_of = plan.vmap.full_to_unique if plan.vmap is not None else None
+        if isinstance(self.prune, VTW):
+            fraction, scores = 1.0, torch.zeros(plan.image.shape, dtype=torch.float32, device=plan.image.device)
+        elif self.prune_layer == 0:  # no attention yet: a reproducible random ranking
+            generator = torch.Generator(device="cpu").manual_seed(RANDOM_RANK_SEED)
+            fraction, scores = self.prune.r, torch.rand(plan.image.shape, generator=generator).to(plan.image.device)
+        else:
+            if prefill.scores is None:
+                raise compat.refuse(f"layer {self.prune_layer - 1}'s attention kernel did not report FastV's scores")
+            fraction, scores = self.prune.r, prefill.scores
+        prefill.kept = P.select(scores, plan.image, fraction, token_of)
+        if plan.vmap is not None:
+            prefill.restricted = V.restrict(plan.vmap, prefill.kept.positions, prefill.kept.filler)
+        self.last_kept = prefill.kept
+
+    # ------------------------------------------------------------------ our attention kernel
+    def _use_kernel(self, language_model: nn.Module) -> None:
         configs = {id(language_model.config): language_model.config}
         for layer in language_model.layers:
             _ADAPTERS[layer.self_attn] = self
             configs.setdefault(id(layer.self_attn.config), layer.self_attn.config)
         for config in configs.values():
+            base = config._attn_implementation or "eager"
             self._configs.append((config, config._attn_implementation))
-            config._attn_implementation = name
+            config._attn_implementation = compat.register_kernel(base, dymu_attention)
 
         def keep_tables(module, args, output):
             if self.prefill is not None:
                 self.prefill.rotary = output  # (cos, sin), each (batch, full, head_dim)
 
-        self._handles.append(language_model.rotary_emb.register_forward_hook(keep_tables))
+        if self.vtu == "exact":
+            self._handles.append(language_model.rotary_emb.register_forward_hook(keep_tables))
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -162,40 +280,61 @@ class LanguageAdapter:
         self._configs = []
         for layer in self.language_model.layers:
             _ADAPTERS.pop(layer.self_attn, None)
-        self.pending = self.prefill = None
+        self.pending = self.prefill = self.pruned = None
 
 
-def exact_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """The ``dymu_exact`` attention kernel. During a planned prefill: scores from the C/S decomposition on the
-    merged, un-rotated Q/K (``dymu.vtu.exact_scores``), eager softmax. Otherwise the stock sdpa kernel.
+def dymu_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The attention kernel dymu registers (``dymu_<base>``) when a plan needs more than the stock kernel.
 
+    During a planned prefill: exact VTU scores (C/S decomposition on the merged, un-rotated Q/K) at layers with a
+    VTU map, and, at layer K-1 of FastV, the attention the last query gives every key (``prefill.scores``).
+    Everything else is the base kernel the model was configured with.
     query: (batch, heads, q, head_dim) after RoPE; key / value: (batch, kv_heads, kv, head_dim) after the cache.
-    Returns ((batch, q, heads, head_dim), None).
+    Returns ((batch, q, heads, head_dim), weights or None).
     """
     adapter = _ADAPTERS.get(module)
     prefill = adapter.prefill if adapter is not None else None
+    base = compat.base_kernel(module)
     if prefill is None:
-        return compat.fallback_kernel()(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    if key.shape[-2] != prefill.vmap.num_full or prefill.rotary is None:
-        raise DymuError("vtu='exact' needs an empty KV cache at prefill")
-    batch, heads, full, head_dim = query.shape
+        return base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    layer = module.layer_idx
+    if isinstance(adapter.prune, FastV) and adapter.prune_layer is not None and layer == adapter.prune_layer - 1:
+        if key.shape[-2] != prefill.plan.num_full:
+            raise DymuError("FastV needs an empty KV cache at prefill")
+        padding = prefill.plan.padding
+        if adapter.prune.score == "all":
+            prefill.scores = P.all_query_scores(query, key, scaling, padding)
+        else:
+            prefill.scores = P.last_query_scores(query, key, scaling, padding)
+    if adapter.vtu == "exact" and prefill.vmap_at(layer, adapter.prune_layer) is not None:
+        return _exact(module, prefill, query, key, value, attention_mask, scaling)
+    return base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
-    def unrotated(kind):  # (batch, full, n * head_dim) -> (batch, n, full, head_dim), merged and pre-RoPE
+
+def _exact(module, prefill: Prefill, query, key, value, attention_mask, scaling: float):
+    """Exact VTU attention: scores from the C/S decomposition on the merged, un-rotated Q/K; eager softmax."""
+    batch, heads, length, head_dim = query.shape
+    if key.shape[-2] != length or prefill.rotary is None:
+        raise DymuError("vtu='exact' needs an empty KV cache at prefill")
+
+    def unrotated(kind):  # (batch, length, n * head_dim) -> (batch, n, length, head_dim), merged and pre-RoPE
         states = prefill.stash.pop((module, kind))
-        return states.view(batch, full, -1, head_dim).transpose(1, 2)
+        return states.view(batch, length, -1, head_dim).transpose(1, 2)
 
     q, k = unrotated("q"), unrotated("k")
     groups = heads // k.shape[1]
-    k = k.repeat_interleave(groups, dim=1)  # (batch, heads, full, head_dim), GQA
+    k = k.repeat_interleave(groups, dim=1)  # (batch, heads, length, head_dim), GQA
     value = value.repeat_interleave(groups, dim=1)
     cos, sin = prefill.rotary
-    mask = _to_additive(attention_mask, query, full)
+    if prefill.kept is not None and cos.shape[1] != length:  # a pruned layer: the kept positions' tables
+        cos, sin = P.gather_rows(cos, prefill.kept), P.gather_rows(sin, prefill.kept)
+    mask = _to_additive(attention_mask, query, length)
     softmax_dtype = accumulation_dtype(query.dtype)
-    scaling = head_dim ** -0.5 if scaling is None else scaling
-    output = torch.empty_like(query)  # (batch, heads, full, head_dim)
-    for start in range(0, heads, EXACT_HEADS_PER_CHUNK):  # bounds the (batch, heads, full, full) scores
+    output = torch.empty_like(query)  # (batch, heads, length, head_dim)
+    for start in range(0, heads, EXACT_HEADS_PER_CHUNK):  # bounds the (batch, heads, length, length) scores
         chunk = slice(start, start + EXACT_HEADS_PER_CHUNK)
-        scores = V.exact_scores(q[:, chunk], k[:, chunk], cos, sin, scaling)  # (batch, chunk, full, full)
+        scores = V.exact_scores(q[:, chunk], k[:, chunk], cos, sin, scaling)  # (batch, chunk, length, length)
         weights = torch.softmax(scores + mask.to(scores.dtype), dim=-1, dtype=softmax_dtype).to(query.dtype)
         output[:, chunk] = weights @ value[:, chunk]
     return output.transpose(1, 2).contiguous(), None

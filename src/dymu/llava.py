@@ -26,7 +26,7 @@ from torch import nn
 
 from . import compat
 from . import vtu as V
-from .language import VTU_MODES, LanguageAdapter
+from .language import VTU_MODES, LanguageAdapter, TokenPlan
 from .vision import DymuError
 
 PATCH_ATTRIBUTE = "_dymu_llava_patch"
@@ -203,8 +203,9 @@ def _vlm_forward(state: LlavaState):
     return forward
 
 
-def _plan(base, state: LlavaState, arguments: dict, features: list) -> V.VirtualMap | None:
-    """The prompt's VirtualMap: merge groups of every image at its placeholders, padding as one token per row."""
+def _plan(base, state: LlavaState, arguments: dict, features: list) -> TokenPlan | None:
+    """The prompt's token plan: image placeholder positions, padding, and (VTU) each image's merge groups at its
+    placeholders with padding as one token per row. None when there is nothing to change."""
     sources = [getattr(f, "_dymu_source", None) for f in features]
     mask = _image_mask(base, arguments.get("input_ids"), arguments.get("inputs_embeds"))
     visual_tokens = sum(f.shape[0] for f in features)
@@ -215,14 +216,19 @@ def _plan(base, state: LlavaState, arguments: dict, features: list) -> V.Virtual
                         f"{int(mask.sum())} image placeholder tokens ({hint})")
     attention_mask = arguments.get("attention_mask")
     padding = attention_mask == 0 if attention_mask is not None and attention_mask.dim() == 2 else None
+    padding = padding if padding is not None and bool(padding.any()) else None
     try:
         if state.vtu != "none" and all(s is not None for s in sources):
-            return V.build_map(mask, sources, padding)
-        if padding is not None and bool(padding.any()):  # compact: a batch costs its real tokens
-            return V.build_map(torch.zeros_like(mask), [], padding)
+            vmap = V.build_map(mask, sources, padding)
+        else:  # compact: padding as one token, so a batch costs its real tokens
+            vmap = V.build_map(torch.zeros_like(mask), [], padding) if padding is not None else None
     except ValueError as exc:
         raise DymuError(str(exc)) from None
-    return None
+    if vmap is not None and not vmap.padded and vmap.num_unique == vmap.num_full:
+        vmap = None  # every position its own token: the stock computation
+    if vmap is None and state.language.prune_layer is None:
+        return None
+    return TokenPlan(image=mask, padding=padding, vmap=vmap)
 
 
 def _generate(self, *args, **kwargs):
@@ -238,14 +244,14 @@ def check_vtu(vtu: str) -> None:
         raise DymuError(f"vtu must be one of {', '.join(VTU_MODES)}, got {vtu!r}")
 
 
-def patch_vlm(model: nn.Module, vtu: str) -> LlavaPatch:
+def patch_vlm(model: nn.Module, vtu: str, prune=None) -> LlavaPatch:
     check_vtu(vtu)
     base, language_model = _vlm_parts(model)
     if type(base).__name__ != "LlavaModel":
         raise DymuError(f"{type(base).__name__}: the language-model side of dymu supports LLaVA-1.5 (LlavaModel) so far")
     compat.check_vlm(base)
     unpatch_vlm(model)
-    state = LlavaState(vtu=vtu, language=LanguageAdapter(language_model, vtu))
+    state = LlavaState(vtu=vtu, language=LanguageAdapter(language_model, vtu, prune))
     patch = LlavaPatch(state=state, modules=[base])
     base.get_image_features = MethodType(_get_image_features(state), base)
     base.forward = MethodType(_vlm_forward(state), base)

@@ -190,3 +190,25 @@ def exact_scores(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     left = torch.cat((cq, sq, cross_q), dim=-1)  # (batch, heads, full, 3 * head_dim)
     right = torch.cat((ck + cross_k2, sk, cross_k), dim=-1)
     return (left @ right.transpose(-1, -2)) * scaling  # (batch, heads, full, full)
+
+
+def restrict(vmap: VirtualMap, positions: torch.Tensor, filler: torch.Tensor) -> VirtualMap:
+    """The map over a subset of positions (pruning): positions (batch, kept) into the full sequence, fillers
+    (batch, kept) bool treated as padding. Fillers share one unique token of their own (they repeat a real
+    position but evolve apart from it); unique tokens are renumbered per row in order of first appearance."""
+    batch, _ = positions.shape
+    device = positions.device
+    own = vmap.full_to_unique.gather(1, positions).masked_fill(filler, vmap.num_unique)  # (batch, kept) old ids
+    present = torch.zeros(batch, vmap.num_unique + 1, dtype=torch.long, device=device).scatter_(1, own, 1)
+    renumber = present.cumsum(-1) - 1
+    full_to_unique = renumber.gather(1, own)
+    unique_lengths = present.sum(-1)
+    num_unique = int(unique_lengths.max())
+    columns = torch.arange(positions.shape[1], device=device).expand(batch, -1)
+    unique_to_full = torch.full((batch, num_unique), positions.shape[1], dtype=torch.long, device=device)
+    unique_to_full = unique_to_full.scatter_reduce(1, full_to_unique, columns, reduce="amin").clamp_max(positions.shape[1] - 1)
+    counts = torch.zeros(batch, num_unique, dtype=torch.long, device=device).scatter_add_(
+        1, full_to_unique, torch.ones_like(full_to_unique))
+    padding = filler if vmap.padding is None else vmap.padding.gather(1, positions) | filler
+    return VirtualMap(full_to_unique=full_to_unique, unique_to_full=unique_to_full, counts=counts,
+                      unique_lengths=unique_lengths, padding=padding if bool(padding.any()) else None)

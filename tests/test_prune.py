@@ -1,0 +1,257 @@
+"""FastV and VTW in the language model (spec decoder_pruning_spec.md §2-3, oracles §7), alone and with DToMe + VTU."""
+
+import math
+
+import pytest
+import torch
+
+import dymu
+from dymu import prune as P
+from dymu.compat import find_cache
+from dymu.llava import get_vlm_patch
+
+from .test_llava import IMAGE_TOKEN, MERGING, PATCHES, images, left_pad, prompt, tiny_llava  # noqa: F401 (images: fixture)
+
+LAYERS = 4
+
+
+def model_with(layers=LAYERS, dtype=torch.float64, attention="sdpa"):
+    model = tiny_llava(layers=layers).to(dtype)
+    model.set_attn_implementation({"text_config": attention, "vision_config": "sdpa"})
+    return model
+
+
+def run(model, ids, mask, pixels):
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_cache=True)
+    return out.logits, find_cache(out.values())
+
+
+def greedy(model, ids, mask, pixels, steps=4):
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=steps, do_sample=False)
+
+
+def language(model):
+    return get_vlm_patch(model).state.language
+
+
+@pytest.mark.parametrize("thresholds, vtu", [(None, "fast"), (MERGING, "fast"), (MERGING, "exact"), (MERGING, "none")],
+                         ids=["unmerged", "dtome-fast", "dtome-exact", "dtome-compact"])
+@pytest.mark.parametrize("spec", ["fastv:k=2,r=0", f"fastv:k={LAYERS},r=0.5", f"vtw:k={LAYERS}"])
+def test_pruning_that_keeps_everything_is_the_model_without_it(spec, thresholds, vtu, images):
+    """Oracle 1: FastV r=0, FastV / VTW with k >= layers equal the model without pruning (logits, greedy tokens)."""
+    model = model_with()
+    pixels = images[:2].double()
+    rows = [prompt(5, 7, seed=1), prompt(2, 4, seed=2)]
+    ids, mask = left_pad(rows)
+    if vtu == "none":
+        return _compact_case(spec)
+    dymu.apply(model, thresholds, vtu=vtu)
+    reference, _ = run(model, ids, mask, pixels)
+    reference_tokens = greedy(model, ids, mask, pixels)
+    dymu.apply(model, thresholds, vtu=vtu, prune=spec)
+    logits, _ = run(model, ids, mask, pixels)
+    real = mask.bool()
+    torch.testing.assert_close(logits[real], reference[real], rtol=1e-10, atol=1e-10)
+    assert torch.equal(greedy(model, ids, mask, pixels), reference_tokens)
+
+
+def _compact_case(spec):
+    from dymu.models import build_llava_preset  # a real processor for dymu.prepare_inputs
+
+    from dymu.data import bundled_image
+
+    model, processor = build_llava_preset("tiny-llava", layers=LAYERS)
+    model = model.double()
+
+    photos = [bundled_image("checkerboard"), bundled_image("coins")]
+    texts = ["USER: <image>\nWhat is it? ASSISTANT:", "USER: <image>\nHow many coins are there here? ASSISTANT:"]
+    dymu.apply(model, MERGING, vtu="none")
+    inputs = dymu.prepare_inputs(model, processor, photos, texts)
+    inputs["mm_encoder_outputs"]["image"].pooler_output = [f.double() for f in inputs["mm_encoder_outputs"]["image"].pooler_output]
+    with torch.no_grad():
+        reference = model(**inputs).logits
+    dymu.apply(model, MERGING, vtu="none", prune=spec)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(logits[real], reference[real], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("thresholds, vtu", [(None, "fast"), (MERGING, "fast"), (MERGING, "exact")])
+def test_vtw_equals_fastv_dropping_everything(thresholds, vtu, images):
+    """Oracle 2: VTW(k) == FastV(k, r=1)."""
+    model = model_with()
+    ids, mask = left_pad([prompt(5, 7, seed=3), prompt(2, 4, seed=4)])
+    pixels = images[:2].double()
+    dymu.apply(model, thresholds, vtu=vtu, prune="vtw:k=2")
+    vtw, vtw_cache = run(model, ids, mask, pixels)
+    dymu.apply(model, thresholds, vtu=vtu, prune="fastv:k=2,r=1")
+    fastv, fastv_cache = run(model, ids, mask, pixels)
+    torch.testing.assert_close(fastv, vtw, rtol=1e-12, atol=1e-12)
+    for layer in range(LAYERS):
+        assert fastv_cache.get_seq_length(layer) == vtw_cache.get_seq_length(layer)
+    text = ids.shape[1] - PATCHES  # every row keeps its text (and its padding)
+    assert [vtw_cache.get_seq_length(layer) for layer in range(LAYERS)] == [ids.shape[1]] * 2 + [text] * 2
+
+
+def brute_force_fastv(model, ids, pixels, k, r):
+    """FastV written out by hand on the stock modules (one prompt, no cache, fp64): layers < k on every token; the
+    last query's attention at layer k-1, mean over heads, ranks the image tokens; the lowest fraction r are removed
+    from the hidden states, RoPE tables and causal mask; the remaining layers, final norm and head."""
+    base, lm = model.model, model.model.language_model
+    with torch.no_grad():
+        features = torch.cat(list(base.get_image_features(pixel_values=pixels).pooler_output))
+        hidden = base.get_input_embeddings()(ids).masked_scatter((ids == IMAGE_TOKEN)[..., None], features)  # (1, n, d)
+        n = ids.shape[1]
+        positions = torch.arange(n)[None]
+        cos, sin = lm.rotary_emb(hidden, positions)
+        causal = torch.full((n, n), torch.finfo(hidden.dtype).min, dtype=hidden.dtype).triu(1)[None, None]
+        captured = {}
+
+        def keep_weights(module, args, kwargs, output):
+            captured["weights"] = output[1]  # (1, heads, n, n): eager attention probabilities
+
+        handle = lm.layers[k - 1].self_attn.register_forward_hook(keep_weights, with_kwargs=True)
+        for layer in lm.layers[:k]:
+            hidden = layer(hidden, attention_mask=causal, position_embeddings=(cos, sin), position_ids=positions)
+        handle.remove()
+        scores = captured["weights"][0, :, -1].mean(0)  # (n,)
+        image = (ids[0] == IMAGE_TOKEN).nonzero()[:, 0]
+        keep_images = PATCHES - round(PATCHES * r)
+        chosen = image[torch.sort(scores[image], descending=True, stable=True).indices[:keep_images]]
+        keep = torch.sort(torch.cat(((ids[0] != IMAGE_TOKEN).nonzero()[:, 0], chosen))).values
+        hidden, cos, sin, positions = hidden[:, keep], cos[:, keep], sin[:, keep], positions[:, keep]
+        causal = causal[:, :, keep][:, :, :, keep]
+        for layer in lm.layers[k:]:
+            hidden = layer(hidden, attention_mask=causal, position_embeddings=(cos, sin), position_ids=positions)
+        return model.lm_head(lm.norm(hidden)), keep
+
+
+@pytest.mark.parametrize("k, r", [(1, 0.5), (2, 0.75), (3, 0.25)])
+def test_fastv_equals_a_brute_force_reference(k, r, images):
+    """Oracle 3, with F4: the kept set is every text position plus N - round(rN) image positions, ascending."""
+    model = model_with(attention="eager")
+    ids = prompt(6, 9, seed=5)[None]
+    pixels = images[1:2].double()
+    reference, keep = brute_force_fastv(model, ids, pixels, k, r)
+    dymu.apply(model, None, prune=f"fastv:k={k},r={r}")
+    logits, cache = run(model, ids, torch.ones_like(ids), pixels)
+    kept = language(model).last_kept
+    assert torch.equal(kept.positions[0], keep) and not bool(kept.filler.any())
+    assert int(kept.image_tokens[0]) == PATCHES - round(PATCHES * r)
+    torch.testing.assert_close(logits, reference, rtol=1e-10, atol=1e-10)
+    assert [cache.get_seq_length(layer) for layer in range(LAYERS)] == [ids.shape[1]] * k + [len(keep)] * (LAYERS - k)
+
+
+def test_scores_equal_the_eager_attention_weights(images):
+    """The kernel's last-query scores (sdpa elsewhere) equal the eager attention probabilities, mean over heads."""
+    model = model_with(attention="eager")
+    ids = prompt(4, 5, seed=6)[None]
+    pixels = images[:1].double()
+    with torch.no_grad():
+        eager = model(input_ids=ids, pixel_values=pixels, output_attentions=True).attentions[1][:, :, -1].mean(1)
+    model.set_attn_implementation({"text_config": "sdpa"})
+    captured = {}
+    original = P.last_query_scores
+
+    def spy(*args, **kwargs):
+        captured["scores"] = original(*args, **kwargs)
+        return captured["scores"]
+
+    P.last_query_scores, restore = spy, original
+    try:
+        dymu.apply(model, None, prune="fastv:k=2,r=0.5")
+        run(model, ids, torch.ones_like(ids), pixels)
+    finally:
+        P.last_query_scores = restore
+    torch.testing.assert_close(captured["scores"], eager, rtol=1e-6, atol=1e-9)  # eager's softmax runs in fp32
+
+
+@pytest.mark.parametrize("thresholds, vtu, spec", [(None, "fast", "fastv:k=2,r=0.5"), (MERGING, "fast", "fastv:k=1,r=0.5"),
+                                                  (MERGING, "exact", "fastv:k=2,r=0.75"), (MERGING, "fast", "vtw:k=2")])
+def test_cached_generation_equals_recomputing_the_finished_sequence(thresholds, vtu, spec, images):
+    """Oracle 4 (F6 / V2): greedy tokens from cached decoding == one uncached forward over the finished sequence
+    with the prefill's kept set frozen (generated tokens kept at every layer)."""
+    model = model_with()
+    rows = [prompt(5, 7, seed=7), prompt(2, 4, seed=8)]
+    ids, mask = left_pad(rows)
+    pixels = images[:2].double()
+    dymu.apply(model, thresholds, vtu=vtu, prune=spec)
+    steps = 4
+    tokens = greedy(model, ids, mask, pixels, steps)
+    adapter = language(model)
+    frozen = adapter.last_kept
+    n = ids.shape[1]
+    extended = P.Kept(positions=torch.cat((frozen.positions, n + torch.arange(steps - 1).expand(2, -1)), dim=1),
+                      filler=torch.cat((frozen.filler, frozen.filler.new_zeros(2, steps - 1)), dim=1),
+                      image_tokens=frozen.image_tokens)
+
+    def frozen_choice():
+        prefill = adapter.prefill
+        prefill.kept = extended
+        if prefill.plan.vmap is not None:
+            from dymu import vtu as V
+
+            prefill.restricted = V.restrict(prefill.plan.vmap, extended.positions, extended.filler)
+
+    adapter._choose = frozen_choice
+    full_mask = torch.cat((mask, torch.ones(2, steps - 1, dtype=mask.dtype)), dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=tokens[:, :-1], attention_mask=full_mask, pixel_values=pixels).logits
+    assert torch.equal(logits[:, -steps:].argmax(-1), tokens[:, n:])
+
+
+def test_batch_equals_each_prompt_alone_with_dtome_vtu_and_fastv(images):
+    """Oracle 7: different token counts per image (fillers align the rows), left padding, beam search runs."""
+    model = model_with()
+    pixels = images.double()
+    dymu.apply(model, MERGING, vtu="fast", prune="fastv:k=2,r=0.5")
+    assert len(set(dymu.encode(model, pixels).num_tokens)) == 3
+    rows = [prompt(5, 7, seed=9), prompt(2, 4, seed=10), prompt(9, 3, seed=11)]
+    ids, mask = left_pad(rows)
+    batched, cache = run(model, ids, mask, pixels)
+    kept = language(model).last_kept
+    assert bool(kept.filler.any()), "rows keep different numbers of positions"
+    batched_tokens = greedy(model, ids, mask, pixels, steps=5)
+    for i, row in enumerate(rows):
+        alone, _ = run(model, row[None], torch.ones(1, len(row), dtype=torch.long), pixels[i : i + 1])
+        # Llama's RMSNorm computes in fp32 even in an fp64 model: batch and alone round differently at ~1e-7
+        torch.testing.assert_close(batched[i, -1], alone[0, -1], rtol=1e-5, atol=1e-7)
+        alone_tokens = greedy(model, row[None], torch.ones(1, len(row), dtype=torch.long), pixels[i : i + 1], steps=5)
+        assert torch.equal(batched_tokens[i, -5:], alone_tokens[0, -5:])
+    beams = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=3, num_beams=2)
+    assert beams.shape == (3, ids.shape[1] + 3)
+
+
+def test_text_only_prompts_and_random_ranking(images):
+    """F10: without images nothing is pruned. F8: k=0 ranks at random, reproducibly."""
+    model = model_with()
+    text = torch.randint(2, 90, (1, 12))
+    with torch.no_grad():
+        reference = model(input_ids=text).logits
+    dymu.apply(model, None, prune="fastv:k=2,r=0.5")
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=text).logits, reference)
+    dymu.apply(model, None, prune="fastv:k=0,r=0.5")
+    ids = prompt(3, 4, seed=12)[None]
+    first, _ = run(model, ids, torch.ones_like(ids), images[:1].double())
+    first_kept = language(model).last_kept.positions.clone()
+    second, _ = run(model, ids, torch.ones_like(ids), images[:1].double())
+    assert torch.equal(first, second) and torch.equal(language(model).last_kept.positions, first_kept)
+    assert int(language(model).last_kept.image_tokens[0]) == PATCHES // 2
+
+
+def test_select_handles_groups_ties_and_rows():
+    """VTU groups are ranked and dropped whole; ties keep the earlier token; rows are front-filled."""
+    image = torch.tensor([[False, True, True, True, True, False], [False, False, True, True, True, True]])
+    token_of = torch.tensor([[0, 1, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5]])  # row 0: positions 1-2 are one merged token
+    scores = torch.tensor([[0.0, 0.1, 0.1, 0.15, 0.3, 0.0], [0.0, 0.0, 0.2, 0.2, 0.1, 0.4]])
+    kept = P.select(scores, image, 0.5, token_of)
+    # row 0: tokens 1 (0.2 summed), 2 (0.15), 3 (0.3): keep 3 - round(1.5) = 1 -> token 3 (position 4)
+    # row 1: tokens 2 (0.2), 3 (0.2), 4 (0.1), 5 (0.4): keep 2 -> tokens 5 and 2 (tie with 3: the earlier wins)
+    assert kept.image_tokens.tolist() == [1, 2]
+    assert kept.positions.tolist() == [[0, 0, 4, 5], [0, 1, 2, 5]]
+    assert kept.filler.tolist() == [[True, False, False, False], [False, False, False, False]]
+    assert math.isclose(float(P.kept_count(torch.tensor([576]), 0.5)), 288)
