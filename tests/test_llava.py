@@ -310,7 +310,7 @@ def test_generate_cli_errors(tiny_llava_dir, image_paths, tmp_path, capsys, mode
     err = capsys.readouterr().err
     assert "siglip_vision_model" in err and str(siglip_thr) in err
     assert main(["generate", str(tiny_llava_dir), "--image", image_paths[0], "--prompt", "<image> <image> two?"]) == 2
-    assert "2 <image> placeholder(s) but 1 --image" in capsys.readouterr().err
+    assert "2 <image> placeholder(s) but 1 image(s) given" in capsys.readouterr().err
     assert main(["generate", str(model_dirs["tiny-clip"]), "--image", image_paths[0], "--prompt", "hi"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"dymu generate: error: {model_dirs['tiny-clip']} is a CLIPVisionModel: dymu generate needs a LLaVA-1.5 checkpoint (for vision encoders use dymu encode)"

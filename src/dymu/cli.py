@@ -219,18 +219,6 @@ def cmd_import_thresholds(args) -> None:
     print(f"wrote {args.out}: {result.describe()} ({result.model.get('model_type')}, {len(result)} layers)")
 
 
-def _prompt_text(processor, prompt: str, num_images: int) -> str:
-    """Use the prompt as is when it holds <image> placeholders; otherwise wrap it with the chat template."""
-    if "<image>" in prompt:
-        if prompt.count("<image>") != num_images:
-            raise DymuError(f"the prompt has {prompt.count('<image>')} <image> placeholder(s) but {num_images} --image given")
-        return prompt
-    if getattr(processor, "chat_template", None):
-        content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]
-        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    return "<image>\n" * num_images + prompt
-
-
 def _run_generate(model, processor, images, text, max_new_tokens: int, compact: bool) -> dict:
     import time
 
@@ -292,7 +280,7 @@ def _estimated_flops_ratio(model, prompt_length: int, vtu: str) -> float:
 def cmd_generate(args) -> None:
     from . import api
     from .images import open_image
-    from .llava import get_vlm_patch, is_vlm, supports_language_side
+    from .llava import chat_prompt, get_vlm_patch, is_vlm, supports_language_side
     from .models import describe, load_model, load_processor, settings_from_config
 
     images = [open_image(path) for path in args.image]
@@ -303,7 +291,7 @@ def cmd_generate(args) -> None:
     processor = load_processor(args.model, full=True)
     print(f"model: {args.model} ({describe(model)})", file=sys.stderr)
     thresholds, vtu = settings_from_config(args.model, args.thresholds, args.vtu)
-    text = _prompt_text(processor, args.prompt, len(images))
+    text = chat_prompt(processor, args.prompt, len(images))
     runs = []
     if thresholds is not None:
         api.apply(model, thresholds, vtu=vtu)
@@ -326,6 +314,30 @@ def cmd_generate(args) -> None:
               f"for {run['new_tokens']} tokens{flops}")
     if thresholds is None:
         print("(no thresholds: pass --thresholds FILE or enable them with `dymu enable`)", file=sys.stderr)
+
+
+def cmd_calibrate_vtw(args) -> None:
+    from . import api
+    from .calibrate import calibrate_vtw
+    from .images import collect_images, load_images
+    from .models import load_model, load_processor, settings_from_config
+
+    out = _out_file(args.out)
+    image_set = collect_images(args.images, args.image_root)
+    images, skipped = load_images(image_set.paths[: args.limit])
+    _report_skipped(image_set.skipped + skipped)
+    model = load_model(args.model)
+    processor = load_processor(args.model, full=True)
+    thresholds, vtu = settings_from_config(args.model, args.thresholds, args.vtu)
+    api.apply(model, thresholds, vtu=vtu)
+    result = calibrate_vtw(model, processor, images, prompt=args.prompt, threshold=args.kl, first_layer=args.first_layer,
+                           batch_size=args.batch_size)
+    for k, value in result.kl.items():
+        print(f"withdraw before layer {k:>3}: mean KL {value:.5f}{'  <= threshold' if value <= result.threshold else ''}")
+    chosen = "no layer qualifies: never withdraw" if result.k == result.model["num_layers"] else f"prune=\"{result.spec}\""
+    print(f"K = {result.k} (first layer with mean KL <= {result.threshold} on {result.samples} images): {chosen}")
+    result.save(out)
+    print(f"wrote {out}")
 
 
 def cmd_enable(args) -> None:
@@ -401,6 +413,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer, in tokens (default: %(default)s)")
     p.add_argument("--compare", action="store_true", help="also run the unmerged model and print both answers")
     p.set_defaults(func=cmd_generate)
+
+    from .calibrate import DEFAULT_FIRST_LAYER, DEFAULT_KL_THRESHOLD, DEFAULT_PROMPT, DEFAULT_SAMPLES
+
+    p = sub.add_parser("calibrate-vtw", help="choose VTW's withdrawal layer K by its KL criterion on a few images")
+    p.add_argument("model", help="local LLaVA checkpoint folder or hub id")
+    _add_images(p)
+    p.add_argument("--out", required=True, help="calibration result to write (JSON)")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="question asked about every image (default: %(default)r)")
+    p.add_argument("--limit", type=int, default=DEFAULT_SAMPLES, help="images used, the first N (default: %(default)s)")
+    p.add_argument("--kl", type=float, default=DEFAULT_KL_THRESHOLD,
+                   help="KL threshold: K is the first layer at or below it (default: %(default)s, VTW's LLaVA-1.5-7B value)")
+    p.add_argument("--first-layer", type=int, default=DEFAULT_FIRST_LAYER,
+                   help="first candidate layer (default: %(default)s as VTW; 1 for shallower models)")
+    p.add_argument("--thresholds", help="calibrate the merged model: DToMe thresholds (default: the checkpoint's \"dymu\" section, else none)")
+    p.add_argument("--vtu", choices=["fast", "exact", "none"], help="VTU mode with --thresholds (default: fast)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward (default: %(default)s)")
+    p.set_defaults(func=cmd_calibrate_vtw)
 
     p = sub.add_parser("enable", help="store thresholds in a checkpoint's config.json so loading applies DyMU")
     p.add_argument("checkpoint", help="local checkpoint folder whose config.json gets the \"dymu\" section")

@@ -124,21 +124,30 @@ def open_image(path):
         raise ImageError(f"cannot read image {path}: {reason}") from None
 
 
+def load_images(items) -> tuple[list, list[dict]]:
+    """Decode image files (PIL images pass through, made RGB). Returns (images, failures with their reasons)."""
+    from PIL import Image
+
+    images, failures = [], []
+    for item in items:
+        if isinstance(item, Image.Image):
+            images.append(to_rgb(item))
+            continue
+        try:
+            images.append(open_image(item))
+        except ImageError as exc:
+            failures.append({"image": str(item), "error": str(exc)})
+    return images, failures
+
+
 def load_batch(items, processor):
     """Decode and preprocess. Returns (pixel_values or None, names of the images used, failures)."""
     from PIL import Image
 
-    images, names, failures = [], [], []
-    for item in items:
-        if isinstance(item, Image.Image):
-            images.append(to_rgb(item))
-            names.append(getattr(item, "filename", "") or f"<image {len(names)}>")
-            continue
-        try:
-            images.append(open_image(item))
-            names.append(str(item))
-        except ImageError as exc:
-            failures.append({"image": str(item), "error": str(exc)})
+    images, failures = load_images(items)
+    failed = {f["image"] for f in failures}
+    names = [getattr(item, "filename", "") or f"<image {i}>" if isinstance(item, Image.Image) else str(item)
+             for i, item in enumerate(items) if isinstance(item, Image.Image) or str(item) not in failed]
     if not images:
         return None, names, failures
     pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]

@@ -113,6 +113,19 @@ def raster_order(source: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return torch.argsort(first)
 
 
+def chat_prompt(processor, prompt: str, num_images: int) -> str:
+    """The prompt as is when it holds <image> placeholders (one per image); otherwise wrapped with the processor's
+    chat template (or one "<image>" line per image when it has none)."""
+    if "<image>" in prompt:
+        if prompt.count("<image>") != num_images:
+            raise DymuError(f"the prompt has {prompt.count('<image>')} <image> placeholder(s) but {num_images} image(s) given")
+        return prompt
+    if getattr(processor, "chat_template", None):
+        content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]
+        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return "<image>\n" * num_images + prompt
+
+
 def prepare_inputs(model, processor, images, text, **processor_kwargs) -> dict:
     """Inputs for compact mode (``vtu="none"``): each image's placeholders shrink to its merged token count.
 

@@ -1,0 +1,126 @@
+"""VTW's choice of the withdrawal layer K (decoder_pruning_spec.md §3.3): the KL criterion on a few samples.
+
+For every candidate k, the model withdraws all visual tokens before layer k and predicts the first answer token;
+KL_k = KL(p_k || p_full) = Σ p_k (log p_k − log p_full) against the model without withdrawal, averaged over the
+samples. K is the *first* candidate whose mean KL is at most the threshold (not the minimum); when none is, no
+layer qualifies and K = the number of layers (never withdraw). The model keeps whatever merging (DToMe + VTU)
+it was applied with: p_full is that model without pruning.
+
+Result file (JSON): ``{"format": "dymu-vtw-calibration", "version": 1, "model": {...}, "k": 16,
+"kl": {"5": 0.8, ...}, "threshold": 0.003, "samples": 20, "prompt": "..."}``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .vision import DymuError
+
+FORMAT = "dymu-vtw-calibration"
+VERSION = 1
+#: VTW's threshold for LLaVA-1.5-7B (the official code also uses it as the fallback)
+DEFAULT_KL_THRESHOLD = 0.003
+#: VTW's first candidate layer (the official code probes k = 5 .. T-1); shallower models start at 1
+DEFAULT_FIRST_LAYER = 5
+DEFAULT_SAMPLES = 20
+DEFAULT_PROMPT = "Describe the image."
+
+
+@dataclass
+class VtwCalibration:
+    k: int  # first layer without visual tokens (= the number of layers when none qualifies)
+    kl: dict  # candidate layer -> mean KL(p_k || p_full)
+    threshold: float
+    samples: int
+    prompt: str
+    model: dict  # language-model identity: model_type, num_layers, hidden_size, vocab_size, name_or_path
+
+    @property
+    def spec(self) -> str:
+        return f"vtw:k={self.k}"
+
+    def save(self, path) -> None:
+        data = {"format": FORMAT, "version": VERSION, **asdict(self), "kl": {str(k): v for k, v in self.kl.items()}}
+        Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row from logits (batch, vocab), in float64."""
+    log_p = torch.log_softmax(p_logits.double(), dim=-1)
+    log_q = torch.log_softmax(q_logits.double(), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def choose_layer(kl: dict, threshold: float, num_layers: int) -> int:
+    """The first candidate (ascending) whose mean KL is at most ``threshold``; ``num_layers`` when none is."""
+    return next((k for k in sorted(kl) if kl[k] <= threshold), num_layers)
+
+
+def language_identity(model) -> dict:
+    text = model.config.text_config
+    return {"model_type": text.model_type, "num_layers": text.num_hidden_layers, "hidden_size": text.hidden_size,
+            "vocab_size": text.vocab_size, "name_or_path": str(getattr(model.config, "_name_or_path", "") or "")}
+
+
+def calibrate_vtw(model, processor, images, prompt: str = DEFAULT_PROMPT, threshold: float = DEFAULT_KL_THRESHOLD,
+                  first_layer: int = DEFAULT_FIRST_LAYER, batch_size: int = 8, progress: bool = True) -> VtwCalibration:
+    """Choose VTW's K for ``model`` (a LLaVA-1.5, merged or not) on ``images`` (PIL images) with one prompt.
+
+    The prompt is wrapped with the processor's chat template unless it holds ``<image>``. Candidates are
+    ``first_layer .. T-1`` (``first_layer`` is lowered to 1 for models with fewer layers).
+    """
+    from tqdm.auto import tqdm
+
+    from .api import apply, is_applied
+    from .llava import chat_prompt, get_vlm_patch
+
+    patch = get_vlm_patch(model)
+    if patch is None or not is_applied(model):
+        raise DymuError("calibrate_vtw needs a LLaVA model patched by dymu.apply (thresholds may be None)")
+    if not images:
+        raise DymuError("calibrate_vtw needs at least one image")
+    thresholds = _thresholds_of(model)
+    vtu, prune = patch.state.vtu, patch.state.language.prune
+    layers = model.config.text_config.num_hidden_layers
+    first = first_layer if first_layer < layers else 1
+    candidates = list(range(first, layers))
+    text = chat_prompt(processor, prompt, 1)
+    sums = {k: 0.0 for k in candidates}
+    try:
+        for start in tqdm(range(0, len(images), batch_size), desc="calibrating VTW", unit="batch", disable=not progress):
+            chunk = images[start : start + batch_size]
+            inputs = _inputs(model, processor, chunk, text, vtu)
+            apply(model, thresholds, vtu=vtu)
+            full = _last_logits(model, inputs)
+            for k in candidates:
+                apply(model, thresholds, vtu=vtu, prune=f"vtw:k={k}")
+                sums[k] += float(kl_divergence(_last_logits(model, inputs), full).sum())
+    finally:
+        apply(model, thresholds, vtu=vtu, prune=prune)
+    kl = {k: sums[k] / len(images) for k in candidates}
+    return VtwCalibration(k=choose_layer(kl, threshold, layers), kl=kl, threshold=threshold, samples=len(images),
+                          prompt=text, model=language_identity(model))
+
+
+def _thresholds_of(model):
+    from .vision import get_patch
+
+    return get_patch(model).thresholds
+
+
+def _inputs(model, processor, images, text: str, vtu: str) -> dict:
+    if vtu == "none":
+        from .llava import prepare_inputs
+
+        return prepare_inputs(model, processor, images, [text] * len(images))
+    return processor(images=images, text=[text] * len(images), return_tensors="pt", padding=True)
+
+
+def _last_logits(model, inputs: dict) -> torch.Tensor:
+    """Next-token logits at the last prompt position, no cache: (batch, vocab)."""
+    with torch.no_grad():
+        return model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
