@@ -38,7 +38,8 @@ def language(model):
 
 @pytest.mark.parametrize("thresholds, vtu", [(None, "fast"), (MERGING, "fast"), (MERGING, "exact"), (MERGING, "none")],
                          ids=["unmerged", "dtome-fast", "dtome-exact", "dtome-compact"])
-@pytest.mark.parametrize("spec", ["fastv:k=2,r=0", f"fastv:k={LAYERS},r=0.5", f"vtw:k={LAYERS}"])
+@pytest.mark.parametrize("spec", ["fastv:k=2,r=0", "fastv:k=2,r=0,rerank=step", "fastv:k=1,r=0,score=all",
+                                  f"fastv:k={LAYERS},r=0.5", f"vtw:k={LAYERS}"])
 def test_pruning_that_keeps_everything_is_the_model_without_it(spec, thresholds, vtu, images):
     """Oracle 1: FastV r=0, FastV / VTW with k >= layers equal the model without pruning (logits, greedy tokens)."""
     model = model_with()
@@ -146,27 +147,30 @@ def test_fastv_equals_a_brute_force_reference(k, r, images):
 
 
 def test_scores_equal_the_eager_attention_weights(images):
-    """The kernel's last-query scores (sdpa elsewhere) equal the eager attention probabilities, mean over heads."""
+    """The kernel's scores (sdpa runs the attention itself) equal the eager attention probabilities of layer k-1:
+    the last query's, mean over heads (score=last), and every query's mean (score=all)."""
     model = model_with(attention="eager")
     ids = prompt(4, 5, seed=6)[None]
     pixels = images[:1].double()
     with torch.no_grad():
-        eager = model(input_ids=ids, pixel_values=pixels, output_attentions=True).attentions[1][:, :, -1].mean(1)
+        weights = model(input_ids=ids, pixel_values=pixels, output_attentions=True).attentions[1]  # (1, heads, n, n)
+    expected = {"last": weights[:, :, -1].mean(1), "all": weights.mean(dim=(1, 2))}
     model.set_attn_implementation({"text_config": "sdpa"})
-    captured = {}
-    original = P.last_query_scores
+    for score, name in (("last", "last_query_scores"), ("all", "all_query_scores")):
+        captured, original = {}, getattr(P, name)
 
-    def spy(*args, **kwargs):
-        captured["scores"] = original(*args, **kwargs)
-        return captured["scores"]
+        def spy(*args, **kwargs):
+            captured["scores"] = original(*args, **kwargs)
+            return captured["scores"]
 
-    P.last_query_scores, restore = spy, original
-    try:
-        dymu.apply(model, None, prune="fastv:k=2,r=0.5")
-        run(model, ids, torch.ones_like(ids), pixels)
-    finally:
-        P.last_query_scores = restore
-    torch.testing.assert_close(captured["scores"], eager, rtol=1e-6, atol=1e-9)  # eager's softmax runs in fp32
+        setattr(P, name, spy)
+        try:
+            dymu.apply(model, None, prune=f"fastv:k=2,r=0.5,score={score}")
+            run(model, ids, torch.ones_like(ids), pixels)
+        finally:
+            setattr(P, name, original)
+            dymu.remove(model)
+        torch.testing.assert_close(captured["scores"], expected[score], rtol=1e-6, atol=1e-9)  # eager softmax: fp32
 
 
 @pytest.mark.parametrize("thresholds, vtu, spec", [(None, "fast", "fastv:k=2,r=0.5"), (MERGING, "fast", "fastv:k=1,r=0.5"),
@@ -255,3 +259,66 @@ def test_select_handles_groups_ties_and_rows():
     assert kept.positions.tolist() == [[0, 0, 4, 5], [0, 1, 2, 5]]
     assert kept.filler.tolist() == [[True, False, False, False], [False, False, False, False]]
     assert math.isclose(float(P.kept_count(torch.tensor([576]), 0.5)), 288)
+
+
+def brute_force_rerank(model, sequence, prompt_length, pixels, k, r):
+    """FastV's per-step variant written out by hand (one sequence, no cache, fp64): every position stays; at layers
+    >= k each query row sees only the image keys its selection keeps (the prompt rows: the last prompt token's
+    selection; a generated row: its own), ranked by that row's layer k-1 attention, mean over heads; a hidden image
+    key stays visible to its own row. Returns the logits of every position."""
+    base, lm = model.model, model.model.language_model
+    with torch.no_grad():
+        features = torch.cat(list(base.get_image_features(pixel_values=pixels).pooler_output))
+        ids = sequence[None]
+        hidden = base.get_input_embeddings()(ids).masked_scatter((ids == IMAGE_TOKEN)[..., None], features)
+        n = ids.shape[1]
+        positions = torch.arange(n)[None]
+        cos, sin = lm.rotary_emb(hidden, positions)
+        low = torch.finfo(hidden.dtype).min
+        causal = torch.full((n, n), low, dtype=hidden.dtype).triu(1)
+        captured = {}
+
+        def keep_weights(module, args, kwargs, output):
+            captured["weights"] = output[1]  # (1, heads, n, n): eager attention probabilities
+
+        handle = lm.layers[k - 1].self_attn.register_forward_hook(keep_weights, with_kwargs=True)
+        for layer in lm.layers[:k]:
+            hidden = layer(hidden, attention_mask=causal[None, None], position_embeddings=(cos, sin), position_ids=positions)
+        handle.remove()
+        attention = captured["weights"][0].mean(0)  # (n, n)
+        image = (sequence == IMAGE_TOKEN).nonzero()[:, 0]
+        keep = PATCHES - round(PATCHES * r)
+        pruned = causal.clone()
+        for row in range(n):
+            chooser = max(row, prompt_length - 1)
+            chosen = image[torch.sort(attention[chooser, image], descending=True, stable=True).indices[:keep]]
+            hidden_keys = image[~torch.isin(image, chosen)]
+            pruned[row, hidden_keys[hidden_keys != row]] = low
+        for layer in lm.layers[k:]:
+            hidden = layer(hidden, attention_mask=pruned[None, None], position_embeddings=(cos, sin), position_ids=positions)
+        return model.lm_head(lm.norm(hidden))[0]
+
+
+def test_per_step_reranking_equals_a_brute_force_reference(images):
+    """rerank=step (FastV's mask variant with a cache): greedy decoding equals the per-row reference, and every
+    layer's cache keeps the whole sequence."""
+    model = model_with(attention="eager")
+    ids = prompt(6, 9, seed=13)[None]
+    pixels = images[2:3].double()
+    dymu.apply(model, None, prune="fastv:k=2,r=0.75,rerank=step")
+    steps = 5
+    with torch.no_grad():
+        generated = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=steps, do_sample=False,
+                                   output_logits=True, return_dict_in_generate=True)
+        first_choice = language(model).last_kept.positions.clone()
+        out = model(input_ids=ids, pixel_values=pixels, use_cache=True)
+    prefill_choice = language(model).last_kept.positions
+    assert not torch.equal(first_choice, prefill_choice), "decode steps must have re-chosen the image keys"
+    tokens = generated.sequences[0]
+    dymu.remove(model)
+    reference = brute_force_rerank(model, tokens[:-1], ids.shape[1], pixels, k=2, r=0.75)
+    n = ids.shape[1]
+    torch.testing.assert_close(torch.cat(generated.logits).double(), reference[n - 1:], rtol=1e-5, atol=1e-6)  # generate keeps fp32 logits
+    cache = find_cache(out.values())
+    assert [cache.get_seq_length(layer) for layer in range(LAYERS)] == [n] * LAYERS
+    torch.testing.assert_close(out.logits[0], reference[:n], rtol=1e-10, atol=1e-10)

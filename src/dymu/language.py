@@ -75,20 +75,32 @@ class Prefill:
     scores: torch.Tensor | None = None  # FastV: (batch, full) attention received at layer K-1
     kept: P.Kept | None = None  # pruning: the positions of layers >= K (set at layer K)
     restricted: V.VirtualMap | None = None  # the VTU map over the kept positions
+    masked: torch.Tensor | None = None  # FastV rerank=step: (batch, full) image keys hidden from layers >= K
 
     def vmap_at(self, layer: int, prune_layer: int | None) -> V.VirtualMap | None:
-        pruned = self.kept is not None and prune_layer is not None and layer >= prune_layer
+        pruned = self.masked is None and self.kept is not None and prune_layer is not None and layer >= prune_layer
         return self.restricted if pruned else self.plan.vmap
+
+    @property
+    def gathered(self) -> bool:
+        """Layers >= K run on the kept positions only (not FastV's per-step masking)."""
+        return self.kept is not None and self.masked is None
 
 
 @dataclass
 class Pruned:
-    """After a pruned prefill: layers >= ``layer`` hold only ``kept`` (then every decoded token) in ``cache``."""
+    """After a pruned prefill: layers >= ``layer`` hold only ``kept`` (then every decoded token) in ``cache``; with
+    FastV rerank=step they hold every position and each decode step re-chooses which image keys stay visible."""
 
     layer: int
     kept: P.Kept
     prompt_length: int
     cache: weakref.ref
+    plan: TokenPlan | None = None  # rerank=step: image positions, padding and groups of the prompt
+
+    @property
+    def reranks(self) -> bool:
+        return self.plan is not None
 
 
 class LanguageAdapter:
@@ -106,7 +118,12 @@ class LanguageAdapter:
         self.pending: TokenPlan | None = None  # set by the VLM adapter right before the forward
         self.prefill: Prefill | None = None
         self.pruned: Pruned | None = None
-        self.last_kept: P.Kept | None = None  # the last prefill's kept positions (reports, tests)
+        self.last_kept: P.Kept | None = None  # the last choice of kept positions (reports, tests)
+        self.step_scores: torch.Tensor | None = None  # rerank=step: this decode step's layer K-1 scores
+        self.reranks = isinstance(prune, FastV) and prune.rerank == "step"
+        self._step_masked: torch.Tensor | None = None  # rerank=step: (batch, keys) image keys hidden this step
+        if self.reranks and self.prune_layer == 0:
+            raise DymuError("fastv rerank=step needs k >= 1 (each step ranks by the attention at layer k-1)")
         self._past = 0  # layer-0 cache length at the start of the forward in flight
         self._masks = {}  # id(stock mask) -> gathered mask, within one forward
         self._handles = []
@@ -149,21 +166,21 @@ class LanguageAdapter:
             if prefill.calls.get(name, 0) != with_map:
                 raise compat.refuse(f"{type(module).__name__}: {name} ran {prefill.calls.get(name, 0)} time(s) in a "
                                     f"prefill with {with_map} VTU layer(s)")
-        if self.prune_layer is not None and prefill.kept is None:
+        if self.prune_layer is not None and prefill.kept is None:  # set at layer K in both FastV modes
             raise compat.refuse(f"{type(module).__name__}: decoder layer {self.prune_layer} never took the pruning plan")
         values = output.values() if hasattr(output, "values") else output if isinstance(output, tuple) else ()
         cache = compat.find_cache(values)
         if cache is None:
             return
         for layer in range(layers):
-            pruned = prefill.kept is not None and layer >= self.prune_layer
+            pruned = prefill.gathered and layer >= self.prune_layer
             expected = prefill.cache_before[layer] + (prefill.kept.length if pruned else prefill.plan.num_full)
             if cache.get_seq_length(layer) != expected:
                 raise compat.refuse(f"the prefill left layer {layer}'s KV cache at {cache.get_seq_length(layer)} "
                                     f"positions instead of {expected}")
         if prefill.kept is not None:
             self.pruned = Pruned(layer=self.prune_layer, kept=prefill.kept, prompt_length=prefill.plan.num_full,
-                                 cache=weakref.ref(cache))
+                                 cache=weakref.ref(cache), plan=prefill.plan if self.reranks else None)
 
     # ------------------------------------------------------------------ VTU: hooks around token-wise modules
     def _hook(self, module: nn.Module, name: str, layer: int, reduce_mean: bool = False, stash=None) -> None:
@@ -203,8 +220,14 @@ class LanguageAdapter:
         def hook(module, args, kwargs):
             arguments, extra = compat.bind_arguments(type(module).forward, module, *args, **kwargs)
             arguments.pop("self")
-            prefill = self.prefill
-            if prefill is not None:
+            prefill, pruned = self.prefill, self.pruned
+            mask = arguments.get("attention_mask")
+            if prefill is not None and self.reranks:  # FastV rerank=step: hide the dropped image keys, keep them
+                if index == self.prune_layer:
+                    self._choose()
+                queries = torch.arange(prefill.plan.num_full, device=prefill.masked.device)
+                arguments["attention_mask"] = self._masked(mask, prefill.masked, queries.expand(prefill.masked.shape[0], -1))
+            elif prefill is not None:
                 if index == self.prune_layer:
                     self._choose()
                     arguments["hidden_states"] = P.gather_rows(arguments["hidden_states"], prefill.kept)
@@ -213,19 +236,42 @@ class LanguageAdapter:
                 if arguments.get("position_ids") is not None:
                     ids = arguments["position_ids"]
                     arguments["position_ids"] = P.gather_rows(ids.expand(kept.positions.shape[0], -1), kept)
-                arguments["attention_mask"] = self._mask(arguments.get("attention_mask"), kept, None, kept.length)
-            elif self.pruned is not None:  # a decode step: the pruned layers' caches are shorter
-                kept = self.pruned.kept
+                arguments["attention_mask"] = self._mask(mask, kept, None, kept.length)
+            elif pruned is not None:  # a decode step
                 queries = arguments["hidden_states"].shape[1]
-                appended = self._past + queries - self.pruned.prompt_length  # keys after the prompt, these included
-                positions = self._past + torch.arange(queries, device=kept.positions.device)  # (queries,) full positions
-                arguments["attention_mask"] = self._mask(arguments.get("attention_mask"), kept,
-                                                         positions.expand(kept.positions.shape[0], -1), kept.length + appended)
+                appended = self._past + queries - pruned.prompt_length  # keys after the prompt, these included
+                positions = self._past + torch.arange(queries, device=pruned.kept.positions.device)  # full positions
+                positions = positions.expand(pruned.kept.positions.shape[0], -1)
+                if pruned.reranks:
+                    if index == self.prune_layer:
+                        self._rechoose(appended)
+                    arguments["attention_mask"] = self._masked(mask, self._step_masked, positions)
+                else:  # the pruned layers' caches are shorter
+                    arguments["attention_mask"] = self._mask(mask, pruned.kept, positions, pruned.kept.length + appended)
             else:
                 return None
             return (), {**arguments, **extra}
 
         return hook
+
+    def _masked(self, mask, masked: torch.Tensor, queries: torch.Tensor):
+        key = (id(mask), "masked")
+        if key not in self._masks:
+            self._masks[key] = P.mask_keys(mask, masked, queries, mask.dtype if mask is not None else torch.bool)
+        return self._masks[key]
+
+    def _rechoose(self, appended: int) -> None:
+        """rerank=step: this decode step's query chooses the visible image keys again (the cache holds them all)."""
+        pruned = self.pruned
+        if self.step_scores is None:
+            raise compat.refuse(f"layer {self.prune_layer - 1}'s attention kernel did not report FastV's scores")
+        plan = pruned.plan
+        token_of = plan.vmap.full_to_unique if plan.vmap is not None else None
+        kept = P.select(self.step_scores[:, : pruned.prompt_length], plan.image, self.prune.r, token_of)
+        self.last_kept, self.step_scores = kept, None
+        visible = torch.zeros_like(plan.image).scatter_(1, kept.positions, True)
+        masked = plan.image & ~visible  # (batch, prompt)
+        self._step_masked = torch.cat((masked, masked.new_zeros(masked.shape[0], appended)), dim=1)
 
     def _mask(self, mask, kept: P.Kept, queries, kv_length: int):
         key = (id(mask), kv_length)
@@ -249,9 +295,12 @@ class LanguageAdapter:
                 raise compat.refuse(f"layer {self.prune_layer - 1}'s attention kernel did not report FastV's scores")
             fraction, scores = self.prune.r, prefill.scores
         prefill.kept = P.select(scores, plan.image, fraction, token_of)
-        if plan.vmap is not None:
-            prefill.restricted = V.restrict(plan.vmap, prefill.kept.positions, prefill.kept.filler)
         self.last_kept = prefill.kept
+        if self.reranks:
+            visible = torch.zeros_like(plan.image).scatter_(1, prefill.kept.positions, True)
+            prefill.masked = plan.image & ~visible  # (batch, full)
+        elif plan.vmap is not None:
+            prefill.restricted = V.restrict(plan.vmap, prefill.kept.positions, prefill.kept.filler)
 
     # ------------------------------------------------------------------ our attention kernel
     def _use_kernel(self, language_model: nn.Module) -> None:
@@ -295,11 +344,18 @@ def dymu_attention(module, query, key, value, attention_mask, scaling=None, drop
     adapter = _ADAPTERS.get(module)
     prefill = adapter.prefill if adapter is not None else None
     base = compat.base_kernel(module)
+    layer = module.layer_idx
+    scores_layer = isinstance(adapter.prune, FastV) and adapter.prune_layer is not None and layer == adapter.prune_layer - 1
+    if prefill is None and scores_layer and adapter.pruned is not None and adapter.pruned.reranks:
+        padding = adapter.pruned.plan.padding  # a decode step re-ranks from its own query
+        if padding is not None:
+            padding = torch.cat((padding, padding.new_zeros(padding.shape[0], key.shape[-2] - padding.shape[1])), dim=1)
+        adapter.step_scores = P.last_query_scores(query, key, scaling or query.shape[-1] ** -0.5, padding)
     if prefill is None:
         return base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     layer = module.layer_idx
-    if isinstance(adapter.prune, FastV) and adapter.prune_layer is not None and layer == adapter.prune_layer - 1:
+    if scores_layer:
         if key.shape[-2] != prefill.plan.num_full:
             raise DymuError("FastV needs an empty KV cache at prefill")
         padding = prefill.plan.padding

@@ -155,3 +155,24 @@ def gather_mask(mask: torch.Tensor | None, kept: Kept, queries: torch.Tensor | N
     if dtype == torch.bool:
         return (~masked)[:, None]
     return torch.zeros(masked.shape, dtype=dtype, device=device).masked_fill(masked, torch.finfo(dtype).min)[:, None]
+
+
+def mask_keys(mask: torch.Tensor | None, masked: torch.Tensor, queries: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The stock attention mask with the key columns ``masked`` hidden from every query but the key's own position
+    (FastV's per-step "attention-mask" variant: the pruned tokens stay in the sequence and the cache).
+
+    mask: (batch|1, 1, q, kv) bool (True = attend) or additive float, or None (causal); masked: (batch, kv) bool;
+    queries: (batch, q) full positions of the query rows. Returns (batch, 1, q, kv) in ``dtype``.
+    """
+    batch, kv = masked.shape
+    keys = torch.arange(kv, device=masked.device)
+    own = keys[None, None, :] == queries[:, :, None]  # (batch, q, kv)
+    if mask is None:
+        hidden = keys[None, None, :] > queries[:, :, None]  # causal
+    else:
+        columns = mask.expand(batch, -1, -1, -1)[:, 0, :, :kv]
+        hidden = ~columns if columns.dtype == torch.bool else columns < 0
+    hidden = hidden | (masked[:, None, :] & ~own)
+    if dtype == torch.bool:
+        return (~hidden)[:, None]
+    return torch.zeros(hidden.shape, dtype=dtype, device=masked.device).masked_fill(hidden, torch.finfo(dtype).min)[:, None]
