@@ -265,36 +265,59 @@ def _run_generate(model, processor, images, text, max_new_tokens: int, compact: 
             "decode": end - clock.first, "new_tokens": len(new_tokens), "prompt_length": inputs["input_ids"].shape[1]}
 
 
-def _estimated_flops_ratio(model, prompt_length: int, vtu: str) -> float:
-    """Estimated prefill FLOPs (vision encoder + language model) relative to the unmerged model."""
-    from .flops import decoder_prefill_flops, encoder_flops
-    from .llava import get_vlm_patch
-    from .vision import tower_info
+def _merged_prompt(model, prompt_length: int, vtu: str):
+    """(FLOPs prompt of the last prefill, unmerged one, per-image vision FLOPs merged and unmerged) from the patched model."""
+    from . import flops as F
+    from .llava import cls_tokens, get_vlm_patch, placeholders_per_image
+    from .vision import get_patch, tower_info
 
     info = tower_info(model)
     encoding = get_vlm_patch(model).state.last_encoding
-    text = model.config.text_config
-    head_dim = info.hidden_size // info.num_heads
-    vision = dict(num_tokens=info.num_tokens, protected=info.protected, hidden=info.hidden_size,
-                  intermediate=info.intermediate_size, head_dim=head_dim)
-    full_vision = sum(encoder_flops([info.num_patches] * (info.read_layer + 1), merging=False, **vision) for _ in encoding.tokens)
-    merged_vision = sum(encoder_flops(t, **vision) for t in encoding.layer_tokens)
-    merged_tokens = sum(encoding.num_tokens)
-    full = prompt_length if vtu != "none" else prompt_length - merged_tokens + info.num_patches * len(encoding.tokens)
-    unique = full - info.num_patches * len(encoding.tokens) + merged_tokens
-    kv_hidden = text.num_key_value_heads * (text.hidden_size // text.num_attention_heads)
-    language = dict(hidden=text.hidden_size, kv_hidden=kv_hidden, intermediate=text.intermediate_size, layers=text.num_hidden_layers)
-    stock = full_vision + decoder_prefill_flops(full, full, mode="stock", **language)
-    merged = merged_vision + decoder_prefill_flops(full, unique, mode=vtu, **language)
-    return merged / stock
+    text_hidden = model.config.text_config.hidden_size
+    cls = cls_tokens(model.config, info)
+    positions = placeholders_per_image(model.config, info) * len(encoding)
+    tokens = sum(encoding.num_tokens) + cls * len(encoding)
+    text = prompt_length - (tokens if vtu == "none" else positions)
+    merging = [math.isfinite(t) for t in get_patch(model).thresholds.values[: info.merge_layers]]
+    vision = sum(F.vision_flops(info, text_hidden, t, merging, cls) for t in encoding.layer_tokens)
+    stock_vision = len(encoding) * F.vision_flops(info, text_hidden, cls=cls)
+    return F.Prompt(text, positions, tokens), F.Prompt(text, positions, positions), vision, stock_vision
+
+
+def _prefill_report(model, prompt_length: int, vtu: str) -> str:
+    """Image tokens per language-model layer and the prefill FLOPs (vision + language model) vs unmerged."""
+    from . import flops as F
+    from .llava import get_vlm_patch
+
+    language = get_vlm_patch(model).state.language
+    decoder = F.Decoder.from_config(model.config)
+    prompt, stock, vision, stock_vision = _merged_prompt(model, prompt_length, vtu)
+    kept, k = language.last_kept, language.prune_layer
+    layers = [(0, decoder.layers, prompt.image_tokens)]
+    kept_positions = None
+    if kept is not None:
+        kept_positions = kept.length - int(kept.filler[0].sum()) - prompt.text
+        layers = [(0, k, prompt.image_tokens), (k, decoder.layers, int(kept.image_tokens[0]))]
+    plan = F.language_plan(prompt, decoder.layers, vtu, language.prune, kept_image_positions=kept_positions)
+    reduced = F.prefill_flops(decoder, plan)
+    unmerged = F.prefill_flops(decoder, F.language_plan(stock, decoder.layers))
+    ratio = (vision + reduced.flops) / (stock_vision + unmerged.flops)
+    spans = ", ".join(f"{n} in {_layer_span(a, b)}" for a, b, n in layers if b > a)
+    return f"  image tokens in the language model: {spans}; prefill FLOPs {100 * ratio:.1f}% of unmerged ({reduced.counter})"
+
+
+def _layer_span(first: int, end: int) -> str:
+    return f"layer {first}" if end == first + 1 else f"layers {first}-{end - 1}"
 
 
 def cmd_generate(args) -> None:
     from . import api
     from .images import open_image
     from .llava import get_vlm_patch, is_vlm, supports_language_side
+    from .methods import parse_prune
     from .models import describe, load_model, load_processor, settings_from_config
 
+    parse_prune(args.prune)  # a bad spec fails before any loading
     images = [open_image(path) for path in args.image]
     model = load_model(args.model)
     if not (is_vlm(model) and supports_language_side(model)):
@@ -304,15 +327,17 @@ def cmd_generate(args) -> None:
     print(f"model: {args.model} ({describe(model)})", file=sys.stderr)
     thresholds, vtu = settings_from_config(args.model, args.thresholds, args.vtu)
     text = _prompt_text(processor, args.prompt, len(images))
+    reduced = thresholds is not None or args.prune is not None
     runs = []
-    if thresholds is not None:
-        api.apply(model, thresholds, vtu=vtu)
+    if reduced:
+        api.apply(model, thresholds, vtu=vtu, prune=args.prune)
         merged = _run_generate(model, processor, images, text, args.max_new_tokens, compact=vtu == "none")
         merged["tokens"] = get_vlm_patch(model).state.last_encoding.num_tokens
-        merged["flops"] = _estimated_flops_ratio(model, merged["prompt_length"], vtu)
-        runs.append((f"DyMU (vtu={vtu})", merged))
+        merged["report"] = _prefill_report(model, merged["prompt_length"], vtu)
+        labels = [f"DyMU (vtu={vtu})"] * (thresholds is not None) + [args.prune] * (args.prune is not None)
+        runs.append((" + ".join(labels), merged))
         api.remove(model)
-    if thresholds is None or args.compare:
+    if not reduced or args.compare:
         runs.append(("unmerged", _run_generate(model, processor, images, text, args.max_new_tokens, compact=False)))
     from .vision import tower_info
 
@@ -321,10 +346,11 @@ def cmd_generate(args) -> None:
         print(f"[{label}] {run['answer']}")
         counts = run.get("tokens", [patches] * len(images))
         per_image = ", ".join(f"{Path(p).name}: {n}/{patches}" for p, n in zip(args.image, counts))
-        flops = f"; estimated prefill FLOPs {100 * run['flops']:.1f}% of unmerged" if "flops" in run else ""
         print(f"  visual tokens {per_image}; prefill {run['prefill'] * 1000:.0f} ms, decode {run['decode'] * 1000:.0f} ms "
-              f"for {run['new_tokens']} tokens{flops}")
-    if thresholds is None:
+              f"for {run['new_tokens']} tokens")
+        if "report" in run:
+            print(run["report"])
+    if not reduced:
         print("(no thresholds: pass --thresholds FILE or enable them with `dymu enable`)", file=sys.stderr)
 
 
@@ -359,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     from .demo import DEMO_LAYERS, DEMO_TARGET_TOKENS
+    from .methods import PRUNE_SYNTAX as PRUNE_HELP
     from .models import ALL_PRESETS
 
     p = sub.add_parser("make-model", help="write a random-weight checkpoint of a real architecture")
@@ -399,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thresholds", help="thresholds file (default: the checkpoint's \"dymu\" config section)")
     p.add_argument("--vtu", choices=["fast", "exact", "none"], help="virtual token unmerging mode (default: fast)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer, in tokens (default: %(default)s)")
+    p.add_argument("--prune", metavar="SPEC", help=f"prune image tokens in the language model: {PRUNE_HELP} (default: none)")
     p.add_argument("--compare", action="store_true", help="also run the unmerged model and print both answers")
     p.set_defaults(func=cmd_generate)
 
