@@ -173,3 +173,87 @@ def test_schedule_layer_tokens_follow_find_thresholds_budgets(tiny_llava_dir):
     assert F.schedule_layer_tokens(info, 576) == [576, 576, 576]
     with pytest.raises(dymu.DymuError, match="out of reach"):
         F.schedule_layer_tokens(info, 10)
+
+
+# ---------------------------------------------------------------------------------------------- dymu flops
+def run(capsys, *argv):
+    from dymu.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def table(out: str) -> dict:
+    """Label -> the row's cells after the label."""
+    rows = {}
+    for line in out.splitlines():
+        for label in ("unmerged", "plan ("):
+            if line.startswith(label):
+                rows[label.strip(" (")] = line.split(")", 1)[-1].split() if label == "plan (" else line.split()[1:]
+    return rows
+
+
+def test_flops_cli_table(capsys, tiny_llava_dir):
+    code, out, err = run(capsys, "flops", tiny_llava_dir, "--image-tokens", 144, "--prune", "fastv:k=1,r=0.5",
+                         "--prompt-tokens", 20, "--new-tokens", 4)
+    assert code == 0, err
+    assert "counter: cache-aware" in out and "fastv-formula" in out and "144 visual tokens" in out
+    rows = table(out)
+    assert rows["unmerged"][6] == rows["unmerged"][9] == rows["unmerged"][12] == "100.0%"
+    # the plan's prefill ratio is the library's: same decoder, prompt, schedule and vision tower
+    from dymu.models import load_config
+    from dymu.vision import config_tower_info
+
+    config = load_config(tiny_llava_dir)[1]
+    decoder, info = F.Decoder.from_config(config), config_tower_info(config)
+    stock = F.prefill_flops(decoder, F.language_plan(F.Prompt(20, 576, 576), 2)).flops + F.vision_flops(info, 64)
+    plan = F.prefill_flops(decoder, F.language_plan(F.Prompt(20, 576, 144), 2, "fast", "fastv:k=1,r=0.5")).flops
+    plan += F.vision_flops(info, 64, F.schedule_layer_tokens(info, 144), [True] * 3)
+    assert rows["plan"][6] == f"{100 * plan / stock:5.1f}%".strip()
+    # nothing merged, nothing pruned: the plan is the unmerged model
+    code, out, _ = run(capsys, "flops", tiny_llava_dir, "--image-tokens", 576, "--vtu", "exact")
+    assert code == 0 and table(out)["plan"] == table(out)["unmerged"]
+    # VTW from layer 1 of 2: layer 1 caches the 48 text tokens only (fast VTU, no merging)
+    code, out, _ = run(capsys, "flops", tiny_llava_dir, "--prune", "vtw:k=1")
+    assert code == 0 and table(out)["plan"][12] == f"{100 * (48 + 624) / (2 * 624):.1f}%"
+
+
+def test_flops_cli_on_the_llava_1_5_7b_config(capsys, tmp_path):
+    """Config only, no weights: FastV's formula line gives the paper's 7B numbers for its 36 + 576 tokens."""
+    from dymu.models import llava_preset_config
+    from dymu.tokenizer import build_tokenizer
+
+    llava_preset_config("llava-1.5-7b", build_tokenizer()).save_pretrained(tmp_path)
+    code, out, err = run(capsys, "flops", tmp_path, "--prompt-tokens", 36, "--prune", "fastv:k=3,r=0.5")
+    assert code == 0, err
+    assert "fastv-formula" in out and "56.27 GFLOPs vs 99.33 GFLOPs unmerged" in out
+    # KV cache of the unmerged prompt: 32 layers x (k, v) x 612 positions x 4096 wide x 4 bytes (fp32 config)
+    assert table(out)["unmerged"][10:12] == [f"{32 * 2 * 612 * 4096 * 4 / 1e6:.2f}", "MB"]
+
+
+def test_flops_cli_reads_the_measured_mean_of_a_thresholds_file(capsys, tiny_llava_dir, image_paths, tmp_path):
+    thresholds = tmp_path / "thr.json"
+    assert run(capsys, "find-thresholds", tiny_llava_dir, *image_paths[:4], "--target-tokens", 200, "--out", thresholds,
+               "--measure", 4)[0] == 0
+    mean = dymu.Thresholds.load(thresholds).achieved_tokens["mean"]
+    code, out, err = run(capsys, "flops", tiny_llava_dir, "--thresholds", thresholds)
+    assert code == 0, err
+    assert f"{round(mean)} visual tokens (mean {mean:.1f} measured with {thresholds}, constant schedule)" in out
+
+
+def one_line_error(code, err, fragment):
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("dymu flops: error: ") and fragment in lines[0], err
+
+
+def test_flops_cli_errors(capsys, tiny_llava_dir, model_dirs, tmp_path):
+    one_line_error(*run(capsys, "flops", tiny_llava_dir, "--prune", "fastv:k=x")[::2], "invalid prune spec")
+    one_line_error(*run(capsys, "flops", model_dirs["tiny-clip"])[::2], "needs a LLaVA-1.5 config")
+    one_line_error(*run(capsys, "flops", tiny_llava_dir, "--image-tokens", 577)[::2], "between 1 and 576")
+    one_line_error(*run(capsys, "flops", tiny_llava_dir, "--image-tokens", 3)[::2], "out of reach")
+    one_line_error(*run(capsys, "flops", tiny_llava_dir, "--image-tokens", 9, "--thresholds", "x.json")[::2], "not both")
+    one_line_error(*run(capsys, "flops", tmp_path / "missing")[::2], "not found")
+    unmeasured = tmp_path / "thr.json"
+    dymu.Thresholds(values=[0.9] * 4).save(unmeasured)
+    one_line_error(*run(capsys, "flops", tiny_llava_dir, "--thresholds", unmeasured)[::2], "no measured token count")

@@ -17,6 +17,14 @@ SCHEDULES = ("constant", "linear", "reverse-linear")
 EXIT_BROKEN_PIPE = 141
 #: --viz: file stem of the picture of all merge maps
 OVERVIEW = "overview"
+#: dymu flops: text tokens of the prompt by default (LLaVA-1.5's system prompt is 35, then a short question)
+DEFAULT_PROMPT_TOKENS = 48
+#: dymu flops: decode steps averaged by default
+DEFAULT_NEW_TOKENS = 32
+SI_PREFIXES = ("", "k", "M", "G", "T", "P")
+#: dymu flops: the table's columns and their widths
+FLOPS_COLUMNS = ("vision", "language", "prefill", "", "decode/step", "", "KV cache", "")
+FLOPS_WIDTHS = (13, 13, 13, 6, 13, 6, 10, 6)
 
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
@@ -354,6 +362,104 @@ def cmd_generate(args) -> None:
         print("(no thresholds: pass --thresholds FILE or enable them with `dymu enable`)", file=sys.stderr)
 
 
+def _planned_images(args, info) -> tuple[list[int] | None, list[bool], str]:
+    """dymu flops: one image's tokens after each executed encoder layer (None: unmerged), which layers merge, and
+    where the count comes from: --image-tokens (constant schedule) or the thresholds' measured mean (their schedule)."""
+    from . import flops as F
+    from .models import settings_from_config
+    from .thresholds import as_thresholds
+
+    if args.image_tokens is not None and args.thresholds is not None:
+        raise DymuError("pass --thresholds FILE or --image-tokens N, not both")
+    if args.image_tokens is not None:
+        if not 1 <= args.image_tokens <= info.num_patches:
+            raise DymuError(f"--image-tokens must be between 1 and {info.num_patches} (the patch count), got {args.image_tokens}")
+        tokens = F.schedule_layer_tokens(info, args.image_tokens)
+        return tokens, [after < before for before, after in zip([info.num_patches, *tokens], tokens)], "--image-tokens, constant schedule"
+    thresholds = settings_from_config(args.model, args.thresholds)[0]
+    if thresholds is None:
+        return None, [], "unmerged"
+    thresholds = as_thresholds(thresholds)
+    origin = thresholds.path or "the checkpoint's thresholds"
+    thresholds.check(info.identity(), origin=origin)
+    if not thresholds.achieved_tokens:
+        raise DymuError(f"{origin} holds no measured token count (dymu find-thresholds --measure): pass --image-tokens N")
+    mean = thresholds.achieved_tokens["mean"]
+    schedule = thresholds.schedule or "constant"
+    merging = [math.isfinite(t) for t in thresholds.values[: info.merge_layers]]
+    return F.schedule_layer_tokens(info, round(mean), schedule), merging, f"mean {mean:.1f} measured with {origin}, {schedule} schedule"
+
+
+def _costs(decoder, plan, vision: int, new_tokens: int) -> dict:
+    """dymu flops: one table row of the cache-aware counter."""
+    from . import flops as F
+
+    prefill = F.prefill_flops(decoder, plan)
+    decode = sum(F.decode_step_flops(decoder, plan, step).flops for step in range(1, new_tokens + 1)) / new_tokens
+    return {"vision": vision, "language": prefill.flops, "prefill": vision + prefill.flops, "decode": decode,
+            "kv": sum(F.kv_cache_bytes(decoder, plan)), "counter": prefill.counter}
+
+
+def _si(value: float, unit: str) -> str:
+    """(1234567, "B") -> "1.23 MB"."""
+    exponent = min(max(int(math.log10(value) // 3), 0), len(SI_PREFIXES) - 1) if value > 0 else 0
+    return f"{value / 1000 ** exponent:.2f} {SI_PREFIXES[exponent]}{unit}"
+
+
+def _print_flops_table(rows: dict) -> None:
+    """dymu flops: label -> ``_costs`` row, ratios vs the "unmerged" row."""
+    stock = rows["unmerged"]
+    width = max(map(len, rows))
+    print(f"counter: {stock['counter']} (x2 multiply-accumulates; causal attention counted as full products)")
+    print((f"{'':<{width}}  " + "  ".join(f"{title:>{w}}" for title, w in zip(FLOPS_COLUMNS, FLOPS_WIDTHS))).rstrip())
+    for label, row in rows.items():
+        cells = [_si(row["vision"], "FLOPs"), _si(row["language"], "FLOPs")]
+        for key, unit in (("prefill", "FLOPs"), ("decode", "FLOPs"), ("kv", "B")):
+            cells += [_si(row[key], unit), f"{100 * row[key] / stock[key]:.1f}%"]
+        print(f"{label:<{width}}  " + "  ".join(f"{cell:>{w}}" for cell, w in zip(cells, FLOPS_WIDTHS)))
+
+
+def cmd_flops(args) -> None:
+    from . import flops as F
+    from .llava import cls_tokens, placeholders_per_image
+    from .methods import parse_prune
+    from .models import load_config, settings_from_config
+    from .vision import config_tower_info
+
+    prune = parse_prune(args.prune)
+    if args.prompt_tokens < 0 or args.new_tokens < 1:
+        raise DymuError(f"--prompt-tokens must be >= 0 and --new-tokens >= 1, got {args.prompt_tokens} and {args.new_tokens}")
+    _, config = load_config(args.model)
+    if config.model_type != "llava":
+        raise DymuError(f"{args.model}: dymu flops needs a LLaVA-1.5 config (model_type 'llava'), got {config.model_type!r}")
+    info = config_tower_info(config)
+    decoder = F.Decoder.from_config(config)
+    vtu = settings_from_config(args.model, None, args.vtu)[1]
+    layer_tokens, merging, origin = _planned_images(args, info)
+    cls = cls_tokens(config, info)
+    positions = placeholders_per_image(config, info)
+    tokens = (info.num_patches if layer_tokens is None else layer_tokens[-1]) + cls
+    stock = F.Prompt(args.prompt_tokens, positions, positions)
+    prompt = F.Prompt(args.prompt_tokens, positions, tokens)
+    rows = {
+        "unmerged": _costs(decoder, F.language_plan(stock, decoder.layers), F.vision_flops(info, decoder.hidden, cls=cls),
+                           args.new_tokens),
+        f"plan (vtu={vtu}{f', {args.prune}' if prune else ''})": _costs(
+            decoder, F.language_plan(prompt, decoder.layers, vtu, prune),
+            F.vision_flops(info, decoder.hidden, layer_tokens, merging, cls), args.new_tokens),
+    }
+    print(f"model: {args.model}: {decoder.layers}-layer decoder (hidden {decoder.hidden}, {decoder.heads} heads, "
+          f"{decoder.kv_heads} kv heads, mlp {decoder.intermediate}), {info.num_patches}-patch vision tower")
+    print(f"one image, {tokens} visual tokens ({origin}), {args.prompt_tokens} text tokens; "
+          f"decode: mean of steps 1-{args.new_tokens}; KV cache after the prefill")
+    _print_flops_table(rows)
+    if prune is not None:
+        formula = F.fastv_formula(decoder, args.prompt_tokens + tokens, tokens, prune)
+        base = F.fastv_formula(decoder, args.prompt_tokens + positions, positions)
+        print(f"{formula.counter} (FastV Eq. 5, language-model prefill, per-layer average; no VTU, GQA or vision): "
+              f"{_si(formula.flops, 'FLOPs')} vs {_si(base.flops, 'FLOPs')} unmerged ({100 * formula.flops / base.flops:.1f}%)")
+
+
 def cmd_enable(args) -> None:
     from .models import enable
 
@@ -429,6 +535,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune", metavar="SPEC", help=f"prune image tokens in the language model: {PRUNE_HELP} (default: none)")
     p.add_argument("--compare", action="store_true", help="also run the unmerged model and print both answers")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("flops", help="FLOPs and KV cache of a LLaVA plan (merging, VTU, pruning) vs unmerged, from the config alone")
+    p.add_argument("model", help="local LLaVA checkpoint folder or hub id (only its config is read)")
+    p.add_argument("--thresholds", help="thresholds file whose measured mean tokens per image to count (default: the "
+                   "checkpoint's \"dymu\" config section, else unmerged)")
+    p.add_argument("--image-tokens", type=int, metavar="N", help="visual tokens per image instead, merged on a constant schedule (default: none)")
+    p.add_argument("--vtu", choices=["fast", "exact", "none"], help="virtual token unmerging mode (default: the checkpoint's, else fast)")
+    p.add_argument("--prune", metavar="SPEC", help=f"prune image tokens in the language model: {PRUNE_HELP} (default: none)")
+    p.add_argument("--prompt-tokens", type=int, default=DEFAULT_PROMPT_TOKENS, metavar="T",
+                   help="text tokens of the prompt besides the image (default: %(default)s)")
+    p.add_argument("--new-tokens", type=int, default=DEFAULT_NEW_TOKENS, metavar="G",
+                   help="decode steps the per-step decode FLOPs are averaged over (default: %(default)s)")
+    p.set_defaults(func=cmd_flops)
 
     p = sub.add_parser("enable", help="store thresholds in a checkpoint's config.json so loading applies DyMU")
     p.add_argument("checkpoint", help="local checkpoint folder whose config.json gets the \"dymu\" section")
