@@ -36,6 +36,14 @@ def model_dirs(tmp_path_factory):
     return {name: make_model(name, root / name) for name in ("tiny-clip", "tiny-siglip")}
 
 
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory):
+    """A random-weight tiny-llava checkpoint folder (``dymu make-model tiny-llava``)."""
+    from dymu.models import make_model
+
+    return make_model("tiny-llava", tmp_path_factory.mktemp("llava") / "tiny-llava")
+
+
 @pytest.fixture
 def clip(model_dirs):
     from dymu.models import load_model, load_processor

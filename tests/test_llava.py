@@ -226,13 +226,6 @@ def test_bad_inputs(images, model_dirs):
         logits(model, text_only, torch.ones_like(text_only), images[:1])
 
 
-@pytest.fixture(scope="module")
-def tiny_llava_dir(tmp_path_factory):
-    from dymu.models import make_model
-
-    return make_model("tiny-llava", tmp_path_factory.mktemp("llava") / "tiny-llava")
-
-
 def test_preset_ships_a_real_processor_and_compact_mode_works(tiny_llava_dir, image_dir):
     from dymu.data import bundled_image
     from dymu.models import load_model, load_processor
@@ -293,7 +286,49 @@ def test_config_section_and_enable(tiny_llava_dir, image_paths, tmp_path, capsys
     capsys.readouterr()
     code = main(["generate", str(folder), "--image", image_paths[0], "--prompt", "What?", "--max-new-tokens", "3", "--compare"])
     out = capsys.readouterr().out
-    assert code == 0 and "[DyMU (vtu=exact)]" in out and "[unmerged]" in out and "estimated prefill FLOPs" in out
+    assert code == 0 and "[DyMU (vtu=exact)]" in out and "[unmerged]" in out and "prefill FLOPs" in out
+
+
+def test_generate_prune_reports_kept_tokens_and_prefill_flops(tiny_llava_dir, image_paths, capsys):
+    from dymu import flops as F
+    from dymu.cli import _prompt_text, main
+    from dymu.images import open_image
+    from dymu.models import load_config, load_processor
+    from dymu.vision import config_tower_info
+
+    processor = load_processor(tiny_llava_dir, full=True)
+    ids = processor(images=[open_image(image_paths[0])], text=[_prompt_text(processor, "What?", 1)])["input_ids"]
+    config = load_config(tiny_llava_dir)[1]
+    decoder, vision = F.Decoder.from_config(config), F.vision_flops(config_tower_info(config), 64)
+    prompt = F.Prompt(len(ids[0]) - PATCHES, PATCHES, PATCHES)
+    stock = vision + F.prefill_flops(decoder, F.language_plan(prompt, 2)).flops
+    pruned = vision + F.prefill_flops(decoder, F.language_plan(prompt, 2, "fast", "fastv:k=1,r=0.25")).flops
+    for spec, kept, ratio in [("fastv:k=1,r=0.25", "576 in layer 0, 432 in layer 1", pruned / stock),
+                              ("vtw:k=2", "576 in layers 0-1", 1.0)]:  # k >= layers: nothing pruned
+        assert main(["generate", str(tiny_llava_dir), "--image", image_paths[0], "--prompt", "What?", "--max-new-tokens", "2",
+                     "--prune", spec]) == 0
+        out = capsys.readouterr().out
+        assert f"[{spec}]" in out and "[unmerged]" not in out
+        assert f"image tokens in the language model: {kept}; prefill FLOPs {100 * ratio:.1f}% of unmerged (cache-aware)" in out
+    assert main(["generate", str(tiny_llava_dir), "--image", image_paths[0], "--prompt", "What?", "--prune", "fastv:r=2"]) == 2
+    assert capsys.readouterr().err.strip() == ("dymu generate: error: invalid prune spec 'fastv:r=2': r must be between 0 and 1, "
+                                               "got 2.0; syntax: fastv:k=K,r=R[,rerank=prefill|step][,score=last|all] | vtw:k=K")
+
+
+def test_generate_with_merging_and_pruning_counts_the_kept_positions(tiny_llava_dir, image_paths, tmp_path, capsys):
+    from dymu.cli import main
+
+    out = tmp_path / "thr.json"
+    assert main(["find-thresholds", str(tiny_llava_dir), *image_paths[:4], "--target-tokens", "150", "--out", str(out),
+                 "--measure", "0"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(tiny_llava_dir), "--image", image_paths[0], "--prompt", "What?", "--max-new-tokens", "2",
+                 "--thresholds", str(out), "--prune", "fastv:k=1,r=0.5"]) == 0
+    text = capsys.readouterr().out
+    assert "[DyMU (vtu=fast) + fastv:k=1,r=0.5]" in text
+    line = next(line for line in text.splitlines() if "image tokens in the language model" in line)
+    before, after = (int(part.split(" in ")[0]) for part in line.split(": ", 1)[1].split(";")[0].split(", "))
+    assert after == before - round(before / 2)
 
 
 def test_generate_cli_errors(tiny_llava_dir, image_paths, tmp_path, capsys, model_dirs):

@@ -203,17 +203,3 @@ def test_flops_drop_with_tokens():
     merged = M.layer_flops(577, 300, 1024, 4096)
     assert merged < full
     assert M.layer_flops(100, 100, 8, 16) == 2 * 100 * 8 * 8 * 4 + 4 * 100 * 100 * 8 + 4 * 100 * 8 * 16
-
-
-def test_decoder_prefill_flops_modes():
-    from dymu.flops import decoder_prefill_flops, encoder_flops
-
-    args = dict(hidden=64, kv_hidden=32, intermediate=128, layers=2)
-    stock = decoder_prefill_flops(600, 600, mode="stock", **args)
-    assert decoder_prefill_flops(600, 600, mode="fast", **args) == stock
-    fast = decoder_prefill_flops(600, 150, mode="fast", **args)
-    assert decoder_prefill_flops(600, 150, mode="none", **args) < fast < stock
-    # 2 layers x 2 x 600^2 x 64 x (3 - 1): the exact score product is 3 head_dims wide
-    assert decoder_prefill_flops(600, 150, mode="exact", **args) - fast == 2 * 2 * 600 * 600 * 64 * 2
-    # encoder: no merging == the plain sum of layer FLOPs
-    assert encoder_flops([576] * 2, 577, 1, 64, 128, 16, merging=False) == 2 * M.layer_flops(577, 577, 64, 128)

@@ -17,6 +17,14 @@ SCHEDULES = ("constant", "linear", "reverse-linear")
 EXIT_BROKEN_PIPE = 141
 #: --viz: file stem of the picture of all merge maps
 OVERVIEW = "overview"
+#: dymu flops: text tokens of the prompt by default (LLaVA-1.5's system prompt is 35, then a short question)
+DEFAULT_PROMPT_TOKENS = 48
+#: dymu flops: decode steps averaged by default
+DEFAULT_NEW_TOKENS = 32
+SI_PREFIXES = ("", "k", "M", "G", "T", "P")
+#: dymu flops: the table's columns and their widths
+FLOPS_COLUMNS = ("vision", "language", "prefill", "", "decode/step", "", "KV cache", "")
+FLOPS_WIDTHS = (13, 13, 13, 6, 13, 6, 10, 6)
 
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
@@ -253,36 +261,59 @@ def _run_generate(model, processor, images, text, max_new_tokens: int, compact: 
             "decode": end - clock.first, "new_tokens": len(new_tokens), "prompt_length": inputs["input_ids"].shape[1]}
 
 
-def _estimated_flops_ratio(model, prompt_length: int, vtu: str) -> float:
-    """Estimated prefill FLOPs (vision encoder + language model) relative to the unmerged model."""
-    from .flops import decoder_prefill_flops, encoder_flops
-    from .llava import get_vlm_patch
-    from .vision import tower_info
+def _merged_prompt(model, prompt_length: int, vtu: str):
+    """(FLOPs prompt of the last prefill, unmerged one, per-image vision FLOPs merged and unmerged) from the patched model."""
+    from . import flops as F
+    from .llava import cls_tokens, get_vlm_patch, placeholders_per_image
+    from .vision import get_patch, tower_info
 
     info = tower_info(model)
     encoding = get_vlm_patch(model).state.last_encoding
-    text = model.config.text_config
-    head_dim = info.hidden_size // info.num_heads
-    vision = dict(num_tokens=info.num_tokens, protected=info.protected, hidden=info.hidden_size,
-                  intermediate=info.intermediate_size, head_dim=head_dim)
-    full_vision = sum(encoder_flops([info.num_patches] * (info.read_layer + 1), merging=False, **vision) for _ in encoding.tokens)
-    merged_vision = sum(encoder_flops(t, **vision) for t in encoding.layer_tokens)
-    merged_tokens = sum(encoding.num_tokens)
-    full = prompt_length if vtu != "none" else prompt_length - merged_tokens + info.num_patches * len(encoding.tokens)
-    unique = full - info.num_patches * len(encoding.tokens) + merged_tokens
-    kv_hidden = text.num_key_value_heads * (text.hidden_size // text.num_attention_heads)
-    language = dict(hidden=text.hidden_size, kv_hidden=kv_hidden, intermediate=text.intermediate_size, layers=text.num_hidden_layers)
-    stock = full_vision + decoder_prefill_flops(full, full, mode="stock", **language)
-    merged = merged_vision + decoder_prefill_flops(full, unique, mode=vtu, **language)
-    return merged / stock
+    text_hidden = model.config.text_config.hidden_size
+    cls = cls_tokens(model.config, info)
+    positions = placeholders_per_image(model.config, info) * len(encoding)
+    tokens = sum(encoding.num_tokens) + cls * len(encoding)
+    text = prompt_length - (tokens if vtu == "none" else positions)
+    merging = [math.isfinite(t) for t in get_patch(model).thresholds.values[: info.merge_layers]]
+    vision = sum(F.vision_flops(info, text_hidden, t, merging, cls) for t in encoding.layer_tokens)
+    stock_vision = len(encoding) * F.vision_flops(info, text_hidden, cls=cls)
+    return F.Prompt(text, positions, tokens), F.Prompt(text, positions, positions), vision, stock_vision
+
+
+def _prefill_report(model, prompt_length: int, vtu: str) -> str:
+    """Image tokens per language-model layer and the prefill FLOPs (vision + language model) vs unmerged."""
+    from . import flops as F
+    from .llava import get_vlm_patch
+
+    language = get_vlm_patch(model).state.language
+    decoder = F.Decoder.from_config(model.config)
+    prompt, stock, vision, stock_vision = _merged_prompt(model, prompt_length, vtu)
+    kept, k = language.last_kept, language.prune_layer
+    layers = [(0, decoder.layers, prompt.image_tokens)]
+    kept_positions = None
+    if kept is not None:
+        kept_positions = kept.length - int(kept.filler[0].sum()) - prompt.text
+        layers = [(0, k, prompt.image_tokens), (k, decoder.layers, int(kept.image_tokens[0]))]
+    plan = F.language_plan(prompt, decoder.layers, vtu, language.prune, kept_image_positions=kept_positions)
+    reduced = F.prefill_flops(decoder, plan)
+    unmerged = F.prefill_flops(decoder, F.language_plan(stock, decoder.layers))
+    ratio = (vision + reduced.flops) / (stock_vision + unmerged.flops)
+    spans = ", ".join(f"{n} in {_layer_span(a, b)}" for a, b, n in layers if b > a)
+    return f"  image tokens in the language model: {spans}; prefill FLOPs {100 * ratio:.1f}% of unmerged ({reduced.counter})"
+
+
+def _layer_span(first: int, end: int) -> str:
+    return f"layer {first}" if end == first + 1 else f"layers {first}-{end - 1}"
 
 
 def cmd_generate(args) -> None:
     from . import api
     from .images import open_image
     from .llava import chat_prompt, get_vlm_patch, is_vlm, supports_language_side
+    from .methods import parse_prune
     from .models import describe, load_model, load_processor, settings_from_config
 
+    parse_prune(args.prune)  # a bad spec fails before any loading
     images = [open_image(path) for path in args.image]
     model = load_model(args.model)
     if not (is_vlm(model) and supports_language_side(model)):
@@ -292,15 +323,17 @@ def cmd_generate(args) -> None:
     print(f"model: {args.model} ({describe(model)})", file=sys.stderr)
     thresholds, vtu = settings_from_config(args.model, args.thresholds, args.vtu)
     text = chat_prompt(processor, args.prompt, len(images))
+    reduced = thresholds is not None or args.prune is not None
     runs = []
-    if thresholds is not None:
-        api.apply(model, thresholds, vtu=vtu)
+    if reduced:
+        api.apply(model, thresholds, vtu=vtu, prune=args.prune)
         merged = _run_generate(model, processor, images, text, args.max_new_tokens, compact=vtu == "none")
         merged["tokens"] = get_vlm_patch(model).state.last_encoding.num_tokens
-        merged["flops"] = _estimated_flops_ratio(model, merged["prompt_length"], vtu)
-        runs.append((f"DyMU (vtu={vtu})", merged))
+        merged["report"] = _prefill_report(model, merged["prompt_length"], vtu)
+        labels = [f"DyMU (vtu={vtu})"] * (thresholds is not None) + [args.prune] * (args.prune is not None)
+        runs.append((" + ".join(labels), merged))
         api.remove(model)
-    if thresholds is None or args.compare:
+    if not reduced or args.compare:
         runs.append(("unmerged", _run_generate(model, processor, images, text, args.max_new_tokens, compact=False)))
     from .vision import tower_info
 
@@ -309,10 +342,11 @@ def cmd_generate(args) -> None:
         print(f"[{label}] {run['answer']}")
         counts = run.get("tokens", [patches] * len(images))
         per_image = ", ".join(f"{Path(p).name}: {n}/{patches}" for p, n in zip(args.image, counts))
-        flops = f"; estimated prefill FLOPs {100 * run['flops']:.1f}% of unmerged" if "flops" in run else ""
         print(f"  visual tokens {per_image}; prefill {run['prefill'] * 1000:.0f} ms, decode {run['decode'] * 1000:.0f} ms "
-              f"for {run['new_tokens']} tokens{flops}")
-    if thresholds is None:
+              f"for {run['new_tokens']} tokens")
+        if "report" in run:
+            print(run["report"])
+    if not reduced:
         print("(no thresholds: pass --thresholds FILE or enable them with `dymu enable`)", file=sys.stderr)
 
 
@@ -338,6 +372,104 @@ def cmd_calibrate_vtw(args) -> None:
     print(f"K = {result.k} (first layer with mean KL <= {result.threshold} on {result.samples} images): {chosen}")
     result.save(out)
     print(f"wrote {out}")
+
+
+def _planned_images(args, info) -> tuple[list[int] | None, list[bool], str]:
+    """dymu flops: one image's tokens after each executed encoder layer (None: unmerged), which layers merge, and
+    where the count comes from: --image-tokens (constant schedule) or the thresholds' measured mean (their schedule)."""
+    from . import flops as F
+    from .models import settings_from_config
+    from .thresholds import as_thresholds
+
+    if args.image_tokens is not None and args.thresholds is not None:
+        raise DymuError("pass --thresholds FILE or --image-tokens N, not both")
+    if args.image_tokens is not None:
+        if not 1 <= args.image_tokens <= info.num_patches:
+            raise DymuError(f"--image-tokens must be between 1 and {info.num_patches} (the patch count), got {args.image_tokens}")
+        tokens = F.schedule_layer_tokens(info, args.image_tokens)
+        return tokens, [after < before for before, after in zip([info.num_patches, *tokens], tokens)], "--image-tokens, constant schedule"
+    thresholds = settings_from_config(args.model, args.thresholds)[0]
+    if thresholds is None:
+        return None, [], "unmerged"
+    thresholds = as_thresholds(thresholds)
+    origin = thresholds.path or "the checkpoint's thresholds"
+    thresholds.check(info.identity(), origin=origin)
+    if not thresholds.achieved_tokens:
+        raise DymuError(f"{origin} holds no measured token count (dymu find-thresholds --measure): pass --image-tokens N")
+    mean = thresholds.achieved_tokens["mean"]
+    schedule = thresholds.schedule or "constant"
+    merging = [math.isfinite(t) for t in thresholds.values[: info.merge_layers]]
+    return F.schedule_layer_tokens(info, round(mean), schedule), merging, f"mean {mean:.1f} measured with {origin}, {schedule} schedule"
+
+
+def _costs(decoder, plan, vision: int, new_tokens: int) -> dict:
+    """dymu flops: one table row of the cache-aware counter."""
+    from . import flops as F
+
+    prefill = F.prefill_flops(decoder, plan)
+    decode = sum(F.decode_step_flops(decoder, plan, step).flops for step in range(1, new_tokens + 1)) / new_tokens
+    return {"vision": vision, "language": prefill.flops, "prefill": vision + prefill.flops, "decode": decode,
+            "kv": sum(F.kv_cache_bytes(decoder, plan)), "counter": prefill.counter}
+
+
+def _si(value: float, unit: str) -> str:
+    """(1234567, "B") -> "1.23 MB"."""
+    exponent = min(max(int(math.log10(value) // 3), 0), len(SI_PREFIXES) - 1) if value > 0 else 0
+    return f"{value / 1000 ** exponent:.2f} {SI_PREFIXES[exponent]}{unit}"
+
+
+def _print_flops_table(rows: dict) -> None:
+    """dymu flops: label -> ``_costs`` row, ratios vs the "unmerged" row."""
+    stock = rows["unmerged"]
+    width = max(map(len, rows))
+    print(f"counter: {stock['counter']} (x2 multiply-accumulates; causal attention counted as full products)")
+    print((f"{'':<{width}}  " + "  ".join(f"{title:>{w}}" for title, w in zip(FLOPS_COLUMNS, FLOPS_WIDTHS))).rstrip())
+    for label, row in rows.items():
+        cells = [_si(row["vision"], "FLOPs"), _si(row["language"], "FLOPs")]
+        for key, unit in (("prefill", "FLOPs"), ("decode", "FLOPs"), ("kv", "B")):
+            cells += [_si(row[key], unit), f"{100 * row[key] / stock[key]:.1f}%"]
+        print(f"{label:<{width}}  " + "  ".join(f"{cell:>{w}}" for cell, w in zip(cells, FLOPS_WIDTHS)))
+
+
+def cmd_flops(args) -> None:
+    from . import flops as F
+    from .llava import cls_tokens, placeholders_per_image
+    from .methods import parse_prune
+    from .models import load_config, settings_from_config
+    from .vision import config_tower_info
+
+    prune = parse_prune(args.prune)
+    if args.prompt_tokens < 0 or args.new_tokens < 1:
+        raise DymuError(f"--prompt-tokens must be >= 0 and --new-tokens >= 1, got {args.prompt_tokens} and {args.new_tokens}")
+    _, config = load_config(args.model)
+    if config.model_type != "llava":
+        raise DymuError(f"{args.model}: dymu flops needs a LLaVA-1.5 config (model_type 'llava'), got {config.model_type!r}")
+    info = config_tower_info(config)
+    decoder = F.Decoder.from_config(config)
+    vtu = settings_from_config(args.model, None, args.vtu)[1]
+    layer_tokens, merging, origin = _planned_images(args, info)
+    cls = cls_tokens(config, info)
+    positions = placeholders_per_image(config, info)
+    tokens = (info.num_patches if layer_tokens is None else layer_tokens[-1]) + cls
+    stock = F.Prompt(args.prompt_tokens, positions, positions)
+    prompt = F.Prompt(args.prompt_tokens, positions, tokens)
+    rows = {
+        "unmerged": _costs(decoder, F.language_plan(stock, decoder.layers), F.vision_flops(info, decoder.hidden, cls=cls),
+                           args.new_tokens),
+        f"plan (vtu={vtu}{f', {args.prune}' if prune else ''})": _costs(
+            decoder, F.language_plan(prompt, decoder.layers, vtu, prune),
+            F.vision_flops(info, decoder.hidden, layer_tokens, merging, cls), args.new_tokens),
+    }
+    print(f"model: {args.model}: {decoder.layers}-layer decoder (hidden {decoder.hidden}, {decoder.heads} heads, "
+          f"{decoder.kv_heads} kv heads, mlp {decoder.intermediate}), {info.num_patches}-patch vision tower")
+    print(f"one image, {tokens} visual tokens ({origin}), {args.prompt_tokens} text tokens; "
+          f"decode: mean of steps 1-{args.new_tokens}; KV cache after the prefill")
+    _print_flops_table(rows)
+    if prune is not None:
+        formula = F.fastv_formula(decoder, args.prompt_tokens + tokens, tokens, prune)
+        base = F.fastv_formula(decoder, args.prompt_tokens + positions, positions)
+        print(f"{formula.counter} (FastV Eq. 5, language-model prefill, per-layer average; no VTU, GQA or vision): "
+              f"{_si(formula.flops, 'FLOPs')} vs {_si(base.flops, 'FLOPs')} unmerged ({100 * formula.flops / base.flops:.1f}%)")
 
 
 def cmd_enable(args) -> None:
@@ -371,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     from .demo import DEMO_LAYERS, DEMO_TARGET_TOKENS
+    from .methods import PRUNE_SYNTAX as PRUNE_HELP
     from .models import ALL_PRESETS
 
     p = sub.add_parser("make-model", help="write a random-weight checkpoint of a real architecture")
@@ -411,6 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thresholds", help="thresholds file (default: the checkpoint's \"dymu\" config section)")
     p.add_argument("--vtu", choices=["fast", "exact", "none"], help="virtual token unmerging mode (default: fast)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer, in tokens (default: %(default)s)")
+    p.add_argument("--prune", metavar="SPEC", help=f"prune image tokens in the language model: {PRUNE_HELP} (default: none)")
     p.add_argument("--compare", action="store_true", help="also run the unmerged model and print both answers")
     p.set_defaults(func=cmd_generate)
 
@@ -430,6 +564,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vtu", choices=["fast", "exact", "none"], help="VTU mode with --thresholds (default: fast)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward (default: %(default)s)")
     p.set_defaults(func=cmd_calibrate_vtw)
+
+    p = sub.add_parser("flops", help="FLOPs and KV cache of a LLaVA plan (merging, VTU, pruning) vs unmerged, from the config alone")
+    p.add_argument("model", help="local LLaVA checkpoint folder or hub id (only its config is read)")
+    p.add_argument("--thresholds", help="thresholds file whose measured mean tokens per image to count (default: the "
+                   "checkpoint's \"dymu\" config section, else unmerged)")
+    p.add_argument("--image-tokens", type=int, metavar="N", help="visual tokens per image instead, merged on a constant schedule (default: none)")
+    p.add_argument("--vtu", choices=["fast", "exact", "none"], help="virtual token unmerging mode (default: the checkpoint's, else fast)")
+    p.add_argument("--prune", metavar="SPEC", help=f"prune image tokens in the language model: {PRUNE_HELP} (default: none)")
+    p.add_argument("--prompt-tokens", type=int, default=DEFAULT_PROMPT_TOKENS, metavar="T",
+                   help="text tokens of the prompt besides the image (default: %(default)s)")
+    p.add_argument("--new-tokens", type=int, default=DEFAULT_NEW_TOKENS, metavar="G",
+                   help="decode steps the per-step decode FLOPs are averaged over (default: %(default)s)")
+    p.set_defaults(func=cmd_flops)
 
     p = sub.add_parser("enable", help="store thresholds in a checkpoint's config.json so loading applies DyMU")
     p.add_argument("checkpoint", help="local checkpoint folder whose config.json gets the \"dymu\" section")

@@ -1,38 +1,241 @@
-"""FLOP estimates (2 x multiply-accumulates) for the vision encoder and the language-model prefill."""
+"""FLOPs of visual-token plans: two counters, and every number says which one produced it.
+
+FLOPs are 2 x multiply-accumulates of the matrix products; norms, RoPE, softmax and activations are not counted.
+
+* ``fastv-formula`` (``fastv_formula``): FastV's Eq. 5 (paper §4.2) as its Table 1 uses it: per layer
+  C(n) = 4·n·d² + 2·n²·d + 2·n·d·m, layers >= K on n̂ tokens, reported as the per-layer average. Prefill only,
+  MHA and FFN only: no GQA, no gated MLP, no LM head, no vision tower, no VTU.
+* ``cache-aware`` (``prefill_flops``, ``decode_step_flops``, ``kv_cache_bytes``): a ``language_plan`` as dymu runs
+  it on a Llama / Qwen2 decoder: per layer the rows of the projections and the MLP (unique tokens with VTU, kept
+  positions after pruning), the query rows and key length of the attention products (full length with VTU), the
+  real shapes (GQA k/v width, gated MLP, LM head once for the last position), then decode steps that attend to
+  what each layer cached. Causal attention is counted as the full queries x keys products the kernels compute
+  (they do not skip the masked half).
+
+The vision tower (``vision_flops``) runs per image before the language model: ``encoder_flops`` with the merging
+cost, plus the projector on the tokens it passes on.
+"""
 
 from __future__ import annotations
 
-from .merge import layer_flops, matching_flops
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
+import torch
+
+from .llava import check_vtu
+from .merge import layer_flops, matching_flops
+from .methods import VTW, FastV, parse_prune
+from .prune import kept_count
+from .vision import DymuError
+
+FASTV_FORMULA = "fastv-formula"
+CACHE_AWARE = "cache-aware"
 #: exact VTU's score product is one matmul of width 3 x head_dim (dymu.vtu.exact_scores)
 EXACT_SCORE_WIDTH = 3
+#: matrices of a gated MLP (gate, up, down)
+GATED_MLP_MATRICES = 3
+#: tensors a KV cache keeps per layer (keys, values)
+KV_TENSORS = 2
+#: the KV cache's element type when the config names none (what the weights load as)
+DEFAULT_DTYPE = torch.float32
 
 
+@dataclass(frozen=True)
+class Count:
+    """A FLOPs number and the counter that produced it."""
+
+    flops: float
+    counter: str
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """The shapes of a Llama / Qwen2 decoder that its FLOPs depend on."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    bytes_per_value: int = DEFAULT_DTYPE.itemsize  # KV-cache element size
+
+    @classmethod
+    def from_config(cls, config, dtype: torch.dtype | None = None) -> "Decoder":
+        """From a text config or a VLM config (its ``text_config``); ``dtype``: of the KV cache (default: the config's)."""
+        text = getattr(config, "text_config", None) or config
+        dtype = dtype or getattr(config, "dtype", None) or getattr(text, "dtype", None) or DEFAULT_DTYPE
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        return cls(layers=text.num_hidden_layers, hidden=text.hidden_size, intermediate=text.intermediate_size,
+                   heads=text.num_attention_heads, kv_heads=text.num_key_value_heads or text.num_attention_heads,
+                   head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+                   vocab=text.vocab_size, bytes_per_value=dtype.itemsize)
+
+
+# ---------------------------------------------------------------------------------------------- fastv-formula
+def fastv_layer(n: int, hidden: int, intermediate: int) -> int:
+    """FastV's Eq. 5 for one layer over ``n`` tokens: Q/K/V/O projections, QKᵀ and AV, the two FFN matmuls."""
+    return 4 * n * hidden**2 + 2 * n**2 * hidden + 2 * n * hidden * intermediate
+
+
+def fastv_formula(decoder: Decoder, tokens: int, image_tokens: int, prune=None) -> Count:
+    """Per-layer average prefill FLOPs [K·C(n) + (T−K)·C(n̂)] / T (FastV's Table 1 "FLOPs(B)" column).
+
+    tokens: n (FastV's paper: system prompt + image, 36 + 576); image_tokens: N of them. FastV removes
+    round(R·N) image tokens (the rule dymu runs), VTW all N; K >= T removes nothing.
+    """
+    prune = parse_prune(prune)
+    k = min(prune.k, decoder.layers) if prune is not None else decoder.layers
+    kept = tokens - image_tokens + _kept_image_tokens(prune, image_tokens)
+    full, pruned = (fastv_layer(n, decoder.hidden, decoder.intermediate) for n in (tokens, kept))
+    return Count((k * full + (decoder.layers - k) * pruned) / decoder.layers, FASTV_FORMULA)
+
+
+def _kept_image_tokens(prune: FastV | VTW | None, image_tokens: int) -> int:
+    """Image tokens the layers after the pruning layer keep."""
+    if prune is None:
+        return image_tokens
+    if isinstance(prune, VTW):
+        return 0
+    return int(kept_count(torch.tensor(image_tokens), prune.r))
+
+
+# ---------------------------------------------------------------------------------------------- cache-aware
+@dataclass(frozen=True)
+class Prompt:
+    """One sequence as the language model receives it (all its images together)."""
+
+    text: int  # positions that are not image placeholders
+    image_positions: int  # image placeholder positions of the unmerged prompt (one per patch)
+    image_tokens: int  # unique image tokens after merging (== image_positions when nothing merged)
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What one decoder layer computes on at prefill."""
+
+    rows: int  # tokens through the q/k/v/o projections and the MLP
+    queries: int  # query rows of the attention products
+    keys: int  # keys per query: the positions this layer caches
+    score_width: int = 1  # the score product's width in head_dims (exact VTU: EXACT_SCORE_WIDTH)
+    ranking_queries: int = 0  # FastV at layer K-1: queries whose attention is computed again to rank image tokens
+
+
+def language_plan(prompt: Prompt, layers: int, vtu: str = "fast", prune=None,
+                  kept_image_positions: int | None = None) -> list[LayerShape]:
+    """The per-layer shapes of a prefill, as ``dymu.language`` runs it.
+
+    vtu "fast" / "exact": projections and MLP on the unique tokens, attention over every placeholder position
+    (exact: a wider score product) once anything merged; "none" (compact): the merged tokens are the positions.
+    prune (``FastV`` / ``VTW`` or a spec): layers >= K hold the text and the kept image tokens (FastV keeps
+    N − round(R·N) of the N unique tokens, VTU groups whole; VTW none); layer K-1 ranks them (K > 0).
+    kept_image_positions: with VTU, the placeholder positions the kept groups cover (they depend on which groups
+    were kept; the adapter's ``last_kept`` knows); default: the kept groups at the mean group size, rounded.
+    """
+    check_vtu(vtu)
+    prune = parse_prune(prune)
+    if isinstance(prune, FastV) and prune.rerank != "prefill":
+        raise DymuError(f"FastV rerank={prune.rerank} has no FLOPs count yet (counted: rerank=prefill)")
+    merged = prompt.image_tokens < prompt.image_positions
+    positions = prompt.image_tokens if vtu == "none" else prompt.image_positions  # image positions in the sequence
+    width = EXACT_SCORE_WIDTH if vtu == "exact" and merged else 1
+    length = prompt.text + positions
+    before = LayerShape(rows=prompt.text + prompt.image_tokens, queries=length, keys=length, score_width=width)
+    k = prune.k if prune is not None else layers
+    if k >= layers:
+        return [before] * layers
+    kept = _kept_image_tokens(prune, prompt.image_tokens)
+    if vtu == "none" or not merged:
+        kept_positions = kept
+    elif kept_image_positions is not None:
+        kept_positions = kept_image_positions
+    else:
+        kept_positions = round(kept * prompt.image_positions / prompt.image_tokens)
+    after = LayerShape(rows=prompt.text + kept, queries=prompt.text + kept_positions,
+                       keys=prompt.text + kept_positions, score_width=width)
+    plan = [before] * k + [after] * (layers - k)
+    if isinstance(prune, FastV) and k > 0:  # k = 0 ranks at random
+        plan[k - 1] = replace(before, ranking_queries=1 if prune.score == "last" else length)
+    return plan
+
+
+def decoder_layer_flops(decoder: Decoder, shape: LayerShape) -> int:
+    """One decoder layer: q/o projections (heads·head_dim wide), k/v (kv_heads·head_dim), gated MLP, QKᵀ and AV."""
+    q_width = decoder.heads * decoder.head_dim
+    kv_width = decoder.kv_heads * decoder.head_dim
+    projections = 2 * shape.rows * decoder.hidden * (2 * q_width + 2 * kv_width)
+    scores = 2 * (shape.queries * shape.score_width + shape.ranking_queries) * shape.keys * q_width
+    weighted_values = 2 * shape.queries * shape.keys * q_width
+    mlp = 2 * GATED_MLP_MATRICES * shape.rows * decoder.hidden * decoder.intermediate
+    return projections + scores + weighted_values + mlp
+
+
+def lm_head_flops(decoder: Decoder) -> int:
+    """The LM head on one position (generation computes the logits of the last position only)."""
+    return 2 * decoder.hidden * decoder.vocab
+
+
+def prefill_flops(decoder: Decoder, plan: Sequence[LayerShape]) -> Count:
+    """The language model's prefill of one sequence: every layer of the plan and the LM head once."""
+    return Count(sum(decoder_layer_flops(decoder, shape) for shape in plan) + lm_head_flops(decoder), CACHE_AWARE)
+
+
+def decode_step_flops(decoder: Decoder, plan: Sequence[LayerShape], step: int) -> Count:
+    """Decode step ``step`` (1 = the first token after the prefill): one token through every layer, attending to
+    the keys that layer cached at prefill plus ``step`` (the tokens decoded so far, itself included)."""
+    layers = (decoder_layer_flops(decoder, LayerShape(rows=1, queries=1, keys=shape.keys + step)) for shape in plan)
+    return Count(sum(layers) + lm_head_flops(decoder), CACHE_AWARE)
+
+
+def kv_cache_bytes(decoder: Decoder, plan: Sequence[LayerShape], step: int = 0) -> list[int]:
+    """Per layer: bytes of its KV cache after the prefill and ``step`` decode steps."""
+    per_key = KV_TENSORS * decoder.kv_heads * decoder.head_dim * decoder.bytes_per_value
+    return [(shape.keys + step) * per_key for shape in plan]
+
+
+# ---------------------------------------------------------------------------------------------- vision side
 def encoder_flops(layer_tokens: list[int], num_tokens: int, protected: int, hidden: int, intermediate: int,
-                  head_dim: int, merging: bool = True) -> int:
-    """One image through a ViT given its token count (protected tokens excluded) after each executed layer."""
+                  head_dim: int, merging: bool | Sequence[bool] = True) -> int:
+    """One image through a ViT given its token count (protected tokens excluded) after each executed layer.
+
+    merging: whether each layer computes the matching (one flag per layer, or one for all).
+    """
+    flags = [merging] * len(layer_tokens) if isinstance(merging, bool) else merging
     total, tokens_in = 0, num_tokens
-    for after in layer_tokens:
+    for after, merges in zip(layer_tokens, flags, strict=True):
         tokens_out = after + protected
         total += layer_flops(tokens_in, tokens_out, hidden, intermediate)
-        if merging:
+        if merges:
             total += matching_flops(tokens_in, head_dim)
         tokens_in = tokens_out
     return total
 
 
-def decoder_prefill_flops(full: int, unique: int, hidden: int, kv_hidden: int, intermediate: int, layers: int,
-                          mode: str = "fast") -> int:
-    """Prefill of a Llama-style decoder (gated MLP) over one sequence.
+def projector_flops(tokens: int, vision_hidden: int, text_hidden: int) -> int:
+    """LLaVA's two-layer projector on ``tokens`` visual tokens."""
+    return 2 * tokens * text_hidden * (vision_hidden + text_hidden)
 
-    mode "stock": everything on ``full`` tokens; "fast"/"exact": projections and MLP on ``unique`` tokens,
-    attention products at full length (exact: the score product is EXACT_SCORE_WIDTH times wider); "none":
-    everything on ``unique``.
+
+def vision_flops(info, text_hidden: int, layer_tokens: list[int] | None = None, merging: bool | Sequence[bool] = True,
+                 cls: int = 0) -> int:
+    """One image: the vision tower up to its read layer (``info``: a ``TowerInfo``) and the projector.
+
+    layer_tokens: tokens (CLS excluded) after each executed layer, None for the unmerged tower; merging: which
+    of those layers compute the matching (default: all); cls: tokens the projector gets besides them (``llava.cls_tokens``).
     """
-    rows = full if mode == "stock" else unique
-    attention_len = unique if mode == "none" else full
-    projections = 2 * rows * hidden * (2 * hidden + 2 * kv_hidden)
-    scores = 2 * attention_len * attention_len * hidden * (EXACT_SCORE_WIDTH if mode == "exact" else 1)
-    weighted_values = 2 * attention_len * attention_len * hidden
-    mlp = 2 * 3 * rows * hidden * intermediate
-    return layers * (projections + scores + weighted_values + mlp)
+    if layer_tokens is None:
+        layer_tokens, merging = [info.num_patches] * info.merge_layers, False
+    tower = encoder_flops(layer_tokens, info.num_tokens, info.protected, info.hidden_size, info.intermediate_size,
+                          info.hidden_size // info.num_heads, merging)
+    return tower + projector_flops(layer_tokens[-1] + cls, info.hidden_size, text_hidden)
+
+
+def schedule_layer_tokens(info, tokens: int, schedule: str = "constant") -> list[int]:
+    """Tokens after each executed layer when a merge ``schedule`` (``dymu find-thresholds``) ends at ``tokens``."""
+    from .finder import budgets_for
+
+    budgets = budgets_for(info, tokens, schedule)[: info.merge_layers]
+    return [info.num_patches - removed for removed in itertools.accumulate(budgets)]

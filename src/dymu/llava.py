@@ -134,6 +134,8 @@ def prepare_inputs(model, processor, images, text, **processor_kwargs) -> dict:
     """
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+    from .vision import tower_info
+
     patch = get_vlm_patch(model)
     if patch is None or patch.state.vtu != "none":
         raise DymuError("dymu.prepare_inputs is for compact mode: dymu.apply(model, thresholds, vtu=\"none\") first")
@@ -145,7 +147,7 @@ def prepare_inputs(model, processor, images, text, **processor_kwargs) -> dict:
     with torch.no_grad():
         features = base.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
     token = base.config.image_token_id
-    per_image = _placeholders_per_image(base)
+    per_image = placeholders_per_image(base.config, tower_info(base))
     rows, image = [], 0
     for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"]):
         ids = ids[mask.bool()]
@@ -176,12 +178,15 @@ def prepare_inputs(model, processor, images, text, **processor_kwargs) -> dict:
             "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=list(features))}}
 
 
-def _placeholders_per_image(base) -> int:
-    """Placeholder tokens the processor writes for one LLaVA-1.5 image: its patches (+ CLS with "full")."""
-    from .vision import tower_info
+def placeholders_per_image(config, info) -> int:
+    """Placeholder tokens the processor writes for one LLaVA-1.5 image: its patches (+ CLS with "full").
+    config: the LLaVA config; info: its tower's ``TowerInfo``."""
+    return info.num_patches + cls_tokens(config, info)
 
-    info = tower_info(base)
-    return info.num_patches + (info.protected if base.config.vision_feature_select_strategy == "full" else 0)
+
+def cls_tokens(config, info) -> int:
+    """Tokens the language model gets from an image besides its patch tokens: the CLS with the "full" strategy."""
+    return info.protected if config.vision_feature_select_strategy == "full" else 0
 
 
 def _image_mask(base, input_ids, inputs_embeds) -> torch.Tensor:

@@ -64,11 +64,9 @@ LLAVA_PRESETS = {
 ALL_PRESETS = (*PRESETS, *LLAVA_PRESETS)
 
 
-def build_llava_preset(name: str, seed: int = 0, layers: int | None = None, dtype: torch.dtype | None = None):
-    """Return (LlavaForConditionalGeneration, LlavaProcessor) with random weights and a real tokenizer."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-
-    from .tokenizer import CHAT_TEMPLATE, build_tokenizer
+def llava_preset_config(name: str, tokenizer, layers: int | None = None):
+    """The LlavaConfig of a LLaVA preset whose token ids are ``tokenizer``'s (``dymu.tokenizer.build_tokenizer``)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     vision_name, text_kwargs = LLAVA_PRESETS[name]
     vision_kwargs = PRESETS[vision_name][1]
@@ -77,14 +75,24 @@ def build_llava_preset(name: str, seed: int = 0, layers: int | None = None, dtyp
         if layers < 1:
             raise DymuError(f"--layers must be >= 1, got {layers}")
         text_kwargs["num_hidden_layers"] = layers
-    tokenizer = build_tokenizer()
     if len(tokenizer) > text_kwargs["vocab_size"]:
         raise DymuError(f"{name}: tokenizer has {len(tokenizer)} tokens, more than the vocabulary {text_kwargs['vocab_size']}")
     text = LlamaConfig(**text_kwargs, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                        eos_token_id=tokenizer.eos_token_id)
-    config = LlavaConfig(vision_config=CLIPVisionConfig(**vision_kwargs), text_config=text,
-                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
-                         vision_feature_select_strategy="default", image_seq_length=(336 // 14) ** 2)
+    return LlavaConfig(vision_config=CLIPVisionConfig(**vision_kwargs), text_config=text,
+                       image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+                       vision_feature_select_strategy="default", image_seq_length=(336 // 14) ** 2)
+
+
+def build_llava_preset(name: str, seed: int = 0, layers: int | None = None, dtype: torch.dtype | None = None):
+    """Return (LlavaForConditionalGeneration, LlavaProcessor) with random weights and a real tokenizer."""
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+    from .tokenizer import CHAT_TEMPLATE, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = llava_preset_config(name, tokenizer, layers)
+    vision_kwargs = PRESETS[LLAVA_PRESETS[name][0]][1]
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     if dtype is not None:
@@ -204,6 +212,16 @@ def load_model(name_or_path, dtype: torch.dtype | None = None):
 
     Returns the model in eval mode. A full CLIP/SigLIP checkpoint (image + text) loads its vision side.
     """
+    name, config = load_config(name_or_path)
+    model_class = _model_class(config.model_type, name)
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    model = model_class.from_pretrained(name, **kwargs)
+    model.eval()
+    return model
+
+
+def load_config(name_or_path):
+    """(name to load from, config) of a local checkpoint folder or a hub id: the config alone, no weights."""
     from transformers import AutoConfig
 
     name = str(name_or_path)
@@ -213,14 +231,9 @@ def load_model(name_or_path, dtype: torch.dtype | None = None):
             raise DymuError(f"not a Hugging Face checkpoint folder (no config.json): {name}")
         name = str(path)
     try:
-        config = AutoConfig.from_pretrained(name)
+        return name, AutoConfig.from_pretrained(name)
     except Exception as exc:  # hub or parsing failure: one clear line
         raise DymuError(f"cannot load model {name!r}: not a local checkpoint folder and not loadable from the hub ({type(exc).__name__})") from None
-    model_class = _model_class(config.model_type, name)
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    model = model_class.from_pretrained(name, **kwargs)
-    model.eval()
-    return model
 
 
 def _model_class(model_type: str, name: str):

@@ -40,7 +40,7 @@ class DymuError(ValueError):
 class TowerInfo:
     """What the merging code needs to know about a vision tower."""
 
-    tower: nn.Module
+    tower: nn.Module | None  # None when described from a config alone
     model_type: str  # "clip_vision_model" | "siglip_vision_model"
     protected: int  # 1 with a CLS token, else 0
     num_layers: int
@@ -118,6 +118,22 @@ def tower_info(model: nn.Module) -> TowerInfo:
             f"unsupported model {type(model).__name__} (vision model_type {model_type!r}); "
             "dymu supports CLIPVisionModel, SiglipVisionModel and LLaVA / LLaVA-OneVision models built on them"
         )
+    name = str(getattr(config, "_name_or_path", "") or getattr(tower_config, "_name_or_path", "") or "")
+    return _describe(tower_config, read_layer, name, tower)
+
+
+def config_tower_info(config) -> TowerInfo:
+    """The vision tower of a LLaVA-style config, described without weights (``tower`` is None): for FLOPs counts."""
+    vision = config.vision_config
+    if vision.model_type not in SUPPORTED_TOWERS:
+        raise DymuError(f"unsupported vision model_type {vision.model_type!r}; dymu supports {', '.join(SUPPORTED_TOWERS)}")
+    read_layer = _read_layer_from_feature_layer(config.vision_feature_layer, vision.num_hidden_layers)
+    return _describe(vision, read_layer, str(getattr(config, "_name_or_path", "") or ""), None)
+
+
+def _describe(tower_config, read_layer: int | None, name_or_path: str, tower: nn.Module | None) -> TowerInfo:
+    """A TowerInfo from a supported tower config (read_layer None: the last layer)."""
+    model_type = tower_config.model_type
     num_layers = tower_config.num_hidden_layers
     image_size = tower_config.image_size
     if isinstance(image_size, (list, tuple)):
@@ -133,7 +149,7 @@ def tower_info(model: nn.Module) -> TowerInfo:
         image_size=image_size,
         patch_size=tower_config.patch_size,
         read_layer=num_layers - 1 if read_layer is None else read_layer,
-        name_or_path=str(getattr(config, "_name_or_path", "") or getattr(tower_config, "_name_or_path", "") or ""),
+        name_or_path=name_or_path,
     )
 
 
