@@ -291,13 +291,14 @@ def test_config_section_and_enable(tiny_llava_dir, image_paths, tmp_path, capsys
 
 def test_generate_prune_reports_kept_tokens_and_prefill_flops(tiny_llava_dir, image_paths, capsys):
     from dymu import flops as F
-    from dymu.cli import _prompt_text, main
+    from dymu.cli import main
     from dymu.images import open_image
+    from dymu.llava import chat_prompt
     from dymu.models import load_config, load_processor
     from dymu.vision import config_tower_info
 
     processor = load_processor(tiny_llava_dir, full=True)
-    ids = processor(images=[open_image(image_paths[0])], text=[_prompt_text(processor, "What?", 1)])["input_ids"]
+    ids = processor(images=[open_image(image_paths[0])], text=[chat_prompt(processor, "What?", 1)])["input_ids"]
     config = load_config(tiny_llava_dir)[1]
     decoder, vision = F.Decoder.from_config(config), F.vision_flops(config_tower_info(config), 64)
     prompt = F.Prompt(len(ids[0]) - PATCHES, PATCHES, PATCHES)
