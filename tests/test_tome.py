@@ -1,5 +1,7 @@
 """ToMe with a fixed r (dymu.apply(model, merge="tome:r=8")): the stock model at r=0, exact per-image token counts,
-batch invariance, LLaVA with VTU fast / exact / compact and FastV."""
+batch invariance, LLaVA with VTU fast / exact / compact and FastV, the CLI."""
+
+import json
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from dymu.thresholds import Thresholds
 from dymu.vision import tower_info
 
 from .conftest import MIXED_IMAGES, pixels
+from .test_cli import _one_line_error, run
 from .test_llava import PATCHES, images, left_pad, logits, prompt, tiny_llava, tiny_llava_dir  # noqa: F401 (fixtures)
 
 #: per-layer patch counts (CLS not counted) computed by hand: n -> n - min(r, floor((n - cls) / 2)), 4 layers
@@ -151,3 +154,19 @@ def test_llava_compact_mode(tiny_llava_dir):
     assert inputs["attention_mask"].sum(-1).tolist() == (stock_inputs["attention_mask"].sum(-1) - 150).tolist()
     assert model.generate(**inputs, max_new_tokens=3, do_sample=False).shape == (2, inputs["input_ids"].shape[1] + 3)
 
+
+def test_cli_merge_option(capsys, model_dirs, image_paths, tiny_llava_dir, tmp_path):
+    clip = model_dirs["tiny-clip"]
+    code, out, _ = run(capsys, "encode", clip, *image_paths[:3], "--merge", "tome:r=8", "--json")
+    assert code == 0 and [json.loads(line)["tokens"] for line in out.splitlines()] == [544] * 3
+    path = tmp_path / "thr.json"
+    Thresholds(values=[0.9, 0.6, 0.4, 0.2]).save(path)
+    assert run(capsys, "encode", clip, *image_paths[:3], "--merge", f"dtome:{path}", "--json")[1] == \
+        run(capsys, "encode", clip, *image_paths[:3], "--thresholds", path, "--json")[1]
+    for command in (["encode", clip, image_paths[0]], ["generate", tiny_llava_dir, "--image", image_paths[0], "--prompt", "hi"]):
+        _one_line_error(*run(capsys, *command, "--merge", "tome:r=8", "--thresholds", path)[::2],
+                        f"dymu {command[0]}: error: --merge and --thresholds are alternatives: give one")
+        _one_line_error(*run(capsys, *command, "--merge", "tome:r=x")[::2], "r must be an integer", "syntax: dtome:FILE | tome:r=R")
+    code, out, _ = run(capsys, "generate", tiny_llava_dir, "--image", image_paths[0], "--prompt", "What?", "--merge", "tome:r=8",
+                       "--max-new-tokens", "2")
+    assert code == 0 and "[ToMe r=8 (vtu=fast)]" in out and f"{PATCHES - 24}/{PATCHES}" in out and "prefill FLOPs" in out
