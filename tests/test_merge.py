@@ -203,3 +203,67 @@ def test_flops_drop_with_tokens():
     merged = M.layer_flops(577, 300, 1024, 4096)
     assert merged < full
     assert M.layer_flops(100, 100, 8, 16) == 2 * 100 * 8 * 8 * 4 + 4 * 100 * 100 * 8 + 4 * 100 * 8 * 16
+
+
+def _scored_metric(rows):
+    """(batch, tokens, 5) metric whose A token at A-index a has cosine ``score`` with B token ``partner`` only.
+
+    rows: per image a list of (score, partner) per A token; B token j (position 2j + 1) is the unit vector e_j.
+    """
+    tokens = 2 * max(len(r) for r in rows)
+    metric = torch.zeros(len(rows), tokens, 5, dtype=torch.float64)
+    for b, row in enumerate(rows):
+        for j in range(tokens // 2):
+            metric[b, 2 * j + 1, j] = 1.0
+        for a, (score, partner) in enumerate(row):
+            metric[b, 2 * a, partner] = score
+            metric[b, 2 * a, 4] = math.sqrt(1 - score**2)
+    return metric
+
+
+def test_top_r_takes_each_images_best_edges_whatever_their_scores():
+    # image 0 scores high, image 1 low (6 tokens: its A token 3 is padding), image 2 ties everywhere
+    metric = _scored_metric([[(0.9, 0), (0.5, 1), (0.7, 2), (0.2, 0)],
+                             [(0.1, 0), (0.3, 1), (0.05, 2), (0.9, 0)],
+                             [(0.5, 0), (0.5, 1), (0.5, 2), (0.5, 3)]])
+    scores = M.match_scores(metric, torch.tensor([8, 6, 8]), protected=0)
+    assert scores.cap.tolist() == [4, 3, 4]
+    assert M.select_top_r(scores, 2).tolist() == [[True, False, True, False], [True, True, False, False],
+                                                  [True, True, False, False]], "per image; ties to the lower position"
+    assert M.select_top_r(scores, 0).sum() == 0
+    # capacity binds: every image merges as many as its cap, padding never
+    assert M.select_top_r(scores, 10).tolist() == [[True] * 4, [True, True, True, False], [True] * 4]
+    # with CLS: A token 0 is protected, cap = floor((8 - 1) / 2) = 3
+    scores = M.match_scores(metric, torch.tensor([8, 8, 8]), protected=1)
+    assert M.select_top_r(scores, 1).tolist() == [[False, False, True, False], [False, False, False, True],
+                                                  [False, True, False, False]]
+
+
+# (tokens, protected, r, layers) -> tokens after each layer, computed by hand: n -> n - min(r, floor((n - p) / 2))
+FIXED_R_SEQUENCES = [
+    (577, 1, 8, 4, [569, 561, 553, 545]),
+    (577, 1, 200, 4, [377, 189, 95, 48]),  # 200 < 288, then the capacity binds: 188, 94, 47
+    (577, 1, 1000, 4, [289, 145, 73, 37]),  # halving
+    (577, 1, 287, 4, [290, 146, 74, 38]),
+    (729, 0, 8, 4, [721, 713, 705, 697]),
+    (729, 0, 1000, 4, [365, 183, 92, 46]),
+    (577, 1, 0, 3, [577, 577, 577]),
+]
+
+
+@pytest.mark.parametrize("tokens,protected,r,layers,expected", FIXED_R_SEQUENCES)
+def test_fixed_r_token_counts(tokens, protected, r, layers, expected):
+    assert M.fixed_r_tokens(tokens, protected, r, layers) == expected
+
+
+@pytest.mark.parametrize("target,layers,r", [
+    (209, 23, 16),  # LLaVA-1.5: 23 merging layers, 577 - 23 * 16 = 209 exactly
+    (201, 23, 16),  # 209 (8 away) beats 186 (15 away)
+    (197, 23, 17),  # 186 (11 away) beats 209 (12 away)
+    (575, 4, 0),  # 577 and 573 are both 2 away: the smaller r
+    (37, 4, 288),  # halving reaches 37; r = 287 stops at 38
+    (1, 4, 288),  # below what merging can reach: the fewest tokens, with the smallest r giving them
+    (577, 4, 0),
+])
+def test_fixed_r_for_gives_the_smallest_r_with_the_nearest_count(target, layers, r):
+    assert M.fixed_r_for(target, 577, 1, layers) == r

@@ -38,3 +38,19 @@ def test_invalid_merge_specs():
     for spec, reason in (("tome", "r missing"), ("tome:r=2.5", "r must be an integer"), ("dtome:", "file is missing")):
         with pytest.raises(DymuError, match=reason):
             parse_merge(spec)
+
+
+def test_tome_r_for_counts_patches_up_to_the_read_layer(clip):
+    from dymu.methods import tome_r_for
+    from dymu.vision import tower_info
+
+    from .test_encoder import _tiny_llava
+
+    model, _ = clip  # 4 layers, all merging: 576 - 4 r patches while the capacity allows
+    assert tome_r_for(552, model) == ToMe(r=6)
+    assert tome_r_for(550.2, tower_info(model)) == ToMe(r=6)  # 552 is nearer than 548
+    assert tome_r_for(36, model) == ToMe(r=288)
+    assert tome_r_for(552, _tiny_llava()) == ToMe(r=8), "LLaVA reads layer -2: 3 merging layers"
+    for tokens in (-1, 577):
+        with pytest.raises(DymuError, match="between 0 and 576"):
+            tome_r_for(tokens, model)

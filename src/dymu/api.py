@@ -14,7 +14,7 @@ from .thresholds import Thresholds, as_thresholds
 from .vision import DymuError, get_patch, patch_tower, tower_info, unpatch_tower
 
 
-def apply(model: nn.Module, thresholds=None, vtu: str = "fast", prune=None) -> nn.Module:
+def apply(model: nn.Module, thresholds=None, vtu: str = "fast", prune=None, merge=None) -> nn.Module:
     """Reduce the visual tokens of ``model``. Patches the instance in place; ``dymu.remove`` restores it.
 
     ``thresholds``: DToMe merging in the vision encoder: a ``dymu.Thresholds``, a path to a thresholds file, or
@@ -24,23 +24,34 @@ def apply(model: nn.Module, thresholds=None, vtu: str = "fast", prune=None) -> n
     On a LLaVA model the language model is patched too, so stock ``generate`` works: ``vtu="fast"`` (virtual
     token unmerging, Q/K/V expanded before RoPE), ``"exact"`` (the paper's C/S decomposition) or ``"none"``
     (compact: merged tokens fed directly; build inputs with ``dymu.prepare_inputs``).
+    ``merge``: the encoder-side method as a spec or a ``dymu.methods`` object, instead of ``thresholds``:
+    ``"tome:r=8"`` (ToMe: in every layer up to the read layer each image makes exactly ``min(8, floor((tokens - CLS)
+    / 2))`` merges; same matching and proportional attention as DToMe) or ``"dtome:FILE"``.
     ``prune``: decoder-side pruning on LLaVA, ``"fastv:k=2,r=0.5"`` or ``"vtw:k=16"`` (see ``dymu.methods``).
     Returns ``model``. Applying again replaces the previous settings.
     """
     from .compat import warn_if_untested
     from .llava import check_vtu, is_vlm, patch_vlm, supports_language_side
-    from .methods import parse_prune
+    from .methods import DToMe, ToMe, parse_merge, parse_prune
 
     check_vtu(vtu)
     prune = parse_prune(prune)
+    if merge is not None:
+        if thresholds is not None:
+            raise DymuError("give thresholds or merge=, not both")
+        merge = parse_merge(merge)
+        thresholds = merge.path if isinstance(merge, DToMe) else None
     warn_if_untested()
     info = tower_info(model)
     if prune is not None and not (is_vlm(model) and supports_language_side(model)):
         raise DymuError(f"{type(model).__name__}: prune= needs a LLaVA-1.5 model (it acts in the language model)")
-    thresholds = as_thresholds([math.inf] * info.num_layers if thresholds is None else thresholds)
-    thresholds.check(info.identity(), origin=_origin(thresholds))
-    patch_tower(model, thresholds.values)
-    get_patch(model).thresholds = thresholds
+    if isinstance(merge, ToMe):
+        patch_tower(model, merges=[merge.r] * info.num_layers)
+    else:
+        thresholds = as_thresholds([math.inf] * info.num_layers if thresholds is None else thresholds)
+        thresholds.check(info.identity(), origin=_origin(thresholds))
+        patch_tower(model, thresholds.values)
+        get_patch(model).thresholds = thresholds
     if is_vlm(model) and not supports_language_side(model):
         warnings.warn(f"dymu: {type(model).__name__}: only the vision tower merges (use dymu.encode); "
                       "generation with merged tokens is supported for LLaVA-1.5 so far", stacklevel=2)

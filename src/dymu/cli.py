@@ -39,6 +39,13 @@ def _add_images(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-root", help="folder that manifest paths are relative to (default: the manifest's folder)")
 
 
+def _add_merge(parser: argparse.ArgumentParser) -> None:
+    from .methods import MERGE_SYNTAX
+
+    parser.add_argument("--merge", metavar="SPEC", help=f"encoder merging instead of --thresholds: {MERGE_SYNTAX} "
+                        "(tome:r=8: each image merges 8 token pairs per layer, ToMe's fixed r; dtome:FILE: a thresholds file)")
+
+
 def _open(model_name: str, processor_path: str | None):
     """The model and its image processor: --processor, else the checkpoint's, else its family's standard one."""
     from .models import describe, image_processor_for, load_model, load_processor
@@ -75,6 +82,26 @@ def _out_folder(path: str | None, option: str) -> Path | None:
     if not existing.is_dir() or not os.access(existing, os.W_OK):
         raise DymuError(f"{option} {folder}: cannot create a folder inside {existing}")
     return folder
+
+
+def _encoder_merging(args) -> tuple[dict, str]:
+    """The ``dymu.apply`` keywords of the encoder's merging ({}: none) and the VTU mode, checked before any model loads:
+    --merge SPEC, else --thresholds FILE, else the checkpoint's "dymu" section."""
+    from .methods import ToMe, parse_merge
+    from .models import settings_from_config
+    from .thresholds import Thresholds
+
+    if args.merge is not None and args.thresholds is not None:
+        raise DymuError("--merge and --thresholds are alternatives: give one")
+    thresholds, vtu = settings_from_config(args.model, args.thresholds, getattr(args, "vtu", None))
+    if args.merge is not None:
+        method = parse_merge(args.merge)
+        if isinstance(method, ToMe):
+            return {"merge": method}, vtu
+        thresholds = method.path
+    if isinstance(thresholds, str):
+        thresholds = Thresholds.load(thresholds)
+    return ({} if thresholds is None else {"thresholds": thresholds}), vtu
 
 
 def _report_skipped(skipped: list[dict]) -> None:
@@ -134,18 +161,14 @@ def cmd_encode(args) -> None:
 
     from . import api
     from .images import collect_images, load_batch, summarize_failures
-    from .thresholds import Thresholds
-
-    from .models import settings_from_config
 
     viz_dir = _out_folder(args.viz, "--viz")
     image_set = collect_images(args.images, args.image_root)
-    thresholds, _ = settings_from_config(args.model, args.thresholds, None)
-    if thresholds is None:
-        raise DymuError(f"no thresholds: pass --thresholds FILE, or store them in {args.model} with `dymu enable`")
-    thresholds = Thresholds.load(thresholds) if isinstance(thresholds, str) else thresholds
+    merging, _ = _encoder_merging(args)
+    if not merging:
+        raise DymuError(f"no thresholds: pass --thresholds FILE or --merge SPEC, or store thresholds in {args.model} with `dymu enable`")
     model, processor = _open(args.model, args.processor)
-    api.apply(model, thresholds)
+    api.apply(model, **merging)
     rows, skipped, figures = [], list(image_set.skipped), []
     viz_names = _viz_names(image_set.paths)
     from tqdm.auto import tqdm
@@ -274,7 +297,8 @@ def _merged_prompt(model, prompt_length: int, vtu: str):
     positions = placeholders_per_image(model.config, info) * len(encoding)
     tokens = sum(encoding.num_tokens) + cls * len(encoding)
     text = prompt_length - (tokens if vtu == "none" else positions)
-    merging = [math.isfinite(t) for t in get_patch(model).thresholds.values[: info.merge_layers]]
+    state = get_patch(model).state  # DToMe thresholds or ToMe's fixed r
+    merging = [state.merges_at(layer) for layer in range(info.merge_layers)]
     vision = sum(F.vision_flops(info, text_hidden, t, merging, cls) for t in encoding.layer_tokens)
     stock_vision = len(encoding) * F.vision_flops(info, text_hidden, cls=cls)
     return F.Prompt(text, positions, tokens), F.Prompt(text, positions, positions), vision, stock_vision
@@ -311,9 +335,10 @@ def cmd_generate(args) -> None:
     from .images import open_image
     from .llava import chat_prompt, get_vlm_patch, is_vlm, supports_language_side
     from .methods import parse_prune
-    from .models import describe, load_model, load_processor, settings_from_config
+    from .models import describe, load_model, load_processor
 
     parse_prune(args.prune)  # a bad spec fails before any loading
+    merging, vtu = _encoder_merging(args)
     images = [open_image(path) for path in args.image]
     model = load_model(args.model)
     if not (is_vlm(model) and supports_language_side(model)):
@@ -321,17 +346,16 @@ def cmd_generate(args) -> None:
                         "(for vision encoders use dymu encode)")
     processor = load_processor(args.model, full=True)
     print(f"model: {args.model} ({describe(model)})", file=sys.stderr)
-    thresholds, vtu = settings_from_config(args.model, args.thresholds, args.vtu)
     text = chat_prompt(processor, args.prompt, len(images))
-    reduced = thresholds is not None or args.prune is not None
+    reduced = bool(merging) or args.prune is not None
     runs = []
     if reduced:
-        api.apply(model, thresholds, vtu=vtu, prune=args.prune)
+        api.apply(model, **merging, vtu=vtu, prune=args.prune)
         merged = _run_generate(model, processor, images, text, args.max_new_tokens, compact=vtu == "none")
         merged["tokens"] = get_vlm_patch(model).state.last_encoding.num_tokens
         merged["report"] = _prefill_report(model, merged["prompt_length"], vtu)
-        labels = [f"DyMU (vtu={vtu})"] * (thresholds is not None) + [args.prune] * (args.prune is not None)
-        runs.append((" + ".join(labels), merged))
+        method = [f"ToMe r={merging['merge'].r} (vtu={vtu})" if "merge" in merging else f"DyMU (vtu={vtu})"] * bool(merging)
+        runs.append((" + ".join(method + [args.prune] * (args.prune is not None)), merged))
         api.remove(model)
     if not reduced or args.compare:
         runs.append(("unmerged", _run_generate(model, processor, images, text, args.max_new_tokens, compact=False)))
@@ -347,7 +371,8 @@ def cmd_generate(args) -> None:
         if "report" in run:
             print(run["report"])
     if not reduced:
-        print("(no thresholds: pass --thresholds FILE or enable them with `dymu enable`)", file=sys.stderr)
+        print("(no merging: pass --thresholds FILE or --merge SPEC (or enable thresholds with `dymu enable`), or --prune SPEC)",
+              file=sys.stderr)
 
 
 def cmd_calibrate_vtw(args) -> None:
@@ -532,6 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     _add_images(p)
     p.add_argument("--thresholds", help="thresholds file (default: the checkpoint's \"dymu\" config section)")
+    _add_merge(p)
     p.add_argument("--json", action="store_true", help="print one JSON line per image: image, tokens, patches")
     p.add_argument("--viz", metavar="DIR", help="write a merge-map PNG per image and overview.png here (default: none)")
     p.add_argument("--batch-size", type=int, default=8, help="images encoded together (default: %(default)s)")
@@ -542,6 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", required=True, help="an image file (repeat for several images)")
     p.add_argument("--prompt", required=True, help="the question; <image> placeholders optional (added by the chat template)")
     p.add_argument("--thresholds", help="thresholds file (default: the checkpoint's \"dymu\" config section)")
+    _add_merge(p)
     p.add_argument("--vtu", choices=["fast", "exact", "none"], help="virtual token unmerging mode (default: fast)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer, in tokens (default: %(default)s)")
     p.add_argument("--prune", metavar="SPEC", help=f"prune image tokens in the language model: {PRUNE_HELP} (default: none)")

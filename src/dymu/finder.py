@@ -156,13 +156,9 @@ class _Checkpoint:
 def calibration_statistics(model, pixel_values: torch.Tensor, budgets: list[int]) -> dict[int, float]:
     """One batch in budget mode: {layer: statistic} for the layers whose budget is positive."""
     patch = get_patch(model)
-    state = patch.state
-    state.mode, state.budgets = "budget", budgets
-    try:
+    with patch.state.using(mode="budget", budgets=budgets) as state:
         run_encoder(patch, pixel_values)
         return dict(state.statistics)
-    finally:
-        state.mode, state.budgets = "threshold", None
 
 
 def find_thresholds(
@@ -301,16 +297,15 @@ def _gather(statistics: dict, skipped: list, world: int):
 
 
 def measure_tokens(model, images, thresholds: Thresholds, processor=None, batch_size: int = 32, progress: bool = False) -> dict:
-    """Encode images with the thresholds; mean / std of the token counts (CLS not counted)."""
+    """Encode images with the thresholds; mean / std of the token counts (CLS not counted). The model keeps its own
+    merging settings."""
     from tqdm.auto import tqdm
 
-    from .api import apply, encode, remove
+    from .api import _temporarily_patched, encode
 
-    previous = get_patch(model)
-    previous_thresholds = getattr(previous, "thresholds", None) if previous is not None else None
-    apply(model, thresholds)
+    thresholds.check(tower_info(model).identity())
     counts: list[int] = []
-    try:
+    with _temporarily_patched(model) as patch, patch.state.using(thresholds.values):  # the model's own settings come back
         for start in tqdm(range(0, len(images), batch_size), desc="measuring tokens", unit="batch", disable=not progress):
             chunk = images[start : start + batch_size]
             if isinstance(chunk, torch.Tensor):
@@ -320,13 +315,6 @@ def measure_tokens(model, images, thresholds: Thresholds, processor=None, batch_
                 if pixel_values is None:
                     continue
             counts += encode(model, pixel_values).num_tokens
-    finally:
-        if previous_thresholds is not None:
-            apply(model, previous_thresholds)
-        elif previous is not None:
-            patch_tower(model, previous.state.thresholds)
-        else:
-            remove(model)
     if not counts:
         return {"mean": math.nan, "std": math.nan, "count": 0}
     values = torch.tensor(counts, dtype=torch.float64)

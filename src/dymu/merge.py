@@ -14,6 +14,8 @@ Semantics (DyMU, arXiv 2504.17040; reference instance path, with its bugs fixed)
 * Threshold mode: an A token merges iff its best score is strictly above the layer threshold, at most
   ``floor((length - protected) / 2)`` merges per image; when that cap binds the best scores win (ties:
   the lower position wins; stable sort).
+* Fixed mode (ToMe, Bolya et al.): every image merges its ``min(r, cap)`` best edges (the same ranking and
+  ties as the cap above), whatever their scores, so all images keep the same token count.
 * Budget mode (threshold finding): the ``budget`` best edges of the whole batch merge, each image still
   capped as above; the statistic is the best edge that did NOT merge, clamped at 0 (reference §1.5 step 7).
 * Token order after a layer in which an image merges: ``[protected, surviving A (ascending position),
@@ -43,7 +45,12 @@ class MatchScores:
     node_max: torch.Tensor  # (batch, tokens_a) best cosine score; -inf where the A token cannot merge
     node_idx: torch.Tensor  # (batch, tokens_a) index into the B set of that best edge
     cap: torch.Tensor  # (batch,) most merges allowed per image: floor((length - protected) / 2)
-    within_cap: torch.Tensor  # (batch, tokens_a) bool: the A token ranks inside its image's cap
+    rank: torch.Tensor  # (batch, tokens_a) rank of the best edge within its image: 0 = best; ties: lower position first
+
+    @property
+    def within_cap(self) -> torch.Tensor:
+        """(batch, tokens_a) bool: the A token ranks inside its image's cap."""
+        return self.rank < self.cap[:, None]
 
 
 @dataclass
@@ -94,17 +101,29 @@ def match_scores(metric: torch.Tensor, lengths: torch.Tensor, protected: int) ->
         invalid_a[:, 0] = True
     node_max = node_max.masked_fill(invalid_a, float("-inf"))
 
-    cap = (lengths - protected).clamp_min(0) // 2  # (batch,)
+    cap = merge_capacity(lengths, protected)  # (batch,)
     order = torch.sort(node_max, dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand(batch, -1))
-    within_cap = rank < cap[:, None]
-    return MatchScores(node_max=node_max, node_idx=node_idx, cap=cap, within_cap=within_cap)
+    return MatchScores(node_max=node_max, node_idx=node_idx, cap=cap, rank=rank)
+
+
+def merge_capacity(tokens, protected: int):
+    """Most merges one layer allows ("max 50%" rule): floor((tokens - protected) / 2). tokens: an int or a (batch,) tensor."""
+    return (tokens - protected) // 2
 
 
 def select_by_threshold(scores: MatchScores, threshold: float) -> torch.Tensor:
     """(batch, tokens_a) bool: A tokens that merge at this threshold (strictly above it, within the cap)."""
     return (scores.node_max > threshold) & scores.within_cap
+
+
+def select_top_r(scores: MatchScores, r: int) -> torch.Tensor:
+    """(batch, tokens_a) bool: each image's ``min(r, cap)`` best edges merge, whatever their scores (ToMe's fixed r).
+
+    Ranked per image as the cap ranks them (ties: the lower position); every rank inside the cap is a real edge.
+    """
+    return scores.within_cap & (scores.rank < r)
 
 
 def select_by_budget(scores: MatchScores, budget: int) -> tuple[torch.Tensor, float]:
@@ -252,13 +271,28 @@ def check_schedule(schedule: list[int], num_tokens: int, protected: int) -> None
     """Raise ValueError if a layer asks for more merges than half of its mergeable tokens."""
     tokens = num_tokens
     for i, r in enumerate(schedule):
-        cap = (tokens - protected) // 2
+        cap = merge_capacity(tokens, protected)
         if r > cap:
             raise ValueError(
                 f"schedule asks layer {i} to remove {r} tokens but at most {cap} of {tokens} can merge there; "
                 "raise the target token count or use more merging layers"
             )
         tokens -= r
+
+
+def fixed_r_tokens(num_tokens: int, protected: int, r: int, num_layers: int) -> list[int]:
+    """Tokens (protected included) after each of ``num_layers`` layers that each merge ``min(r, capacity)``."""
+    counts = []
+    for _ in range(num_layers):
+        num_tokens -= min(r, merge_capacity(num_tokens, protected))
+        counts.append(num_tokens)
+    return counts
+
+
+def fixed_r_for(target: int, num_tokens: int, protected: int, num_layers: int) -> int:
+    """The smallest r whose fixed schedule leaves the count nearest ``target`` (protected included) after ``num_layers``."""
+    largest = merge_capacity(num_tokens, protected)  # any larger r merges exactly as much
+    return min(range(largest + 1), key=lambda r: abs(fixed_r_tokens(num_tokens, protected, r, num_layers)[-1] - target))
 
 
 def layer_flops(tokens_in: int, tokens_out: int, hidden: int, intermediate: int) -> int:

@@ -11,7 +11,8 @@ import dataclasses
 import typing
 from dataclasses import dataclass
 
-from .vision import DymuError
+from . import merge as M
+from .vision import DymuError, TowerInfo, tower_info
 
 
 @dataclass(frozen=True)
@@ -122,3 +123,15 @@ def parse_merge(spec) -> DToMe | ToMe:
 
 def parse_prune(spec) -> FastV | VTW | None:
     return None if spec is None else parse(spec, PRUNE_METHODS, PRUNE_SYNTAX, "prune")
+
+
+def tome_r_for(tokens: float, model) -> ToMe:
+    """ToMe with the smallest r whose fixed schedule leaves the count nearest ``tokens`` at the read layer.
+
+    tokens: visual tokens as ``dymu.encode`` counts them (CLS not counted), e.g. the mean of DToMe on a data set.
+    model: a model ``dymu.apply`` takes, or its ``dymu.vision.TowerInfo``.
+    """
+    info = model if isinstance(model, TowerInfo) else tower_info(model)
+    if not 0 <= tokens <= info.num_patches:
+        raise DymuError(f"tokens must be between 0 and {info.num_patches} (the patches of the encoder), got {tokens}")
+    return ToMe(r=M.fixed_r_for(tokens + info.protected, info.num_tokens, info.protected, info.merge_layers))

@@ -18,6 +18,7 @@ attributes and hooks, which restores the model exactly.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import MethodType
 from typing import Callable
@@ -159,8 +160,10 @@ class MergeState:
 
     info: TowerInfo
     thresholds: list[float]  # one per layer; +inf never merges
-    mode: str = "threshold"  # "threshold" (inference) or "budget" (threshold finding)
-    budgets: list[int] | None = None  # tokens to remove per image per layer, budget mode only
+    mode: str = "threshold"  # "threshold" (DToMe), "fixed" (ToMe) or "budget" (threshold finding)
+    # merges per layer, fixed and budget modes: each image merges min(budgets[i], cap) of its own best edges (fixed),
+    # or the batch merges its budgets[i] * batch best edges (budget)
+    budgets: list[int] | None = None
     run_until: int | None = None  # stop the encoder after this layer (encode / VLM use)
     # --- per forward ---
     lengths: torch.Tensor | None = None  # (batch,) valid tokens
@@ -173,9 +176,20 @@ class MergeState:
     def merges_at(self, layer: int) -> bool:
         if layer > self.info.read_layer:
             return False
-        if self.mode == "budget":
-            return bool(self.budgets and self.budgets[layer] > 0)
-        return self.thresholds[layer] != math.inf
+        if self.mode == "threshold":
+            return self.thresholds[layer] != math.inf
+        return bool(self.budgets and self.budgets[layer] > 0)
+
+    @contextmanager
+    def using(self, thresholds: list[float] | None = None, mode: str = "threshold", budgets: list[int] | None = None):
+        """Merge with these settings for the duration (threshold finding, measuring), then with the previous ones."""
+        saved = self.thresholds, self.mode, self.budgets
+        self.thresholds = saved[0] if thresholds is None else [float(t) for t in thresholds]
+        self.mode, self.budgets = mode, budgets
+        try:
+            yield self
+        finally:
+            self.thresholds, self.mode, self.budgets = saved
 
     def start(self, hidden: torch.Tensor) -> None:
         batch, tokens, _ = hidden.shape  # (batch, tokens, dim)
@@ -200,6 +214,8 @@ class MergeState:
         if self.mode == "budget":
             merge_a, statistic = M.select_by_budget(scores, self.budgets[layer] * batch)
             self.statistics[layer] = statistic
+        elif self.mode == "fixed":
+            merge_a = M.select_top_r(scores, self.budgets[layer])
         else:
             merge_a = M.select_by_threshold(scores, self.thresholds[layer])
         if not bool(merge_a.any()):
@@ -293,16 +309,27 @@ def get_patch(model: nn.Module) -> Patch | None:
     return getattr(info.tower, PATCH_ATTRIBUTE, None)
 
 
-def patch_tower(model: nn.Module, thresholds: list[float]) -> Patch:
-    """Install merging on the vision tower of ``model`` (instance only). Replaces an existing patch."""
+def patch_tower(model: nn.Module, thresholds: list[float] | None = None, merges: list[int] | None = None) -> Patch:
+    """Install merging on the vision tower of ``model`` (instance only). Replaces an existing patch.
+
+    thresholds: DToMe, one per layer (+inf never merges). merges: ToMe, how many merges each image makes in each
+    layer (capacity permitting). Neither: never merge.
+    """
     info = tower_info(model)
-    if len(thresholds) != info.num_layers:
-        raise DymuError(f"got {len(thresholds)} thresholds for a {info.num_layers}-layer vision encoder")
+    if thresholds is not None and merges is not None:
+        raise DymuError("merge with thresholds or with fixed merge counts, not both")
+    per_layer, what = (thresholds, "thresholds") if merges is None else (merges, "merge counts")
+    if per_layer is not None and len(per_layer) != info.num_layers:
+        raise DymuError(f"got {len(per_layer)} {what} for a {info.num_layers}-layer vision encoder")
     from .compat import check_tower
 
     check_tower(info.tower, has_cls=bool(info.protected))
     unpatch_tower(model)
-    state = MergeState(info=info, thresholds=[float(t) for t in thresholds])
+    never = [math.inf] * info.num_layers
+    if merges is None:
+        state = MergeState(info=info, thresholds=never if thresholds is None else [float(t) for t in thresholds])
+    else:
+        state = MergeState(info=info, thresholds=never, mode="fixed", budgets=[int(r) for r in merges])
     encoder = info.tower.encoder
     modules, hooks = [encoder], []
     encoder.forward = MethodType(_encoder_forward(state), encoder)
