@@ -284,46 +284,14 @@ def _run_generate(model, processor, images, text, max_new_tokens: int, compact: 
             "decode": end - clock.first, "new_tokens": len(new_tokens), "prompt_length": inputs["input_ids"].shape[1]}
 
 
-def _merged_prompt(model, prompt_length: int, vtu: str):
-    """(FLOPs prompt of the last prefill, unmerged one, per-image vision FLOPs merged and unmerged) from the patched model."""
-    from . import flops as F
-    from .llava import cls_tokens, get_vlm_patch, placeholders_per_image
-    from .vision import get_patch, tower_info
-
-    info = tower_info(model)
-    encoding = get_vlm_patch(model).state.last_encoding
-    text_hidden = model.config.text_config.hidden_size
-    cls = cls_tokens(model.config, info)
-    positions = placeholders_per_image(model.config, info) * len(encoding)
-    tokens = sum(encoding.num_tokens) + cls * len(encoding)
-    text = prompt_length - (tokens if vtu == "none" else positions)
-    state = get_patch(model).state  # DToMe thresholds or ToMe's fixed r
-    merging = [state.merges_at(layer) for layer in range(info.merge_layers)]
-    vision = sum(F.vision_flops(info, text_hidden, t, merging, cls) for t in encoding.layer_tokens)
-    stock_vision = len(encoding) * F.vision_flops(info, text_hidden, cls=cls)
-    return F.Prompt(text, positions, tokens), F.Prompt(text, positions, positions), vision, stock_vision
-
-
 def _prefill_report(model, prompt_length: int, vtu: str) -> str:
     """Image tokens per language-model layer and the prefill FLOPs (vision + language model) vs unmerged."""
-    from . import flops as F
-    from .llava import get_vlm_patch
+    from .flops import CACHE_AWARE, last_prefill
 
-    language = get_vlm_patch(model).state.language
-    decoder = F.Decoder.from_config(model.config)
-    prompt, stock, vision, stock_vision = _merged_prompt(model, prompt_length, vtu)
-    kept, k = language.last_kept, language.prune_layer
-    layers = [(0, decoder.layers, prompt.image_tokens)]
-    kept_positions = None
-    if kept is not None:
-        kept_positions = kept.length - int(kept.filler[0].sum()) - prompt.text
-        layers = [(0, k, prompt.image_tokens), (k, decoder.layers, int(kept.image_tokens[0]))]
-    plan = F.language_plan(prompt, decoder.layers, vtu, language.prune, kept_image_positions=kept_positions)
-    reduced = F.prefill_flops(decoder, plan)
-    unmerged = F.prefill_flops(decoder, F.language_plan(stock, decoder.layers))
-    ratio = (vision + reduced.flops) / (stock_vision + unmerged.flops)
-    spans = ", ".join(f"{n} in {_layer_span(a, b)}" for a, b, n in layers if b > a)
-    return f"  image tokens in the language model: {spans}; prefill FLOPs {100 * ratio:.1f}% of unmerged ({reduced.counter})"
+    last = last_prefill(model, prompt_length, vtu)
+    spans = ", ".join(f"{n} in {_layer_span(a, b)}" for a, b, n in last.spans)
+    return (f"  image tokens in the language model: {spans}; prefill FLOPs {100 * last.prefill_ratio:.1f}% of unmerged "
+            f"({CACHE_AWARE})")
 
 
 def _layer_span(first: int, end: int) -> str:

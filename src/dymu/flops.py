@@ -239,3 +239,52 @@ def schedule_layer_tokens(info, tokens: int, schedule: str = "constant") -> list
 
     budgets = budgets_for(info, tokens, schedule)[: info.merge_layers]
     return [info.num_patches - removed for removed in itertools.accumulate(budgets)]
+
+
+# ---------------------------------------------------------------------------------------------- from a patched model
+@dataclass(frozen=True)
+class LastPrefill:
+    """The plans of a patched LLaVA's last prefill (batch row 0's language model; vision over every image) and of
+    the same prompt unmerged, with what ``dymu.language`` kept: (first layer, end layer, image tokens) spans."""
+
+    decoder: Decoder
+    plan: list
+    stock_plan: list
+    vision: int
+    stock_vision: int
+    spans: list
+
+    @property
+    def prefill_ratio(self) -> float:
+        """Prefill FLOPs (vision + language model) of the plan over the unmerged prompt's."""
+        return (self.vision + prefill_flops(self.decoder, self.plan).flops) / (
+            self.stock_vision + prefill_flops(self.decoder, self.stock_plan).flops)
+
+
+def last_prefill(model, prompt_length: int, vtu: str) -> LastPrefill:
+    """``LastPrefill`` of a model patched by ``dymu.apply`` after a generation or forward of one prompt of
+    ``prompt_length`` input ids (as the processor produced them: placeholders unmerged unless ``vtu`` is "none")."""
+    from .llava import cls_tokens, get_vlm_patch, placeholders_per_image
+    from .vision import get_patch, tower_info
+
+    info = tower_info(model)
+    state = get_vlm_patch(model).state
+    encoding, language = state.last_encoding, state.language
+    decoder = Decoder.from_config(model.config)
+    cls = cls_tokens(model.config, info)
+    positions = placeholders_per_image(model.config, info) * len(encoding)
+    tokens = sum(encoding.num_tokens) + cls * len(encoding)
+    text = prompt_length - (tokens if vtu == "none" else positions)
+    merge_state = get_patch(model).state  # DToMe thresholds or ToMe's fixed r
+    merging = [merge_state.merges_at(layer) for layer in range(info.merge_layers)]
+    vision = sum(vision_flops(info, decoder.hidden, t, merging, cls) for t in encoding.layer_tokens)
+    stock_vision = len(encoding) * vision_flops(info, decoder.hidden, cls=cls)
+    prompt = Prompt(text, positions, tokens)
+    kept, k = language.last_kept, language.prune_layer
+    spans, kept_positions = [(0, decoder.layers, tokens)], None
+    if kept is not None:
+        kept_positions = kept.length - int(kept.filler[0].sum()) - text
+        spans = [(0, k, tokens), (k, decoder.layers, int(kept.image_tokens[0]))]
+    plan = language_plan(prompt, decoder.layers, vtu, language.prune, kept_image_positions=kept_positions)
+    stock = language_plan(Prompt(text, positions, positions), decoder.layers)
+    return LastPrefill(decoder, plan, stock, vision, stock_vision, [s for s in spans if s[1] > s[0]])
