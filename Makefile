@@ -47,9 +47,11 @@ toy-model: $(STAMP)
 	rm -rf $(TOY_MODEL)/thresholds $(TOY_MODEL)/eval
 	$(MAKE) toy-eval
 
-# Accuracy vs visual tokens of the toy model (unmerged, blind, prior; DToMe low/mid/high with and without VTU).
+# Accuracy vs visual tokens of the toy model (unmerged, blind, prior; DToMe low/mid/high with and without VTU), then
+# accuracy vs FLOPs against the baselines (FastV, VTW, ToMe fixed r; toyvlm.baselines).
 toy-eval: $(STAMP)
 	$(BIN)/python -m toyvlm.evaluate --model $(TOY_MODEL)
+	$(BIN)/python -m toyvlm.baselines --model $(TOY_MODEL)
 	$(BIN)/python -m toyvlm.card $(TOY_MODEL)
 
 bench: $(STAMP)
