@@ -29,6 +29,7 @@ import torch
 
 import dymu
 from dymu.data import write_bundled_images
+from common import LanguageModelTimer, kv_bytes, prompt_with_text_tokens
 from dymu.compat import find_cache
 from dymu.demo import cache_dir
 from dymu.finder import find_thresholds
@@ -63,41 +64,6 @@ def peak_extra_memory(fn):
         return fn(), math.nan
 
 
-class LanguageModelTimer:
-    """Times the language model's forward with hooks (excludes the vision tower and projector)."""
-
-    def __init__(self, module):
-        self.elapsed = 0.0
-        module.register_forward_pre_hook(self._start)
-        module.register_forward_hook(self._stop)
-
-    def _start(self, module, args):
-        self._t = time.perf_counter()
-
-    def _stop(self, module, args, output):
-        self.elapsed += time.perf_counter() - self._t
-
-
-def kv_bytes(cache) -> int:
-    total = 0
-    for layer in cache.layers:
-        for tensor in (layer.keys, layer.values):
-            total += tensor.numel() * tensor.element_size()
-    return total
-
-
-def prompt_with_text_tokens(processor, count: int) -> str:
-    """A chat prompt with one image whose text part (template included) is about ``count`` tokens."""
-    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
-    words = 1
-    while True:
-        question = " ".join(["describe the photo"] * words)
-        text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
-                                             add_generation_prompt=True)
-        ids = processor.tokenizer(text).input_ids
-        if sum(1 for i in ids if i != image_token) >= count:
-            return text
-        words += 1
 
 
 def release_freed_memory() -> None:
@@ -159,7 +125,7 @@ def main() -> None:
                 prefill(inputs)  # warm-up
                 best_lm, best_total = math.inf, math.inf
                 for _ in range(args.repeats):
-                    timer.elapsed = 0.0
+                    timer.times = []
                     start = time.perf_counter()
                     output, peak = peak_extra_memory(lambda: prefill(inputs))
                     best_total = min(best_total, time.perf_counter() - start)
