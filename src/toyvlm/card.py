@@ -33,6 +33,13 @@ def _parameters(folder: Path) -> dict[str, int]:
     return counts
 
 
+def _training_scenes(cfg: dict) -> str:
+    """A pool of ``train_scenes`` (older runs) or every scene new (the train split from its start)."""
+    if "train_scenes" in cfg:
+        return f"{cfg['train_scenes']} scenes"
+    return "a new scene for every training row (the split read from its start)"
+
+
 def model_card(folder) -> str:
     folder = Path(folder)
     log = json.loads((folder / "training_log.json").read_text())
@@ -95,7 +102,7 @@ answer = processor.decode(model.generate(**inputs, max_new_tokens=3)[0, inputs["
 `toyvlm.data`: deterministic scenes of 1-8 objects (4 shapes x 6 colours, small/large, at most one with a
 letter written on it) on flat, gradient, textured or scikit-image photo backgrounds (1/4 each). Questions:
 exists (yes/no, balanced, POPE-style), colour, count (number words), position (left/right/above/below) and detail
-(the letter). Training: {cfg['train_scenes']} scenes of split `train` (seed {cfg['seed']}); evaluation: split `test`
+(the letter). Training: {_training_scenes(cfg)} of split `train` (seed {cfg['seed']}); evaluation: split `test`
 (an independent random stream), first {results['scenes']} scenes, {results['questions']} questions.
 
 ## Training
