@@ -330,3 +330,30 @@ def test_weighted_total_weights_every_loss_by_its_config_field_and_the_answer_lo
     losses = {"aux": torch.tensor(1.0), "align": torch.tensor(10.0), "where": torch.tensor(100.0),
               "lm": torch.tensor(1000.0), "locate": torch.tensor(0.25)}
     torch.testing.assert_close(T.weighted_total(losses, config), torch.tensor(0.5 + 20.0 + 0.0 + 1000.0 + 0.75))
+
+
+def test_drift_segments_hand_checked():
+    from toyvlm.diagnose import SEGMENTS, segment_ids
+
+    prompt = torch.tensor([1, 7, 8, 4, 4, 4, 9, 10, 11])  # <s> USER : <image> x3 \n-question ASSISTANT :
+    got = segment_ids(prompt, image_token_id=4, length=12)
+    names = [SEGMENTS[i] for i in got.tolist()]
+    assert names == ["system"] * 3 + ["image"] * 3 + ["instruction"] * 3 + ["response"] * 3
+    with pytest.raises(ValueError, match="no image tokens"):
+        segment_ids(torch.tensor([1, 7]), 4, 3)
+
+
+def test_drift_report_runs_on_a_tiny_model_and_its_shares_sum_to_one():
+    from toyvlm.diagnose import SEGMENTS, drift_report
+
+    config = T.TrainConfig(image_size=64, patch_size=16, vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32,
+                           text_layers=2, text_heads=4, text_kv_heads=1)
+    model, processor = T.build_model(config, T.build_tokenizer())
+    model.config.text_config._attn_implementation = "eager"
+    model.model.language_model.config._attn_implementation = "eager"
+    report = drift_report(model.eval(), processor, scenes=2, max_new_tokens=4)
+    share = torch.tensor(report["share"])  # (steps, layers, segments)
+    assert share.shape[1:] == (2, len(SEGMENTS)) and 1 <= share.shape[0] <= 4
+    torch.testing.assert_close(share.sum(-1), torch.ones(share.shape[:2], dtype=share.dtype))  # every key counted once
+    assert (share[0, :, SEGMENTS.index("response")] == 0).all()  # nothing generated yet at the first step
+    assert report["scenes_at_step"][0] == 2 and report["scenes"] == 2 and 0 <= report["ended"] <= 1
