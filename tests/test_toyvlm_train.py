@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from toyvlm import train as T
+from toyvlm.cider import ptb_tokenize
 from toyvlm.data import COLOURS, LABEL_LETTERS, QA, QUESTION_KINDS, SHAPES, Obj, Scene, candidate_questions, make_split
 
 
@@ -15,6 +16,12 @@ def test_tokenizer_covers_the_task_vocabulary():
     text = "USER: <image><image>\nWhat colour is the triangle? ASSISTANT: purple"
     ids = tokenizer(text).input_ids
     assert tokenizer.unk_token_id not in ids
+    for example in make_split("test", 1, 200, 64):  # scenes the vocabulary was not built from
+        for description in example.descriptions + [example.describe_prompt]:
+            assert tokenizer.unk_token_id not in tokenizer(description).input_ids, description
+        words = tokenizer(example.descriptions[0], add_special_tokens=False).input_ids
+        assert len(words) + 1 <= T.MAX_DESCRIPTION_TOKENS  # with </s>
+        assert ptb_tokenize(tokenizer.decode(words)) == ptb_tokenize(example.descriptions[0])  # decoding keeps the score
     assert ids.count(tokenizer.convert_tokens_to_ids("<image>")) == 2
     assert tokenizer.decode(tokenizer("left", add_special_tokens=False).input_ids) == "left"
 
@@ -75,12 +82,28 @@ def test_patch_targets_hand_checked():
     assert letter[6, 6] == LABEL_LETTERS.index("K") + 1 and int((letter > 0).sum()) == 1
 
 
+def test_sample_turns_oversample_no_questions_whose_shape_is_in_the_scene():
+    scene = Scene("flat", {"colour": (128, 128, 128)}, [Obj("circle", "red", "small", 40, 40)])
+    # "no" candidates: 5 other-colour circles (hard) and 18 other shapes (easy); natural hard share 5 / 23
+    rng = np.random.default_rng(0)
+    hard = {"no": 0, "hard": 0}
+    for _ in range(400):
+        for qa in T.sample_turns(scene, rng, 1, hard_no_share=0.8):
+            if qa.kind == "exists" and qa.answer == "no":
+                hard["no"] += 1
+                hard["hard"] += qa.question.endswith("circle?")
+    assert hard["no"] > 50 and 0.7 < hard["hard"] / hard["no"] < 0.9
+    uniform = [qa for _ in range(400) for qa in T.sample_turns(scene, rng, 1)
+               if qa.kind == "exists" and qa.answer == "no"]
+    assert sum(qa.question.endswith("circle?") for qa in uniform) / len(uniform) < 0.4
+
+
 def test_sample_turns_are_distinct_valid_and_cover_kinds():
     rng = np.random.default_rng(0)
     seen = set()
     for example in make_split("train", 0, 40, 64, per_kind=0):
         valid = {(qa.question, qa.answer) for qas in candidate_questions(example.scene).values() for qa in qas}
-        turns = T.sample_turns(example.scene, rng, 6)
+        turns = T.sample_turns(example.scene, rng, 6, hard_no_share=0.8)
         assert len(turns) == 6 and len({qa.question for qa in turns}) == 6
         assert all((qa.question, qa.answer) in valid for qa in turns)
         seen.update(qa.kind for qa in turns)
@@ -100,24 +123,14 @@ def test_scene_stream_renders_the_train_split_in_order_each_scene_once():
         assert torch.equal(got, expected)
 
 
-def test_scene_pool_draws_respect_the_object_limit():
-    pool = T.ScenePool(make_split("train", 0, 30, 64, per_kind=0), 64, 16)
-    rng = np.random.default_rng(0)
-    scenes, pixels, targets, objects = pool.draw(rng, 50, max_objects=2)
-    assert all(len(scene.objects) <= 2 for scene in scenes) and pixels.shape == (50, 3, 64, 64)
-    scenes, _, _, _ = pool.draw(rng, 200)
-    assert max(len(scene.objects) for scene in scenes) > 2  # without a limit, the whole pool
-
-
-@pytest.mark.parametrize("fresh_scenes", [0, 1])
-def test_training_runs_end_to_end_and_saves_a_checkpoint(tmp_path, fresh_scenes):
+def test_training_runs_end_to_end_and_saves_a_checkpoint(tmp_path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     config = T.TrainConfig(image_size=64, patch_size=16, vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32,
-                           text_layers=1, text_heads=4, text_kv_heads=1, train_scenes=8, val_scenes=3, steps=4,
+                           text_layers=1, text_heads=4, text_kv_heads=1, val_scenes=3, steps=4, describe_rows=2,
                            batch_size=4, warmup_steps=1, turns=3, eval_every=2, eval_scenes=2,
                            point_layer=0, point_heads=1, tower_steps=2, tower_batch_size=4, locate_weight=1.0,
-                           tally_weight=1.0, readout_start=2, fresh_scenes=fresh_scenes)
+                           tally_weight=1.0, readout_start=2)
     summary = T.train(config, tmp_path / "toy", log_every=1, progress=False)
     # the read-outs join at readout_start (tally only on batches with a count answer)
     assert [e["locate_loss"] > 0 for e in summary["log"]] == [False, False, True, True]
@@ -128,6 +141,9 @@ def test_training_runs_end_to_end_and_saves_a_checkpoint(tmp_path, fresh_scenes)
     assert all(e["align_loss"] > 0 for e in summary["log"]) and any(e["count_loss"] > 0 for e in summary["log"])
     assert [e["step"] for e in summary["tower_log"]] == [0, 1] and all(e["aux_loss"] > 0 for e in summary["tower_log"])
     assert summary["validation"]["questions"] > 0 and 0.0 <= summary["validation"]["overall"] <= 1.0
+    describe = summary["validation"]["describe"]
+    assert describe["scenes"] == 3 and describe["cider"] >= 0 and 0 <= describe["ended"] <= 1
+    assert "describe" in summary["evaluations"][0]
     model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "toy")
     processor = AutoProcessor.from_pretrained(tmp_path / "toy")
     assert model.config.image_seq_length == 16
@@ -145,15 +161,10 @@ def test_referenced_objects_follow_the_question_templates():
     scene = Scene("flat", {"colour": (128, 128, 128)}, objects)
     named = {qa.question: T.referenced_objects(scene, qa) for qas in candidate_questions(scene).values() for qa in qas}
     assert named["Is there a red circle?"] == ([0], [0]) and named["Is there a red square?"] is None  # absent: no target
+    assert T.referenced_objects(scene, QA("Describe the image.", "A red circle.", "describe")) is None
     assert named["What colour is the square?"] == ([1], [1])
     assert named["Is the green circle left or right of the blue square?"] == ([2], [1])
     assert named["What letter is written on the blue square?"] == ([1], [1])
-    # point_absent: an absent object points at the objects of its shape, else of its colour, else nowhere
-    for question, expected in [("Is there a red square?", ([1], [1])), ("Is there a blue circle?", ([0, 2], [0, 2])),
-                               ("Is there a green triangle?", ([2], [2])), ("Is there a yellow cross?", None),
-                               ("Is there a red circle?", ([0], [0]))]:
-        answer = "yes" if question == "Is there a red circle?" else "no"
-        assert T.referenced_objects(scene, QA(question, answer, "exists"), absent=True) == expected, question
     assert named["How many circles are there?"] is None
 
 
@@ -221,16 +232,6 @@ def test_counting_targets_mark_the_counted_centres():
     rows, positions, support = T.counting_targets([qas], labels, centres)
     assert rows.tolist() == [0, 0, 0] and support.sum(-1).tolist() == [2, 3, 0]
     assert tokenizer.convert_ids_to_tokens(labels[0, positions + 1].tolist()) == ["two", "three", "zero"]
-    # count_exists: the exists question counts the objects with both the named colour and shape
-    extra = [QA("Is there a blue circle?", "no", "exists"), QA("Is there a green circle?", "yes", "exists")]
-    ids, labels = T.ConversationEncoder(tokenizer, 16)(qas + extra)
-    _, _, labels = T.pad_batch([(ids, labels)], tokenizer.pad_token_id)
-    rows, positions, support = T.counting_targets([qas + extra], labels, centres, [scene], 64)
-    assert support.sum(-1).tolist() == [2, 1, 3, 0, 0, 1]
-    assert tokenizer.convert_ids_to_tokens(labels[0, positions + 1].tolist()) == ["two", "yes", "three", "zero", "no", "yes"]
-    # red circle at (40, 40) and green circle at (60, 180) of 224 -> 64 px: patches (0, 0) and (3, 1) of 4x4
-    assert support[1].nonzero().flatten().tolist() == [0] and support[5].nonzero().flatten().tolist() == [13]
-    assert torch.equal(support[1] | support[5] | support[3], support[0])  # the circles are exactly the counted ones
 
 
 def test_position_loss_is_zero_for_a_token_that_holds_its_scaled_row_and_column():
@@ -329,3 +330,30 @@ def test_weighted_total_weights_every_loss_by_its_config_field_and_the_answer_lo
     losses = {"aux": torch.tensor(1.0), "align": torch.tensor(10.0), "where": torch.tensor(100.0),
               "lm": torch.tensor(1000.0), "locate": torch.tensor(0.25)}
     torch.testing.assert_close(T.weighted_total(losses, config), torch.tensor(0.5 + 20.0 + 0.0 + 1000.0 + 0.75))
+
+
+def test_drift_segments_hand_checked():
+    from toyvlm.diagnose import SEGMENTS, segment_ids
+
+    prompt = torch.tensor([1, 7, 8, 4, 4, 4, 9, 10, 11])  # <s> USER : <image> x3 \n-question ASSISTANT :
+    got = segment_ids(prompt, image_token_id=4, length=12)
+    names = [SEGMENTS[i] for i in got.tolist()]
+    assert names == ["system"] * 3 + ["image"] * 3 + ["instruction"] * 3 + ["response"] * 3
+    with pytest.raises(ValueError, match="no image tokens"):
+        segment_ids(torch.tensor([1, 7]), 4, 3)
+
+
+def test_drift_report_runs_on_a_tiny_model_and_its_shares_sum_to_one():
+    from toyvlm.diagnose import SEGMENTS, drift_report
+
+    config = T.TrainConfig(image_size=64, patch_size=16, vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32,
+                           text_layers=2, text_heads=4, text_kv_heads=1)
+    model, processor = T.build_model(config, T.build_tokenizer())
+    model.config.text_config._attn_implementation = "eager"
+    model.model.language_model.config._attn_implementation = "eager"
+    report = drift_report(model.eval(), processor, scenes=2, max_new_tokens=4)
+    share = torch.tensor(report["share"])  # (steps, layers, segments)
+    assert share.shape[1:] == (2, len(SEGMENTS)) and 1 <= share.shape[0] <= 4
+    torch.testing.assert_close(share.sum(-1), torch.ones(share.shape[:2], dtype=share.dtype))  # every key counted once
+    assert (share[0, :, SEGMENTS.index("response")] == 0).all()  # nothing generated yet at the first step
+    assert report["scenes_at_step"][0] == 2 and report["scenes"] == 2 and 0 <= report["ended"] <= 1

@@ -33,6 +33,25 @@ def _parameters(folder: Path) -> dict[str, int]:
     return counts
 
 
+def _training_scenes(cfg: dict) -> str:
+    """A pool of ``train_scenes`` (older runs) or every scene new (the train split from its start)."""
+    if "train_scenes" in cfg:
+        return f"{cfg['train_scenes']} scenes"
+    return "a new scene for every training row (the split read from its start)"
+
+
+def _describe_rows(cfg: dict) -> str:
+    """The describe rows and the hard-"no" share of runs that have them (issue 14), else nothing."""
+    parts = []
+    if cfg.get("describe_rows"):
+        parts.append(f", plus {cfg['describe_rows']} rows of one describe turn answered by one of the scene's five "
+                     "reference descriptions")
+    if cfg.get("hard_no_share"):
+        parts.append(f"; an existence \"no\" asks about a shape that is in the scene in another colour with "
+                     f"probability {cfg['hard_no_share']} when the scene allows both kinds")
+    return "".join(parts)
+
+
 def model_card(folder) -> str:
     folder = Path(folder)
     log = json.loads((folder / "training_log.json").read_text())
@@ -95,13 +114,13 @@ answer = processor.decode(model.generate(**inputs, max_new_tokens=3)[0, inputs["
 `toyvlm.data`: deterministic scenes of 1-8 objects (4 shapes x 6 colours, small/large, at most one with a
 letter written on it) on flat, gradient, textured or scikit-image photo backgrounds (1/4 each). Questions:
 exists (yes/no, balanced, POPE-style), colour, count (number words), position (left/right/above/below) and detail
-(the letter). Training: {cfg['train_scenes']} scenes of split `train` (seed {cfg['seed']}); evaluation: split `test`
+(the letter). Training: {_training_scenes(cfg)} of split `train` (seed {cfg['seed']}); evaluation: split `test`
 (an independent random stream), first {results['scenes']} scenes, {results['questions']} questions.
 
 ## Training
 
 {_stage_one(cfg)}{cfg['steps']} steps of {cfg['batch_size']} images, each with a {cfg['turns']}-turn conversation of freshly sampled
-questions (loss on every answer and `</s>`); AdamW lr {cfg['learning_rate']}, {cfg['warmup_steps']} warm-up steps,
+questions (loss on every answer and `</s>`){_describe_rows(cfg)}; AdamW lr {cfg['learning_rate']}, {cfg['warmup_steps']} warm-up steps,
 cosine decay, weight decay {cfg['weight_decay']}, gradient clipping 1.0. A curriculum on scene size: at most
 {cfg.get('curriculum_start', 8)} object(s) per training scene at first, rising linearly to 8 over the first
 {cfg.get('curriculum_steps', 0)} steps. Training-only losses, all discarded with their heads (the shipped weights are

@@ -51,6 +51,19 @@ single lowercase word and belong to one of five kinds:
 Scoring: exact match after :func:`normalize_answer` (lowercase, strip
 punctuation and whitespace) - see :func:`score`.
 
+The describe task
+=================
+"Describe the image." (or another of :data:`DESCRIBE_PROMPTS`; the test split
+asks one per scene) is answered by a description generated from the scene:
+the number of objects, each object's size, colour, shape, its letter if any
+and a coarse place (a cell of the 3 x 3 grid of :func:`place`, or relative to
+the object described before it), and the background kind.
+:func:`describe` gives :data:`NUM_DESCRIPTIONS` reference paraphrases per
+scene (templates that differ in object order and wording); scenes with more
+than :data:`COMPACT_ABOVE` objects use a compact object form so that every
+description stays within :data:`MAX_DESCRIPTION_WORDS` words and punctuation
+marks.  Descriptions are scored with CIDEr-D (:mod:`toyvlm.cider`).
+
 Seeds
 =====
 Scene ``i`` of split ``name`` with base seed ``S`` is generated from
@@ -71,6 +84,10 @@ On-disk benchmark layout (:func:`write_benchmark` / :func:`read_benchmark`)
                               ("image" is relative to out_dir)
       answers.jsonl           {"question_id", "answer"}
       scenes.jsonl            {"image_id", "background", "num_objects"} (metadata)
+      captions.json           reference descriptions in the COCO caption format
+                              (as captions_val2014.json: "images" with an integer
+                              "id", "file_name" and the describe "prompt";
+                              "annotations" {"id", "image_id", "caption"})
       README.md               this layout and the scoring rule
 
 CLI::
@@ -86,6 +103,7 @@ import io
 import json
 import math
 import string
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -191,6 +209,29 @@ NUMBER_WORDS: tuple[str, ...] = (
 #: every answer a question of each kind can have (``candidate_questions`` answers nothing else)
 POSITION_ANSWERS: tuple[str, ...] = ("left", "right", "above", "below")
 SPLIT_CODES: dict[str, int] = {"train": 0, "val": 1, "test": 2}
+
+#: the describe task (see the module docstring); its records have this kind
+DESCRIBE_KIND = "describe"
+DESCRIBE_PROMPTS: tuple[str, ...] = (
+    "Describe the image.", "Describe the scene.", "What is in the image?", "What do you see in the image?",
+)
+#: reference descriptions per scene (paraphrases, one per template of :func:`describe`)
+NUM_DESCRIPTIONS = 5
+#: scenes with more objects than this are described in the compact object form (no article, no preposition)
+COMPACT_ABOVE = 4
+#: upper bound on the words and punctuation marks of any description (checked by the tests)
+MAX_DESCRIPTION_WORDS = 70
+#: coarse places: the reference canvas cut in thirds along each axis, (row, column) -> words
+PLACE_GRID = 3
+PLACE_NAMES: tuple[tuple[str, ...], ...] = (
+    ("top left", "top", "top right"),
+    ("left", "centre", "right"),
+    ("bottom left", "bottom", "bottom right"),
+)
+BACKGROUND_PHRASES: dict[str, str] = {
+    "flat": "a plain background", "gradient": "a gradient background", "texture": "a textured background",
+    "photo": "a photo background",
+}
 DEFAULT_SEED = 0
 DEFAULT_NUM_SCENES = 100
 DEFAULT_PER_KIND = 1
@@ -249,6 +290,7 @@ class Example:
     scene: Scene
     qas: list[QA]
     image_size: int = DEFAULT_IMAGE_SIZE
+    describe_prompt: str = DESCRIBE_PROMPTS[0]
     _image: Image.Image | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -256,6 +298,11 @@ class Example:
         if self._image is None:
             self._image = render(self.scene, self.image_size)
         return self._image
+
+    @property
+    def descriptions(self) -> list[str]:
+        """The scene's :data:`NUM_DESCRIPTIONS` reference descriptions (:func:`describe`)."""
+        return describe(self.scene)
 
     def png_bytes(self) -> bytes:
         buffer = io.BytesIO()
@@ -606,15 +653,114 @@ def questions_for(scene: Scene, rng: np.random.Generator,
     return qas
 
 
+# --------------------------------------------------------------------------- descriptions
+
+
+def place(obj: Obj) -> str:
+    """The cell of the 3 x 3 grid (thirds of the reference canvas) that holds ``obj``'s centre, e.g. ``top left``."""
+    row = min(PLACE_GRID - 1, obj.y * PLACE_GRID // SCENE_SIZE)
+    column = min(PLACE_GRID - 1, obj.x * PLACE_GRID // SCENE_SIZE)
+    return PLACE_NAMES[row][column]
+
+
+def relative_place(obj: Obj, reference: Obj) -> str:
+    """``obj`` relative to ``reference`` along the axis where their centres differ most: ``left of`` / ``right of`` /
+    ``above`` / ``below`` (objects never overlap, so that difference exceeds :data:`POSITION_MARGIN`)."""
+    dx, dy = obj.x - reference.x, obj.y - reference.y
+    if abs(dx) > abs(dy):
+        return "left of" if dx < 0 else "right of"
+    return "above" if dy < 0 else "below"
+
+
+def _noun(obj: Obj) -> str:
+    return f"{obj.size} {obj.colour} {obj.shape}"
+
+
+def _count(objects: Sequence[Obj]) -> str:
+    return f"{NUMBER_WORDS[len(objects)]} object{'' if len(objects) == 1 else 's'}"
+
+
+def _listed(items: Sequence[str], conjunction: str | None = "and") -> str:
+    """``a, b and c`` (or ``a, b, c`` without a conjunction)."""
+    if conjunction is None or len(items) == 1:
+        return ", ".join(items)
+    return ", ".join(items[:-1]) + f" {conjunction} " + items[-1]
+
+
+def _sentence(text: str) -> str:
+    return text[0].upper() + text[1:]
+
+
+def _reading_order(objects: Sequence[Obj]) -> list[Obj]:
+    """Row of the place grid by row, left to right within a row."""
+    return sorted(objects, key=lambda o: (min(PLACE_GRID - 1, o.y * PLACE_GRID // SCENE_SIZE), o.x, o.y))
+
+
+def describe(scene: Scene) -> list[str]:
+    """The :data:`NUM_DESCRIPTIONS` reference descriptions of ``scene`` (one per template, fixed order; see the module
+    docstring). Deterministic: a function of the scene alone."""
+    objects = scene.objects
+    if not objects:
+        raise ValueError("describe: the scene has no objects")
+    compact = len(objects) > COMPACT_ABOVE
+    background = BACKGROUND_PHRASES[scene.background]
+    be = "is" if len(objects) == 1 else "are"
+    names = Counter(o.name for o in objects)
+
+    def item(obj: Obj, letter: str, where: str) -> str:
+        """One object: ``a {size colour shape}{letter} {where}``, compact: without the article and the preposition."""
+        text = _noun(obj) + (letter.format(obj.label.lower()) if obj.label else "")
+        return f"{text} {place(obj)}" if compact else f"a {text} {where}"
+
+    reading = _reading_order(objects)
+    # 1. reading order
+    first = (f"There {be} {_count(objects)} on {background}: "
+             + _listed([item(o, " with the letter {}", f"in the {place(o)}") for o in reading]) + ".")
+    # 2. left to right
+    across = sorted(objects, key=lambda o: (o.x, o.y))
+    second = (_sentence(f"{background} with {_count(objects)}. From left to right: ")
+              + _listed([item(o, " labelled {}", f"at the {place(o)}") for o in across], None) + ".")
+    # 3. large objects first, then reading order
+    large_first = sorted(reading, key=lambda o: o.size != "large")
+    third = _sentence(_listed([item(o, " showing the letter {}", f"at the {place(o)}") for o in large_first])
+                      + f", on {background}.")
+    # 4. top to bottom, each object placed relative to the one before when that one has a unique name
+    down = sorted(objects, key=lambda o: (o.y, o.x))
+    items = []
+    for k, obj in enumerate(down):
+        before = down[k - 1] if k else None
+        where = (f"{relative_place(obj, before)} the {before.name}" if before is not None and names[before.name] == 1
+                 else f"at the {place(obj)}")
+        items.append(item(obj, " marked {}", where))
+    fourth = f"The image shows {_listed(items)} on {background}."
+    # 5. count first, one sentence per object (compact: one list), the letter last
+    labelled = next((o for o in objects if o.label), None)
+    body = (" ".join(f"A {_noun(o)} is in the {place(o)}." for o in reading) if not compact
+            else _sentence(_listed([f"{_noun(o)} {place(o)}" for o in reading], None)) + ".")
+    # (the letter is not the last word: the PTB tokenizer keeps "k." whole, a model's "k ." becomes "k")
+    fifth = _sentence(f"{_count(objects)} on {background}. ") + body + (
+        f" The letter {labelled.label.lower()} is on the {_noun(labelled)}." if labelled else "")
+    return [first, second, third, fourth, fifth]
+
+
+def describe_qa(scene: Scene, rng: np.random.Generator) -> QA:
+    """A describe question for training: one of :data:`DESCRIBE_PROMPTS` answered by one of the scene's reference
+    descriptions, both uniformly at random."""
+    prompt = DESCRIBE_PROMPTS[int(rng.integers(len(DESCRIBE_PROMPTS)))]
+    descriptions = describe(scene)
+    return QA(prompt, descriptions[int(rng.integers(len(descriptions)))], DESCRIBE_KIND)
+
+
 # --------------------------------------------------------------------------- splits
 
 
-def split_rngs(name: str, seed: int, index: int) -> tuple[np.random.Generator, np.random.Generator]:
-    """(scene rng, question rng) for scene ``index`` of split ``name`` (see module docstring)."""
+def split_rngs(name: str, seed: int, index: int) -> tuple[np.random.Generator, np.random.Generator, np.random.Generator]:
+    """(scene rng, question rng, describe-prompt rng) for scene ``index`` of split ``name`` (see module docstring;
+    the third child was added later: spawned children are indexed, so the first two did not change)."""
     if name not in SPLIT_CODES:
         raise ValueError(f"unknown split {name!r}; expected one of {sorted(SPLIT_CODES)}")
-    scene_seq, question_seq = np.random.SeedSequence([seed, SPLIT_CODES[name], index]).spawn(2)
-    return np.random.default_rng(scene_seq), np.random.default_rng(question_seq)
+    children = np.random.SeedSequence([seed, SPLIT_CODES[name], index]).spawn(3)
+    return tuple(np.random.default_rng(child) for child in children)
 
 
 def make_split(name: str, seed: int = DEFAULT_SEED, num_scenes: int = DEFAULT_NUM_SCENES,
@@ -623,10 +769,11 @@ def make_split(name: str, seed: int = DEFAULT_SEED, num_scenes: int = DEFAULT_NU
     """Generate ``num_scenes`` examples of split ``name`` (images rendered lazily)."""
     examples = []
     for index in range(num_scenes):
-        scene_rng, question_rng = split_rngs(name, seed, index)
+        scene_rng, question_rng, prompt_rng = split_rngs(name, seed, index)
         scene = generate_scene(scene_rng)
+        prompt = DESCRIBE_PROMPTS[int(prompt_rng.integers(len(DESCRIBE_PROMPTS)))]
         examples.append(Example(f"{name}_{index:05d}", scene,
-                                questions_for(scene, question_rng, per_kind), image_size))
+                                questions_for(scene, question_rng, per_kind), image_size, prompt))
     return examples
 
 
@@ -681,6 +828,9 @@ Generated by `toyvlm.data` (see its module docstring for the task definition).
 - `answers.jsonl` - one JSON object per line: `question_id`, `answer`.
 - `scenes.jsonl` - metadata: `image_id`, `background` (flat/gradient/texture/photo),
   `num_objects`.
+- `captions.json` - the describe task, in the COCO caption format (as `captions_val2014.json`):
+  `images` (`id` an integer, `file_name`, `prompt` the describe question asked about it) and
+  `annotations` (`id`, `image_id`, `caption`), five reference descriptions per image.
 
 ## Answers
 
@@ -692,7 +842,21 @@ blue, yellow, purple, orange), a number word `zero`..`eight` (count),
 
 Exact match after normalisation of both prediction and answer: lowercase,
 then remove all punctuation and whitespace. Report accuracy overall and per `kind`.
+Descriptions: CIDEr-D against the five references (PTB tokenisation, as COCO's
+`pycocoevalcap`; `toyvlm.cider`).
 """
+
+
+def coco_captions(examples: Sequence[Example]) -> dict[str, Any]:
+    """The reference descriptions of ``examples`` in the COCO caption format (image ``id`` = position in
+    ``examples``; ``file_name`` as in :func:`write_benchmark`'s layout)."""
+    images, annotations = [], []
+    for number, ex in enumerate(examples):
+        images.append({"id": number, "file_name": f"images/{ex.id}.png", "prompt": ex.describe_prompt})
+        for caption in ex.descriptions:
+            annotations.append({"id": len(annotations), "image_id": number, "caption": caption})
+    return {"info": {"description": "toyvlm describe task"}, "licenses": [], "type": "captions",
+            "images": images, "annotations": annotations}
 
 
 def write_benchmark(out_dir: str | Path, examples: Sequence[Example]) -> Path:
@@ -715,6 +879,7 @@ def write_benchmark(out_dir: str | Path, examples: Sequence[Example]) -> Path:
                 fq.write(json.dumps({"question_id": qid, "image": relative,
                                      "question": qa.question, "kind": qa.kind}) + "\n")
                 fa.write(json.dumps({"question_id": qid, "answer": qa.answer}) + "\n")
+    (out / "captions.json").write_text(json.dumps(coco_captions(examples)), encoding="utf-8")
     (out / "README.md").write_text(BENCHMARK_README, encoding="utf-8")
     return out
 

@@ -8,6 +8,9 @@ rendered test images, ``dymu.find_thresholds`` on training images, ``dymu.apply`
 
 Reported:
 * ``unmerged``: the checkpoint as trained.
+* every row but ``prior`` also describes the first ``--describe-scenes`` test scenes (their describe prompt, greedy,
+  at most ``MAX_DESCRIPTION_TOKENS`` tokens): CIDEr-D against the five references (:mod:`toyvlm.cider`) and the share
+  of descriptions that ended with ``</s>``.
 * ``blind``: the same model shown a uniform grey image (the CLIP mean colour) - what it answers without
   looking; ``prior``: the best text-only rule, the most frequent training answer for each exact question text.
 * DToMe ``low`` / ``mid`` / ``high``: thresholds found on training images for the same fraction of the patch
@@ -25,8 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from . import data as D
+from .cider import cider_d
 from .data import accuracy
-from .train import OPENAI_CLIP_MEAN, PROMPT, greedy_generate
+from .train import MAX_ANSWER_TOKENS, MAX_DESCRIPTION_TOKENS, OPENAI_CLIP_MEAN, PROMPT, greedy_generate
 
 #: DyMU's LLaVA-1.5 presets: mean visual tokens out of CLIP-L/14-336's 576 patches
 DYMU_LEVELS = {"low": 89 / 576, "mid": 195 / 576, "high": 394 / 576}
@@ -34,9 +38,13 @@ DYMU_LEVELS = {"low": 89 / 576, "mid": 195 / 576, "high": 394 / 576}
 MODES = ("fast", "none")
 DEFAULT_TEST_SCENES = 1000
 DEFAULT_THRESHOLD_SCENES = 1000
+#: test scenes described per setting (CIDEr-D's document frequencies come from their references)
+DEFAULT_DESCRIBE_SCENES = 300
 #: training scenes whose questions give the text-only prior (answer frequencies per question text)
 PRIOR_TRAIN_SCENES = 4000
 SLICE_QUESTIONS = 200
+#: descriptions kept in results.json per row (the fixed slice the tests re-score)
+SLICE_DESCRIPTIONS = 40
 BATCH_SIZE = 32
 RESULTS_FORMAT = "toyvlm-eval"
 RESULTS_VERSION = 1
@@ -69,6 +77,26 @@ def test_records(num_scenes: int = DEFAULT_TEST_SCENES, seed: int = D.DEFAULT_SE
     return records, images
 
 
+def describe_records(num_scenes: int = DEFAULT_DESCRIBE_SCENES, seed: int = D.DEFAULT_SEED,
+                     image_size: int | None = None, split: str = "test"):
+    """(records, images): one describe record per scene ({question_id, image, question: its describe prompt, kind,
+    references, background}) and {image_id: PIL image}."""
+    examples = D.make_split(split, seed=seed, num_scenes=num_scenes, image_size=image_size or D.DEFAULT_IMAGE_SIZE,
+                            per_kind=0)
+    records = [{"question_id": f"{e.id}_describe", "image": e.id, "question": e.describe_prompt, "kind": D.DESCRIBE_KIND,
+                "references": e.descriptions, "background": e.scene.background} for e in examples]
+    return records, {e.id: e.image for e in examples}
+
+
+def describe(model, processor, records, images, batch_size: int = BATCH_SIZE, progress: bool = False,
+             desc: str = "describing") -> dict:
+    """Greedy descriptions of describe ``records`` (:func:`describe_records`): {"cider": CIDEr-D, "ended": share that
+    ended with </s>, "descriptions": the texts}."""
+    texts, ended = generations(model, processor, records, images, batch_size, progress, desc, MAX_DESCRIPTION_TOKENS)
+    cider, _ = cider_d(dict(enumerate(texts)), {i: r["references"] for i, r in enumerate(records)})
+    return {"cider": cider, "ended": float(np.mean(ended)), "descriptions": texts}
+
+
 def image_size_of(processor) -> int:
     return int(processor.image_processor.crop_size["height"])
 
@@ -80,8 +108,9 @@ def answer(model, processor, records, images, batch_size: int = BATCH_SIZE, prog
 
 
 def generations(model, processor, records, images, batch_size: int = BATCH_SIZE, progress: bool = False,
-                desc: str = "answering") -> tuple[list[str], list[bool]]:
-    """(greedy answers, whether each generation ended with </s>), one per record."""
+                desc: str = "answering", max_new_tokens: int = MAX_ANSWER_TOKENS) -> tuple[list[str], list[bool]]:
+    """(greedy answers of at most ``max_new_tokens`` tokens, whether each generation ended with </s>), one per
+    record."""
     from tqdm.auto import tqdm
 
     from dymu.llava import get_vlm_patch
@@ -98,7 +127,7 @@ def generations(model, processor, records, images, batch_size: int = BATCH_SIZE,
             inputs = dymu.prepare_inputs(model, processor, pictures, prompts)
         else:
             inputs = processor(images=pictures, text=prompts, return_tensors="pt", padding=True)
-        texts, finished = greedy_generate(model, processor.tokenizer, inputs)
+        texts, finished = greedy_generate(model, processor.tokenizer, inputs, max_new_tokens)
         answers += texts
         ended += finished
     return answers, ended
@@ -186,9 +215,10 @@ def find_level_thresholds(model, processor, folder: Path, scenes: int = DEFAULT_
 
 
 def run(model_dir, out_dir=None, scenes: int = DEFAULT_TEST_SCENES, seed: int = D.DEFAULT_SEED, levels=tuple(DYMU_LEVELS),
-        modes=MODES, baselines: bool = True, progress: bool = True, threshold_scenes: int = DEFAULT_THRESHOLD_SCENES) -> dict:
-    """Full evaluation; writes results.json, accuracy_vs_tokens.png and table.md to ``out_dir`` (default:
-    ``model_dir/eval``). Thresholds are cached in ``model_dir/thresholds``."""
+        modes=MODES, baselines: bool = True, progress: bool = True, threshold_scenes: int = DEFAULT_THRESHOLD_SCENES,
+        describe_scenes: int = DEFAULT_DESCRIBE_SCENES) -> dict:
+    """Full evaluation; writes results.json, accuracy_vs_tokens.png, cider_vs_tokens.png (with ``describe_scenes``)
+    and table.md to ``out_dir`` (default: ``model_dir/eval``). Thresholds are cached in ``model_dir/thresholds``."""
     import dymu
 
     model_dir = Path(model_dir)
@@ -197,6 +227,8 @@ def run(model_dir, out_dir=None, scenes: int = DEFAULT_TEST_SCENES, seed: int = 
     started = time.time()
     model, processor = load(model_dir)
     records, images = test_records(scenes, seed, image_size_of(processor))
+    described, described_images = describe_records(describe_scenes, seed, image_size_of(processor)) if describe_scenes \
+        else ([], {})
     patches = model.config.image_seq_length
     rows, level_tokens = [], {}  # a level's token counts do not depend on the VTU mode: measured once
 
@@ -207,9 +239,16 @@ def run(model_dir, out_dir=None, scenes: int = DEFAULT_TEST_SCENES, seed: int = 
         tokens = level_tokens[level] if level else {"mean": float(visual), "std": 0.0, "per_background": {}}
         row = {"name": name, "level": level, "vtu": mode, "tokens": tokens, **accuracy(records, answers)}
         row["slice_accuracy"] = accuracy(records[:SLICE_QUESTIONS], answers[:SLICE_QUESTIONS])["overall"]
+        if described and visual:  # every row that sees an image describes too
+            shown = described_images if pictures is images else blind_images(described_images)
+            descriptions = describe(model, processor, described, shown, progress=progress, desc=f"{name}, describing")
+            row.update(cider=descriptions["cider"], describe_ended=descriptions["ended"],
+                       descriptions=descriptions["descriptions"][:SLICE_DESCRIPTIONS])
         rows.append(row)
         print(f"{name:<22} tokens {tokens['mean']:6.1f}  accuracy {100 * row['overall']:5.1f}%  "
-              + " ".join(f"{k} {100 * v:.1f}" for k, v in row["per_kind"].items()), flush=True)
+              + " ".join(f"{k} {100 * v:.1f}" for k, v in row["per_kind"].items())
+              + (f"  CIDEr-D {row['cider']:.3f} ({100 * row['describe_ended']:.0f}% ended)" if "cider" in row else ""),
+              flush=True)
         return answers
 
     reference = evaluate("unmerged", None, None)
@@ -228,11 +267,14 @@ def run(model_dir, out_dir=None, scenes: int = DEFAULT_TEST_SCENES, seed: int = 
             rows[-1]["agreement_with_unmerged"] = float(np.mean([D.is_correct(a, b) for a, b in zip(answers, reference)]))
     results = {"format": RESULTS_FORMAT, "version": RESULTS_VERSION, "model": str(model_dir), "split": "test",
                "seed": seed, "scenes": scenes, "questions": len(records), "patches": patches,
-               "slice_questions": SLICE_QUESTIONS, "seconds": time.time() - started,
+               "slice_questions": SLICE_QUESTIONS, "describe_scenes": describe_scenes,
+               "slice_descriptions": min(SLICE_DESCRIPTIONS, describe_scenes), "seconds": time.time() - started,
                "targets": {level: thresholds[level].target_tokens for level in levels}, "rows": rows}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "table.md").write_text(markdown_table(results))
     plot(results, out / "accuracy_vs_tokens.png")
+    if described:
+        plot(results, out / "cider_vs_tokens.png", metric="cider")
     return results
 
 
@@ -246,42 +288,52 @@ def _background_split(per_background: dict) -> str:
 
 def markdown_table(results: dict) -> str:
     kinds = list(results["rows"][0]["per_kind"])
+    described = any("cider" in row for row in results["rows"])
     header = f"| setting | visual tokens (mean) | {' / '.join(D.BACKGROUND_KINDS)} tokens | accuracy | " + \
-        " | ".join(kinds) + " |\n|" + "---|" * (4 + len(kinds)) + "\n"
+        " | ".join(kinds) + (" | CIDEr-D | ended with </s> |\n|" if described else " |\n|") + \
+        "---|" * (4 + len(kinds) + 2 * described) + "\n"
     reference = results["rows"][0]["overall"]
     lines = []
     for row in results["rows"]:
         split = _background_split(row["tokens"].get("per_background"))
         relative = f" ({100 * row['overall'] / reference:.1f}% of unmerged)" if row["level"] else ""
         lines.append(f"| {row['name']} | {row['tokens']['mean']:.1f} of {results['patches']} | {split} | "
-                     f"{100 * row['overall']:.1f}%{relative} | " + " | ".join(f"{100 * row['per_kind'][k]:.1f}" for k in kinds) + " |")
+                     f"{100 * row['overall']:.1f}%{relative} | " + " | ".join(f"{100 * row['per_kind'][k]:.1f}" for k in kinds)
+                     + (f" | {row['cider']:.3f} | {100 * row['describe_ended']:.0f}%" if "cider" in row else
+                        f" | {NOT_MEASURED} | {NOT_MEASURED}" if described else "") + " |")
     return header + "\n".join(lines) + "\n"
 
 
-def plot(results: dict, path) -> None:
+#: what :func:`plot` can draw against the visual tokens: row key -> (axis label, scale)
+PLOT_METRICS = {"overall": ("accuracy (%)", 100.0), "cider": ("CIDEr-D (test descriptions)", 1.0)}
+
+
+def plot(results: dict, path, metric: str = "overall") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    rows = results["rows"]
+    ylabel, scale = PLOT_METRICS[metric]
+    rows = [row for row in results["rows"] if metric in row]
     reference = rows[0]
-    axis.axhline(100 * reference["overall"], color="black", lw=1, ls="--", label=f"unmerged ({results['patches']} tokens)")
-    axis.plot([results["patches"]], [100 * reference["overall"]], marker="*", color="black", ms=10)
+    axis.axhline(scale * reference[metric], color="black", lw=1, ls="--", label=f"unmerged ({results['patches']} tokens)")
+    axis.plot([results["patches"]], [scale * reference[metric]], marker="*", color="black", ms=10)
     for name, style in (("blind (grey image)", ":"), ("prior (text only)", "-.")):
         row = next((r for r in rows if r["name"] == name), None)
         if row:
-            axis.axhline(100 * row["overall"], color="grey", lw=1, ls=style, label=name)
+            axis.axhline(scale * row[metric], color="grey", lw=1, ls=style, label=name)
     for mode, marker, label in (("fast", "o", "DToMe + VTU"), ("none", "s", "DToMe, compact (no VTU)")):
-        points = sorted((r["tokens"]["mean"], 100 * r["overall"], r["level"]) for r in rows if r["vtu"] == mode and r["level"])
+        points = sorted((r["tokens"]["mean"], scale * r[metric], r["level"]) for r in rows if r["vtu"] == mode and r["level"])
         if points:
             axis.plot([p[0] for p in points], [p[1] for p in points], marker=marker, label=label)
             for x, y, level in points:
                 axis.annotate(level, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
     axis.set_xlabel(f"mean visual tokens per image (of {results['patches']})")
-    axis.set_ylabel("accuracy (%)")
-    axis.set_title(f"toy LLaVA, {results['questions']} test questions")
+    axis.set_ylabel(ylabel)
+    axis.set_title(f"toy LLaVA, {results['questions']} test questions" if metric == "overall"
+                   else f"toy LLaVA, {results['describe_scenes']} test descriptions")
     axis.set_xlim(0, results["patches"] * 1.05)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8, loc="lower right")
@@ -297,13 +349,16 @@ def main(argv=None) -> None:
     parser.add_argument("--scenes", type=int, default=DEFAULT_TEST_SCENES, help="test scenes (about 4.4 questions each)")
     parser.add_argument("--seed", type=int, default=D.DEFAULT_SEED)
     parser.add_argument("--levels", default=",".join(DYMU_LEVELS), help="DToMe levels, comma separated ('' = none)")
+    parser.add_argument("--describe-scenes", type=int, default=DEFAULT_DESCRIBE_SCENES,
+                        help="test scenes described per setting for CIDEr-D (0 = none)")
     args = parser.parse_args(argv)
     levels = tuple(level for level in args.levels.split(",") if level)
     unknown = [level for level in levels if level not in DYMU_LEVELS]
     if unknown:
         parser.error(f"--levels: unknown level(s) {unknown}; choose from {list(DYMU_LEVELS)}")
     try:
-        results = run(args.model, args.out, scenes=args.scenes, seed=args.seed, levels=levels)
+        results = run(args.model, args.out, scenes=args.scenes, seed=args.seed, levels=levels,
+                      describe_scenes=args.describe_scenes)
     except FileNotFoundError as exc:
         raise SystemExit(f"error: {exc}") from None
     print(markdown_table(results))

@@ -5,7 +5,7 @@ Llama with grouped-query attention) plus a word-level tokenizer and a ``LlavaPro
 ``save_pretrained`` so that ``from_pretrained(folder)`` / ``AutoProcessor.from_pretrained(folder)`` load it
 like any hub checkpoint.
 
-    python -m toyvlm.train --out assets/toy-llava [--steps N] [--train-scenes N] [--seed S]
+    python -m toyvlm.train --out assets/toy-llava [--steps N] [--seed S]
 
 How it trains in under an hour on 2 CPU cores (all of it training-time only; the saved model is plain LLaVA):
 
@@ -13,8 +13,15 @@ How it trains in under an hour on 2 CPU cores (all of it training-time only; the
   sequence, ``USER: <image>\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>...``. The first turn is
   exactly the evaluation prompt. The image is encoded once and its 144 tokens are shared by every turn, so a
   question costs ~15 tokens instead of ~160. The loss covers every answer and its ``</s>``.
-* **Fresh questions**: scenes are rendered once into a pool; each visit samples new questions from everything
-  askable about the scene (kinds uniform among those available; yes/no balanced).
+* **Fresh scenes and questions**: every training scene is new (:class:`SceneStream`, the next scenes of split
+  ``train``, rendered when drawn: about 5 minutes of a run); each conversation samples its questions from everything
+  askable about the scene (kinds uniform among those available; yes/no balanced; a "no" asks about a shape that is in
+  the scene in another colour with probability ``hard_no_share`` when the scene allows both kinds of "no").
+* **Descriptions** (the describe task of :mod:`toyvlm.data`): each step adds ``describe_rows`` rows of one turn,
+  ``USER: <image>\n{describe prompt} ASSISTANT: {one of the scene's five references}</s>``, to the ``batch_size``
+  conversations of short questions (own scenes; a description after short questions would hand later questions
+  their answers). The stock loss averages over all supervised tokens, so 8 description rows (~45 tokens each) weigh
+  about as much as 32 conversations of 6 short answers (2 tokens each).
 * **Dense auxiliary supervision** of the vision tower: a linear head (discarded after training) on the
   features the projector reads predicts, per patch, the colour and shape of the object covering it, whether an
   object's centre lies in it (and its shape), and the letter written in it (at the letter's anchor). Scene geometry gives these
@@ -40,31 +47,8 @@ How it trains in under an hour on 2 CPU cores (all of it training-time only; the
   position 78.9%, existence 87.7%. On from step 0 they slow existence: 70% vs 92.5% at step 1000 (40 validation
   scenes, 5-layer tower), and a 6-layer-tower run with them from the start (``--vision-layers 6 --tower-steps 1600
   --readout-start 0``, 52.8 min) ended at test position 78.7% but existence 69.6%, 79.6% overall.
-* **Longer tower pre-training** (``--tower-steps 2100``, with the read-outs from step 1200; 55.8 min, of which a
-  few minutes were lost to another job on the machine): the letter improved (validation detail 74.8% vs 73.6%,
-  and 75.8% vs 54.5% at step 1500 on 40 scenes) but existence did not recover from a slow start (45% at step 500,
-  70% at 1000-2000, 78.0% final vs 89.0%), 81.2% validation overall vs 84.1%: not shipped. Existence is the
-  kind that varies most between runs, and its errors are on absent objects whose shape is in the scene in another
-  colour (shipped model, 1000 test scenes: 75-80% right there, 91-98% elsewhere). ``point_absent`` (off in the
-  shipped run) makes those "no" answers point at the objects of the named shape (:func:`referenced_objects`); with
-  the shipped recipe it lowered existence (40 validation scenes: 65.0 / 67.5 / 77.5 / 75.0% at steps 500 / 1000 /
-  1500 / 2000 vs 72.5 / 95.0 / 90.0 / 95.0% without) and ended level (final validation 83.4% vs 84.1%).
-* **Memorisation and more scenes** (``train_scenes``, ``fresh_scenes``): the shipped model answers better on the
-  30000 training scenes it saw than on new ones (300 scenes each: 86.2% vs 83.3%; the letter 85.4% vs 72.4%, count
-  82.3% vs 76.7%), and a linear probe of its tower's read layer names the letter at the anchor patch on 87% of seen
-  scenes vs 72% of new ones: the from-scratch tower memorises the pool. Twice the scenes (``--train-scenes 60000``,
-  50.3 min, ~3 of them lost to a test run alongside) read the letter and counted a little better on validation (74.8% vs 73.6%, 80.5% vs 79.0%) but
-  existence fell again (76.5% vs 89.0%; 81.7% overall vs 84.1%). ``fresh_scenes`` draws every training scene new
-  (:class:`SceneStream`, rendered when drawn: 0.13 s per tower batch of 64, 0.05 s per batch of 32, about 5.4 min
-  per run at the default sizes instead of ~1 min for the pool; not yet run in full).
-* **Existence as a count** (``count_exists``): the counting head and the tally read-out also cover ``exists``
-  answers, counting the objects with the named colour and shape (none for "no"), so the half of existence answers
-  that are "no" get a target beyond the answer token (:func:`counting_targets`). With 60000 scenes (47.9 min):
-  validation 80.2% (colour 97.0, count 78.5, detail 74.2, exists 74.5, position 77.7), not shipped. Both 60000-scene
-  runs answer existence by the shape alone: asked for a red circle with only circles of other colours in the
-  scene, they say "yes" 73-93% of the time (1000 test scenes; the shipped model 20-25%), while an object of the
-  right colour and another shape never fools them. ``--point-absent 1`` with 60000 scenes (47.9 min): validation
-  81.1% (colour 98.8, count 78.5, detail 74.2, exists 74.5, position 80.7), not shipped.
+* Recipes tried and not shipped (a longer tower stage, a pool of 60000 scenes, pointing absent objects, counting
+  at existence answers) are in the model card's history (``assets/toy-llava/history.md``), with their numbers.
 * **Eager attention only where it is read** (:func:`eager_attention_at`): the pointing layer runs eager attention
   (it returns probabilities), the other layers the stock kernel: the same losses (a test checks it), 0.88 s per
   stage-2 step instead of 1.02-1.22 s with eager everywhere (one measurement, default sizes).
@@ -99,6 +83,8 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 VOCABULARY_SCENES = 400
 VOCAB_MULTIPLE = 8
 MAX_ANSWER_TOKENS = 3
+#: greedy descriptions stop here (the longest reference has D.MAX_DESCRIPTION_WORDS words and marks, + </s>)
+MAX_DESCRIPTION_TOKENS = 80
 #: an object labels a patch for the auxiliary targets when it covers at least this fraction of it
 MIN_PATCH_COVER = 0.25
 #: auxiliary per-patch classification heads: name -> classes (class 0 = nothing / background)
@@ -124,9 +110,10 @@ class TrainConfig:
     text_layers: int = 4
     text_heads: int = 6
     text_kv_heads: int = 2
-    train_scenes: int = 30000
     val_scenes: int = 200
     turns: int = 6
+    describe_rows: int = 8  # per step, besides batch_size conversations: rows of one describe turn (image + description)
+    hard_no_share: float = 0.8  # exists "no" turns asking about a shape that is in the scene (another colour) when possible
     steps: int = 2400
     batch_size: int = 32
     learning_rate: float = 5e-4
@@ -138,9 +125,6 @@ class TrainConfig:
     point_weight: float = 1.0
     point_layer: int = 2
     point_heads: int = 2
-    point_absent: int = 0  # 1: "exists" answered no also points (see referenced_objects); off in the shipped run
-    count_exists: int = 0  # 1: exists questions are counted too (counting head + tally; see counting_targets)
-    fresh_scenes: int = 0  # 1: every training scene is new, rendered when drawn (SceneStream); 0: a pool of train_scenes
     align_weight: float = 1.0
     count_weight: float = 1.0
     where_weight: float = 1.0
@@ -169,7 +153,11 @@ def build_tokenizer():
             for qa in qas:
                 words.update(pre_split(qa.question))
                 words.update(pre_split(qa.answer))
+        for text in D.describe(scene):  # the describe task's templates
+            words.update(pre_split(text))
     words.update("abcdefghijklmnopqrstuvwxyz")
+    for text in (*D.DESCRIBE_PROMPTS, *D.NUMBER_WORDS, *D.BACKGROUND_PHRASES.values(), *sum(D.PLACE_NAMES, ())):
+        words.update(pre_split(text))
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
     for word in sorted(words):
         vocab.setdefault(word, len(vocab))
@@ -309,32 +297,11 @@ def _patch_index(x: float, y: float, patch_size: int, grid: int) -> int:
     return min(int(y) // patch_size, grid - 1) * grid + min(int(x) // patch_size, grid - 1)
 
 
-class ScenePool:
-    """Training scenes rendered once (:func:`render_split` of ``examples``) and drawn with replacement."""
-
-    def __init__(self, examples, image_size: int, patch_size: int):
-        self.scenes = [example.scene for example in examples]
-        self.pixels, self.targets, self.objects = render_split(examples, image_size, patch_size)
-        counts = [len(scene.objects) for scene in self.scenes]
-        self.by_objects = np.argsort(counts, kind="stable")  # pool indices, fewest objects first
-        self.allowed = np.cumsum(np.bincount(counts, minlength=D.MAX_OBJECTS + 1))  # scenes with <= k objects
-
-    def draw(self, rng: np.random.Generator, count: int, max_objects: int | None = None):
-        """(scenes, pixels, targets, objects) of ``count`` scenes drawn uniformly from the pool, or with ``max_objects``
-        from those with at most that many objects (at least the smallest scenes)."""
-        if max_objects is None:
-            chosen = rng.integers(0, len(self.scenes), count)
-        else:
-            limit = max(self.allowed[max_objects], self.allowed[self.allowed > 0][0])
-            chosen = self.by_objects[rng.integers(0, limit, count)]
-        return [self.scenes[i] for i in chosen], self.pixels[chosen], self.targets[chosen], self.objects[chosen]
-
-
 class SceneStream:
     """Training scenes that are each used once: the next scenes of the ``train`` split (seeded like
     :func:`toyvlm.data.make_split`), rendered when drawn; with ``max_objects``, scenes with more objects are skipped.
-    A from-scratch tower memorises a fixed pool: the shipped model (30000 scenes) answers the letter on scenes it
-    trained on 85% of the time and on new ones 72%."""
+    A from-scratch tower memorises a fixed pool: the model trained on a pool of 30000 scenes answered the letter on
+    scenes it trained on 85% of the time and on new ones 72%."""
 
     def __init__(self, seed: int, image_size: int, patch_size: int):
         self.seed, self.image_size, self.patch_size = seed, image_size, patch_size
@@ -359,13 +326,18 @@ def normalize(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels.float() / 255 - mean) / std
 
 
-def sample_turns(scene: D.Scene, rng: np.random.Generator, turns: int) -> list[D.QA]:
+def sample_turns(scene: D.Scene, rng: np.random.Generator, turns: int, hard_no_share: float | None = None) -> list[D.QA]:
     """Up to ``turns`` distinct questions: each turn picks a kind uniformly among those with questions left
-    (``exists``: yes or no with probability 1/2), then a question of it uniformly."""
+    (``exists``: yes or no with probability 1/2), then a question of it uniformly. With ``hard_no_share``, a "no" is
+    about a colour + shape whose shape is in the scene (in another colour: where answering by the shape alone fails)
+    with that probability when the scene has both kinds of "no" left (uniformly over all "no"s, ~62% of them are)."""
     candidates = D.candidate_questions(scene)
     pools = {kind: list(qas) for kind, qas in candidates.items() if kind != "exists"}
-    pools["exists"] = [[q for q in candidates["exists"] if q.answer == "yes"],
-                       [q for q in candidates["exists"] if q.answer == "no"]]
+    shapes = {obj.shape for obj in scene.objects}
+    no = [q for q in candidates["exists"] if q.answer == "no"]
+    hard = [q for q in no if _MENTION.search(q.question.lower()).group(2) in shapes]
+    pools["exists"] = [[q for q in candidates["exists"] if q.answer == "yes"], hard if hard_no_share is not None else no,
+                       [q for q in no if q not in hard] if hard_no_share is not None else []]
     chosen = []
     for _ in range(turns):
         kinds = [kind for kind, pool in pools.items() if (any(pool) if kind == "exists" else pool)]
@@ -374,8 +346,11 @@ def sample_turns(scene: D.Scene, rng: np.random.Generator, turns: int) -> list[D
         kind = kinds[int(rng.integers(len(kinds)))]
         pool = pools[kind]
         if kind == "exists":
-            sides = [side for side in pool if side]
+            yes, hard_left, easy_left = pool
+            sides = [side for side in (yes, hard_left + easy_left) if side]
             pool = sides[int(rng.integers(len(sides)))]
+            if pool is not yes:  # a "no": hard (shape present) with probability hard_no_share when both are left
+                pool = hard_left if hard_left and (not easy_left or rng.random() < hard_no_share) else easy_left
         chosen.append(pool.pop(int(rng.integers(len(pool)))))
     return chosen
 
@@ -477,21 +452,14 @@ class AuxiliaryHead(torch.nn.Module):
 _MENTION = re.compile(r"\b(?:({colours}) )?({shapes})\b".format(colours="|".join(D.COLOURS), shapes="|".join(D.SHAPES)))
 
 
-def referenced_objects(scene: D.Scene, qa: D.QA, absent: bool = False) -> tuple[list[int], list[int]] | None:
+def referenced_objects(scene: D.Scene, qa: D.QA) -> tuple[list[int], list[int]] | None:
     """(objects named first, objects named last) by ``qa``, or None when the answer is not found by looking at
-    named objects (``count`` questions, ``exists`` questions answered no). Parsed from the fixed templates of
-    :func:`toyvlm.data.candidate_questions`; a position question names two objects, the others one (twice).
-    With ``absent``, an ``exists`` question answered no points at the objects of the named shape (where the colour
-    must be checked), else at those of the named colour; None only when neither is in the scene."""
-    absent_object = qa.kind == "exists" and qa.answer == "no"
-    if qa.kind == "count" or (absent_object and not absent):
+    named objects (``count`` and ``describe`` questions, ``exists`` questions answered no). Parsed from the fixed
+    templates of :func:`toyvlm.data.candidate_questions`; a position question names two objects, the others one
+    (twice)."""
+    if qa.kind in ("count", D.DESCRIBE_KIND) or (qa.kind == "exists" and qa.answer == "no"):
         return None
     mentions = _MENTION.findall(qa.question.lower())
-    if absent_object:
-        ((colour, shape),) = mentions
-        candidates = ([k for k, obj in enumerate(scene.objects) if obj.shape == shape]
-                      or [k for k, obj in enumerate(scene.objects) if obj.colour == colour])
-        return (candidates, candidates) if candidates else None
     groups = []
     for colour, shape in mentions:
         groups.append([k for k, obj in enumerate(scene.objects) if obj.shape == shape and colour in ("", obj.colour)])
@@ -507,15 +475,15 @@ def answer_queries(labels: torch.Tensor) -> list[list[int]]:
     return [row.nonzero().flatten().tolist() for row in starts]
 
 
-def pointing_targets(qas_per_row, scenes, labels, object_masks, absent: bool = False):
+def pointing_targets(qas_per_row, scenes, labels, object_masks):
     """(rows, positions, masks) of every answer query that names objects: ``masks`` (queries, 2, patches) bool marks
-    the patches of the objects named first / last (see :func:`referenced_objects`, which ``absent`` is passed to);
-    detail questions point at the letter's patches."""
+    the patches of the objects named first / last (see :func:`referenced_objects`); detail questions point at the
+    letter's patches."""
     rows, positions, masks = [], [], []
     for row, (qas, queries) in enumerate(zip(qas_per_row, answer_queries(labels))):
         scene, patches = scenes[row], object_masks[row]  # patches: (MAX_OBJECTS + 1, patches)
         for qa, position in zip(qas, queries):
-            named = ([LABEL_ROW], [LABEL_ROW]) if qa.kind == "detail" else referenced_objects(scene, qa, absent)
+            named = ([LABEL_ROW], [LABEL_ROW]) if qa.kind == "detail" else referenced_objects(scene, qa)
             if named is not None:
                 rows.append(row)
                 positions.append(position)
@@ -562,44 +530,24 @@ _PLURAL_SHAPES = {plural: shape for shape, plural in D.SHAPE_PLURALS.items()}
 CENTRE_HEAD = list(AUX_CLASSES).index("centre")
 
 
-def counting_targets(qas_per_row, labels, centres, scenes=None, image_size: int = 0):
+def counting_targets(qas_per_row, labels, centres):
     """(rows, positions, support) of every ``count`` answer query: ``support`` (queries, patches) bool marks the centre
-    patches of the objects being counted (all objects, or those of the shape asked about; none for zero). With
-    ``scenes`` (one per row, rendered at ``image_size``), ``exists`` answer queries too, counting the objects of the
-    named colour *and* shape (none when the answer is no): existence is a count above zero, and the counting head must
-    then leave out an object that has only the shape or only the colour, where the shipped model errs most.
+    patches of the objects being counted (all objects, or those of the shape asked about; none for zero).
 
     centres: (rows, patches) the ``centre`` row of :func:`patch_targets` (shape code at each object's centre patch)."""
-    if scenes is not None and image_size <= 0:
-        raise ValueError("counting_targets: counting exists answers needs the scenes' image_size")
     rows, positions, support = [], [], []
     for row, (qas, queries) in enumerate(zip(qas_per_row, answer_queries(labels))):
         for qa, position in zip(qas, queries):
-            if qa.kind == "count":
-                words = qa.question.lower().rstrip("?").split()
-                shape = next((_PLURAL_SHAPES[w] for w in words if w in _PLURAL_SHAPES), None)
-                support.append(centres[row] > 0 if shape is None else centres[row] == D.SHAPES.index(shape) + 1)
-            elif qa.kind == "exists" and scenes is not None:
-                support.append(matching_centres(scenes[row], qa, image_size, centres.shape[-1]))
-            else:
+            if qa.kind != "count":
                 continue
+            words = qa.question.lower().rstrip("?").split()
+            shape = next((_PLURAL_SHAPES[w] for w in words if w in _PLURAL_SHAPES), None)
+            support.append(centres[row] > 0 if shape is None else centres[row] == D.SHAPES.index(shape) + 1)
             rows.append(row)
             positions.append(position)
     if not rows:
         return None
     return torch.tensor(rows), torch.tensor(positions), torch.stack(support)
-
-
-def matching_centres(scene: D.Scene, qa: D.QA, image_size: int, patches: int) -> torch.Tensor:
-    """(patches,) bool: the centre patches (as in :func:`patch_targets`) of the objects with the colour and shape that
-    the ``exists`` question ``qa`` names (:func:`referenced_objects`; none when the answer is no)."""
-    named, _ = referenced_objects(scene, qa) or ([], [])
-    grid = math.isqrt(patches)
-    patch_size, scale = image_size // grid, image_size / D.SCENE_SIZE
-    out = torch.zeros(patches, dtype=torch.bool)
-    for k in named:
-        out[_patch_index(scene.objects[k].x * scale, scene.objects[k].y * scale, patch_size, grid)] = True
-    return out
 
 
 def counting_loss(weights, image_mask, rows, positions, support, head: int) -> torch.Tensor:
@@ -675,7 +623,7 @@ def pretrain_tower(model, aux_head, config: "TrainConfig", scenes, words, rng, p
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.warmup_steps, config.tower_steps))
     log = []
     for step in tqdm(range(config.tower_steps), desc="tower", unit="step", disable=not progress):
-        _, pixels, targets, _ = scenes.draw(rng, config.tower_batch_size)  # scenes: ScenePool or SceneStream
+        _, pixels, targets, _ = scenes.draw(rng, config.tower_batch_size)  # scenes: SceneStream
         _, losses = tower_losses(model, aux_head, tower_features(model, normalize(pixels)), targets, words)
         optimizer.zero_grad(set_to_none=True)
         weighted_total(losses, config).backward()
@@ -769,11 +717,11 @@ def training_loss(model, aux_head, pixel_values, input_ids, mask, labels, target
     return losses
 
 
-def greedy_generate(model, tokenizer, inputs) -> tuple[list[str], list[bool]]:
-    """Decoded greedy answers (at most MAX_ANSWER_TOKENS tokens) for a left-padded batch of prepared model inputs,
+def greedy_generate(model, tokenizer, inputs, max_new_tokens: int = MAX_ANSWER_TOKENS) -> tuple[list[str], list[bool]]:
+    """Decoded greedy answers (at most ``max_new_tokens`` tokens) for a left-padded batch of prepared model inputs,
     and whether each generation ended with the end-of-sequence token."""
     with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=MAX_ANSWER_TOKENS, do_sample=False)
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     new_tokens = output[:, inputs["input_ids"].shape[1]:]
     ended = (new_tokens == tokenizer.eos_token_id).any(-1).tolist()
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True), ended
@@ -800,6 +748,27 @@ def evaluate(model, processor, examples, pixels: torch.Tensor, batch_size: int =
     return D.accuracy(records, predictions)
 
 
+def describe_score(model, processor, examples, pixels: torch.Tensor, batch_size: int = 32) -> dict:
+    """Greedy descriptions (at most MAX_DESCRIPTION_TOKENS) of ``examples`` asked their describe prompt: CIDEr-D
+    against their references (:mod:`toyvlm.cider`) and the share that ended with </s>."""
+    from .cider import cider_d
+
+    tokenizer = processor.tokenizer
+    patches = model.config.image_seq_length
+    texts, ended = [], []
+    model.eval()
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        prompts = [PROMPT.format(question=e.describe_prompt).replace("<image>", "<image>" * patches) for e in chunk]
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True)  # left padding for generation
+        encoded["pixel_values"] = normalize(pixels[start : start + len(chunk)])
+        batch_texts, batch_ended = greedy_generate(model, tokenizer, encoded, MAX_DESCRIPTION_TOKENS)
+        texts += batch_texts
+        ended += batch_ended
+    cider, _ = cider_d(dict(enumerate(texts)), {i: e.descriptions for i, e in enumerate(examples)})
+    return {"cider": cider, "ended": float(np.mean(ended)), "scenes": len(examples), "example": texts[0]}
+
+
 def train(config: TrainConfig, out_dir, log_every: int = 50, progress: bool = True) -> dict:
     """Train, evaluate on the validation split, save model + processor + training_log.json to ``out_dir``."""
     from tqdm.auto import tqdm
@@ -824,11 +793,7 @@ def train(config: TrainConfig, out_dir, log_every: int = 50, progress: bool = Tr
                              config.text_hidden if config.where_weight or config.locate_weight or config.tally_weight
                              else None)
     val_examples = D.make_split("val", seed=config.seed, num_scenes=config.val_scenes, image_size=config.image_size)
-    if config.fresh_scenes:
-        scenes = SceneStream(config.seed, config.image_size, config.patch_size)
-    else:
-        scenes = ScenePool(D.make_split("train", seed=config.seed, num_scenes=config.train_scenes,
-                                        image_size=config.image_size, per_kind=0), config.image_size, config.patch_size)
+    scenes = SceneStream(config.seed, config.image_size, config.patch_size)  # every training scene new
     val_pixels = render_split(val_examples, config.image_size)
     encoder = ConversationEncoder(tokenizer, patches)
     words = alignment_words(tokenizer)
@@ -841,16 +806,18 @@ def train(config: TrainConfig, out_dir, log_every: int = 50, progress: bool = Tr
     model.train()
     bar = tqdm(range(config.steps), desc="training", unit="step", disable=not progress)
     for step in bar:
-        batch, pixels, targets, objects = scenes.draw(rng, config.batch_size, object_limit(config, step))
-        turns = [sample_turns(scene, rng, config.turns) for scene in batch]
+        # rows: batch_size conversations of short questions, then describe_rows single describe turns
+        batch, pixels, targets, objects = scenes.draw(rng, config.batch_size + config.describe_rows,
+                                                      object_limit(config, step))
+        turns = ([sample_turns(scene, rng, config.turns, config.hard_no_share) for scene in batch[: config.batch_size]]
+                 + [[D.describe_qa(scene, rng)] for scene in batch[config.batch_size :]])
         input_ids, mask, labels = pad_batch([encoder(qas) for qas in turns], tokenizer.pad_token_id)
         pointing = None
         if config.point_weight:
-            pointing = pointing_targets(turns, batch, labels, objects, bool(config.point_absent))
+            pointing = pointing_targets(turns, batch, labels, objects)
         counting = None
         if config.count_weight:
-            counting = counting_targets(turns, labels, targets[:, CENTRE_HEAD],
-                                        batch if config.count_exists else None, config.image_size)
+            counting = counting_targets(turns, labels, targets[:, CENTRE_HEAD])
         readouts = step >= config.readout_start  # the locate / tally read-outs join late (see the docstring)
         losses = training_loss(model, aux_head, normalize(pixels), input_ids, mask, labels, targets, pointing,
                                config.point_layer, config.point_heads, words if config.align_weight else None, counting,
@@ -868,12 +835,15 @@ def train(config: TrainConfig, out_dir, log_every: int = 50, progress: bool = Tr
         if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
             partial = evaluate(model, processor, val_examples[: config.eval_scenes], val_pixels[: config.eval_scenes],
                                batch_size=config.batch_size)
+            partial["describe"] = describe_score(model, processor, val_examples[: config.eval_scenes],
+                                                 val_pixels[: config.eval_scenes], config.batch_size)
             evaluations.append({"step": step + 1, "seconds": time.time() - started, **partial})
             bar.write(f"step {step + 1}: validation[:{config.eval_scenes} scenes] {_summary(partial)}", file=sys.stderr)
             model.train()
     train_seconds = time.time() - started
     model.eval()
     validation = evaluate(model, processor, val_examples, val_pixels, batch_size=config.batch_size)
+    validation["describe"] = describe_score(model, processor, val_examples, val_pixels, config.batch_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     restore_attention()
@@ -895,7 +865,10 @@ def object_limit(config: TrainConfig, step: int) -> int:
 
 def _summary(result: dict) -> str:
     kinds = " ".join(f"{kind} {100 * value:.1f}" for kind, value in result["per_kind"].items())
-    return f"overall {100 * result['overall']:.1f}% ({kinds}; {result['questions']} questions)"
+    describe = result.get("describe")
+    cider = (f"; CIDEr-D {describe['cider']:.3f}, {100 * describe['ended']:.0f}% ended: {describe['example']!r}"
+             if describe else "")
+    return f"overall {100 * result['overall']:.1f}% ({kinds}; {result['questions']} questions){cider}"
 
 
 def main(argv=None) -> None:
@@ -907,7 +880,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     config = TrainConfig(**{name: getattr(args, name) for name in asdict(defaults)})
     summary = train(config, args.out)
-    print(json.dumps({"validation": summary["validation"], "train_seconds": round(summary["train_seconds"])}, indent=1))
+    print(json.dumps({"validation": summary["validation"], "train_seconds": round(summary["train_seconds"])}, indent=1),
+          flush=True)
 
 
 if __name__ == "__main__":
