@@ -41,9 +41,11 @@ test-lowest: $(STAMP)
 	$(MAKE) test-transformers V=$$($(BIN)/python -c "from dymu.compat import TESTED_MIN; print(TESTED_MIN)")
 
 # Retrain the shipped toy LLaVA (about an hour on 2 cores), evaluate it (about 10 min) and rewrite its model card.
+# A killed run continues when re-run (--resume: from $(TOY_MODEL)/training_state.pt, written every 5 minutes, with the
+# same result as an uninterrupted run); delete that file to start over.
 TOY_MODEL ?= assets/toy-llava
 toy-model: $(STAMP)
-	$(BIN)/python -m toyvlm.train --out $(TOY_MODEL)
+	$(BIN)/python -m toyvlm.train --out $(TOY_MODEL) --resume
 	rm -rf $(TOY_MODEL)/thresholds $(TOY_MODEL)/eval
 	$(MAKE) toy-eval
 

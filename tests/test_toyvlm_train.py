@@ -123,15 +123,24 @@ def test_scene_stream_renders_the_train_split_in_order_each_scene_once():
         assert torch.equal(got, expected)
 
 
-def test_training_runs_end_to_end_and_saves_a_checkpoint(tmp_path):
+TINY = T.TrainConfig(image_size=64, patch_size=16, vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32,
+                     text_layers=1, text_heads=4, text_kv_heads=1, val_scenes=3, steps=4, describe_rows=2,
+                     batch_size=4, warmup_steps=1, turns=3, eval_every=2, eval_scenes=2,
+                     point_layer=0, point_heads=1, tower_steps=2, tower_batch_size=4, locate_weight=1.0,
+                     tally_weight=1.0, readout_start=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """(output folder, summary) of an uninterrupted training with the TINY config."""
+    out = tmp_path_factory.mktemp("tiny") / "toy"
+    return out, T.train(TINY, out, log_every=1, progress=False)
+
+
+def test_training_runs_end_to_end_and_saves_a_checkpoint(tiny_run):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    config = T.TrainConfig(image_size=64, patch_size=16, vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32,
-                           text_layers=1, text_heads=4, text_kv_heads=1, val_scenes=3, steps=4, describe_rows=2,
-                           batch_size=4, warmup_steps=1, turns=3, eval_every=2, eval_scenes=2,
-                           point_layer=0, point_heads=1, tower_steps=2, tower_batch_size=4, locate_weight=1.0,
-                           tally_weight=1.0, readout_start=2)
-    summary = T.train(config, tmp_path / "toy", log_every=1, progress=False)
+    out, summary = tiny_run
     # the read-outs join at readout_start (tally only on batches with a count answer)
     assert [e["locate_loss"] > 0 for e in summary["log"]] == [False, False, True, True]
     assert all(e["tally_loss"] == 0 for e in summary["log"][:2])
@@ -144,15 +153,87 @@ def test_training_runs_end_to_end_and_saves_a_checkpoint(tmp_path):
     describe = summary["validation"]["describe"]
     assert describe["scenes"] == 3 and describe["cider"] >= 0 and 0 <= describe["ended"] <= 1
     assert "describe" in summary["evaluations"][0]
-    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "toy")
-    processor = AutoProcessor.from_pretrained(tmp_path / "toy")
+    model = LlavaForConditionalGeneration.from_pretrained(out)
+    processor = AutoProcessor.from_pretrained(out)
     assert model.config.image_seq_length == 16
     example = make_split("test", seed=0, num_scenes=1, image_size=64)[0]
     inputs = processor(images=example.image, text=T.PROMPT.format(question=example.qas[0].question), return_tensors="pt")
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 16
     output = model.generate(**inputs, max_new_tokens=2, do_sample=False)
     assert output.shape[1] == inputs["input_ids"].shape[1] + 2 or output[0, -1] == processor.tokenizer.eos_token_id
-    assert json.loads((tmp_path / "toy" / "training_log.json").read_text())["config"]["steps"] == 4
+    assert json.loads((out / "training_log.json").read_text())["config"]["steps"] == 4
+    assert not (out / T.STATE_FILE).exists()
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_killed_training_resumes_bit_identically(tiny_run, tmp_path, monkeypatch):
+    """Killed mid-step in the tower stage, in the first step of the main stage (the state on disk: the tower stage's
+    end) and in its step 2 (after the evaluation; two steps left, so the LR schedule matters), then resumed each time:
+    the same weights, bit for bit, and the same logs as the uninterrupted run."""
+    from safetensors.torch import load_file
+
+    reference, expected = tiny_run
+    out = tmp_path / "toy"
+    state = out / T.STATE_FILE
+    monkeypatch.setattr(T, "STATE_EVERY_SECONDS", 0)  # a state after every step
+    stock_total = T.weighted_total
+
+    def kill_at(call: int) -> None:
+        """The ``call``-th loss (from 0) of the next run raises before its backward pass."""
+        calls = iter(range(call + 1))
+
+        def total(losses, config):
+            if next(calls) == call:
+                raise Killed
+            return stock_total(losses, config)
+
+        monkeypatch.setattr(T, "weighted_total", total)
+
+    saved = []
+    for call in (1, 1, 2):  # the tower's step 1 (--resume without a state starts afresh); main steps 0 and 2
+        kill_at(call)
+        with pytest.raises(Killed):
+            T.train(TINY, out, log_every=1, progress=False, resume=True)
+        saved.append(torch.load(state, weights_only=True))
+    assert [(s["stage"], s["step"]) for s in saved] == [("tower", 1), ("tower", 2), ("main", 2)]
+    assert len(saved[-1]["logs"]["evaluations"]) == 1  # made after main step 1
+    monkeypatch.setattr(T, "weighted_total", stock_total)
+    summary = T.train(TINY, out, log_every=1, progress=False, resume=True)
+
+    got, want = load_file(out / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[name], want[name]) for name in want)
+    untimed = lambda entries: [{k: v for k, v in e.items() if k != "seconds"} for e in entries]  # noqa: E731
+    for name in ("log", "evaluations", "tower_log"):
+        assert untimed(summary[name]) == untimed(expected[name]), name
+    assert summary["validation"] == expected["validation"]
+    assert summary["train_seconds"] > saved[-1]["seconds"]  # the segments' seconds add up
+    assert not state.exists()
+
+
+def test_a_training_state_is_not_overwritten_nor_resumed_with_another_config(tmp_path):
+    from dataclasses import replace
+
+    out = tmp_path / "toy"
+    state = T.TrainingState(out, TINY, resume=False)
+    layer = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(layer.parameters())
+    state.attach(0.0, layer, layer, np.random.default_rng(0), T.SceneStream(0, 64, 16))
+    state.step_done("tower", 1, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), last=True)
+    path = out / T.STATE_FILE
+    with pytest.raises(SystemExit) as refused:
+        T.main(["--out", str(out)])
+    assert str(refused.value) == (f"error: {path} holds the state of an interrupted run: pass --resume to continue it "
+                                  "(or delete the file to start over)")
+    with pytest.raises(SystemExit) as refused:
+        T.main(["--out", str(out), "--resume"])  # the default config
+    assert str(refused.value) == (f"error: cannot resume from {path}: it was made with image_size=64, "
+                                  "this run has image_size=192")
+    with pytest.raises(T.StateError, match=r"it was made with steps=4, this run has steps=5$"):
+        T.train(replace(TINY, steps=5), out, resume=True)
+    assert path.exists()
 
 
 def test_referenced_objects_follow_the_question_templates():

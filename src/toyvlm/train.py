@@ -5,7 +5,10 @@ Llama with grouped-query attention) plus a word-level tokenizer and a ``LlavaPro
 ``save_pretrained`` so that ``from_pretrained(folder)`` / ``AutoProcessor.from_pretrained(folder)`` load it
 like any hub checkpoint.
 
-    python -m toyvlm.train --out assets/toy-llava [--steps N] [--seed S]
+    python -m toyvlm.train --out assets/toy-llava [--steps N] [--seed S] [--resume]
+
+A killed run continues with ``--resume`` (same options) from the training state it writes to the output folder
+(:class:`TrainingState`); the result is bit-identical to an uninterrupted run.
 
 How it trains in under an hour on 2 CPU cores (all of it training-time only; the saved model is plain LLaVA):
 
@@ -63,6 +66,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -97,6 +101,11 @@ TURN = "USER: {question} ASSISTANT:"
 LABEL_ROW = D.MAX_OBJECTS
 #: floor of the attention mass in the pointing loss's log
 MIN_POINT_MASS = 1e-6
+#: the training state of a run (:class:`TrainingState`), in its output folder until training completes
+STATE_FILE = "training_state.pt"
+#: the state is written after the first step that ends this many seconds after the previous write (and after each
+#: stage's last step); a write (~35 MB at the default sizes) takes a fraction of a second, a step about one
+STATE_EVERY_SECONDS = 300
 
 
 @dataclass
@@ -612,17 +621,21 @@ def tower_losses(model, aux_head, hidden, targets, words=None) -> tuple[torch.Te
     return projected, losses
 
 
-def pretrain_tower(model, aux_head, config: "TrainConfig", scenes, words, rng, progress: bool = True) -> list:
+def pretrain_tower(model, aux_head, config: "TrainConfig", scenes, words, rng, state: "TrainingState",
+                   progress: bool = True) -> list:
     """Stage 1: train the tower (and projector / word embeddings through the alignment loss) on the auxiliary and
-    alignment losses alone, without the language model, so stage 2 starts from readable image tokens. Returns the log."""
+    alignment losses alone, without the language model, so stage 2 starts from readable image tokens. Returns the log
+    (``state.logs["tower_log"]``); continues from ``state`` when it was saved in this stage."""
     from tqdm.auto import tqdm
 
     parameters = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(),
                   *aux_head.parameters(), model.get_input_embeddings().weight]
     optimizer = torch.optim.AdamW(parameters, lr=config.tower_learning_rate, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.warmup_steps, config.tower_steps))
-    log = []
-    for step in tqdm(range(config.tower_steps), desc="tower", unit="step", disable=not progress):
+    log = state.logs["tower_log"]
+    start = state.start("tower", optimizer, schedule, config.tower_steps)
+    for step in tqdm(range(start, config.tower_steps), initial=start, total=config.tower_steps, desc="tower", unit="step",
+                     disable=not progress):
         _, pixels, targets, _ = scenes.draw(rng, config.tower_batch_size)  # scenes: SceneStream
         _, losses = tower_losses(model, aux_head, tower_features(model, normalize(pixels)), targets, words)
         optimizer.zero_grad(set_to_none=True)
@@ -632,6 +645,7 @@ def pretrain_tower(model, aux_head, config: "TrainConfig", scenes, words, rng, p
         schedule.step()
         if step % 50 == 0 or step == config.tower_steps - 1:
             log.append({"step": step, **{f"{name}_loss": value.item() for name, value in losses.items()}})
+        state.step_done("tower", step + 1, optimizer, schedule, last=step + 1 == config.tower_steps)
     return log
 
 
@@ -769,8 +783,88 @@ def describe_score(model, processor, examples, pixels: torch.Tensor, batch_size:
     return {"cider": cider, "ended": float(np.mean(ended)), "scenes": len(examples), "example": texts[0]}
 
 
-def train(config: TrainConfig, out_dir, log_every: int = 50, progress: bool = True) -> dict:
-    """Train, evaluate on the validation split, save model + processor + training_log.json to ``out_dir``."""
+class StateError(Exception):
+    """A training state that must not be overwritten or cannot be resumed from."""
+
+
+class TrainingState:
+    """Everything a step depends on, so that a killed run continues bit-identically (``--resume``): model and auxiliary
+    head weights, the current stage's optimizer and LR schedule, the stage ("tower", then "main") and the steps done in
+    it, the numpy generator that samples questions and descriptions, the scene stream's position (a scene is generated
+    from its own seeded stream, :func:`toyvlm.data.split_rngs`), torch's RNG, the logs so far and the training seconds
+    (of earlier segments and this one: a resumed run's setup counts again, the steps after the last write are
+    redone). Python's ``random`` is not used. Written atomically to ``out/STATE_FILE`` (see STATE_EVERY_SECONDS),
+    removed by :func:`train` when it completes. Without ``resume``, an existing state is an error; with it, a
+    state of another config is refused."""
+
+    def __init__(self, out: Path, config: TrainConfig, resume: bool):
+        self.path, self.config = out / STATE_FILE, asdict(config)
+        self.saved, self.parts, self.written = None, {}, time.time()
+        self.logs = {"tower_log": [], "log": [], "evaluations": []}
+        if self.path.exists() and not resume:
+            raise StateError(f"{self.path} holds the state of an interrupted run: pass --resume to continue it "
+                             "(or delete the file to start over)")
+        if resume and self.path.exists():
+            self.saved = torch.load(self.path, weights_only=True)
+            for key, value in self.config.items():
+                if self.saved["config"].get(key) != value:
+                    raise StateError(f"cannot resume from {self.path}: it was made with {key}="
+                                     f"{self.saved['config'].get(key)!r}, this run has {key}={value!r}")
+            self.logs = self.saved["logs"]
+
+    @property
+    def seconds(self) -> float:
+        """Training seconds of the earlier segments."""
+        return self.saved["seconds"] if self.saved else 0.0
+
+    def attach(self, started: float, model, aux_head, rng: np.random.Generator, scenes: SceneStream) -> None:
+        """The training's state-holding parts, restored from the saved state when resuming; ``started``: the time
+        training started, minus the earlier segments' seconds."""
+        self.started, self.parts = started, {"model": model, "aux_head": aux_head, "rng": rng, "scenes": scenes}
+        if self.saved:
+            model.load_state_dict(self.saved["model"])
+            aux_head.load_state_dict(self.saved["aux_head"])
+            rng.bit_generator.state = self.saved["numpy_rng"]
+            torch.set_rng_state(self.saved["torch_rng"])
+            scenes.next_index = self.saved["next_scene"]
+
+    def start(self, stage: str, optimizer, schedule, steps: int) -> int:
+        """The first step of ``stage`` to run: 0; when resuming in ``stage``, the saved step (``optimizer`` and
+        ``schedule`` restored); when resuming in a later stage, ``steps`` (its number of steps: none left)."""
+        saved = self.saved["stage"] if self.saved else None
+        if saved != stage:
+            return steps if saved == "main" else 0  # "main" follows "tower"
+        optimizer.load_state_dict(self.saved["optimizer"])
+        schedule.load_state_dict(self.saved["schedule"])
+        return self.saved["step"]
+
+    def step_done(self, stage: str, steps: int, optimizer, schedule, last: bool) -> None:
+        """After ``steps`` steps of ``stage``: write the state when STATE_EVERY_SECONDS have passed since the last write
+        or ``last`` (the stage's last step)."""
+        if not last and time.time() - self.written < STATE_EVERY_SECONDS:
+            return
+        parts = self.parts
+        state = {"config": self.config, "stage": stage, "step": steps, "model": parts["model"].state_dict(),
+                 "aux_head": parts["aux_head"].state_dict(), "optimizer": optimizer.state_dict(),
+                 "schedule": schedule.state_dict(), "numpy_rng": parts["rng"].bit_generator.state,
+                 "torch_rng": torch.get_rng_state(), "next_scene": parts["scenes"].next_index, "logs": self.logs,
+                 "seconds": time.time() - self.started}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)  # left only when writing failed
+        self.written = time.time()
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def train(config: TrainConfig, out_dir, log_every: int = 50, progress: bool = True, resume: bool = False) -> dict:
+    """Train, evaluate on the validation split, save model + processor + training_log.json to ``out_dir``.
+    ``resume``: continue from the :class:`TrainingState` in ``out_dir``, if there is one."""
     from tqdm.auto import tqdm
 
     heads_needed = 2 * config.point_heads + (1 if config.count_weight else 0)
@@ -779,9 +873,14 @@ def train(config: TrainConfig, out_dir, log_every: int = 50, progress: bool = Tr
         raise ValueError(f"pointing / counting losses: point_layer {config.point_layer} must be < text_layers "
                          f"{config.text_layers} and 2 * point_heads {config.point_heads} (+1 when counting) <= "
                          f"text_heads {config.text_heads}")
+    out = Path(out_dir)
+    state = TrainingState(out, config, resume)
+    if state.saved:
+        print(f"resuming from {state.path}: stage {state.saved['stage']}, {state.saved['step']} steps done",
+              file=sys.stderr)
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
-    started = time.time()
+    started = time.time() - state.seconds
     tokenizer = build_tokenizer()
     model, processor = build_model(config, tokenizer)
     language_model = model.model.language_model
@@ -801,10 +900,13 @@ def train(config: TrainConfig, out_dir, log_every: int = 50, progress: bool = Tr
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.warmup_steps, config.steps))
     rng = np.random.default_rng(config.seed)
-    tower_log = pretrain_tower(model, aux_head, config, scenes, words, rng, progress)
-    log, evaluations = [], []
+    state.attach(started, model, aux_head, rng, scenes)
+    tower_log = pretrain_tower(model, aux_head, config, scenes, words, rng, state, progress)
+    log, evaluations = state.logs["log"], state.logs["evaluations"]
     model.train()
-    bar = tqdm(range(config.steps), desc="training", unit="step", disable=not progress)
+    start = state.start("main", optimizer, schedule, config.steps)
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="training", unit="step",
+               disable=not progress)
     for step in bar:
         # rows: batch_size conversations of short questions, then describe_rows single describe turns
         batch, pixels, targets, objects = scenes.draw(rng, config.batch_size + config.describe_rows,
@@ -840,11 +942,11 @@ def train(config: TrainConfig, out_dir, log_every: int = 50, progress: bool = Tr
             evaluations.append({"step": step + 1, "seconds": time.time() - started, **partial})
             bar.write(f"step {step + 1}: validation[:{config.eval_scenes} scenes] {_summary(partial)}", file=sys.stderr)
             model.train()
+        state.step_done("main", step + 1, optimizer, schedule, last=step + 1 == config.steps)
     train_seconds = time.time() - started
     model.eval()
     validation = evaluate(model, processor, val_examples, val_pixels, batch_size=config.batch_size)
     validation["describe"] = describe_score(model, processor, val_examples, val_pixels, config.batch_size)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     restore_attention()
     model.save_pretrained(out)
@@ -852,6 +954,7 @@ def train(config: TrainConfig, out_dir, log_every: int = 50, progress: bool = Tr
     summary = {"config": asdict(config), "validation": validation, "train_seconds": train_seconds,
                "evaluations": evaluations, "tower_log": tower_log, "log": log}
     (out / "training_log.json").write_text(json.dumps(summary, indent=1))
+    state.remove()
     return summary
 
 
@@ -874,12 +977,17 @@ def _summary(result: dict) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--resume", action="store_true",
+                        help=f"continue the killed run whose {STATE_FILE} is in --out (same options), if there is one")
     defaults = TrainConfig()
     for name, value in asdict(defaults).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = parser.parse_args(argv)
     config = TrainConfig(**{name: getattr(args, name) for name in asdict(defaults)})
-    summary = train(config, args.out)
+    try:
+        summary = train(config, args.out, resume=args.resume)
+    except StateError as exc:
+        raise SystemExit(f"error: {exc}") from None
     print(json.dumps({"validation": summary["validation"], "train_seconds": round(summary["train_seconds"])}, indent=1),
           flush=True)
 
