@@ -84,6 +84,15 @@ def _out_folder(path: str | None, option: str) -> Path | None:
     return folder
 
 
+def _add_workers(parser: argparse.ArgumentParser) -> None:
+    from .loader import MAX_DEFAULT_WORKERS, default_workers
+
+    parser.add_argument("--workers", type=int, default=default_workers(), metavar="N",
+                        help="processes decoding images while the model runs, 0 to decode in the main process; the results "
+                        f"do not depend on it (default: %(default)s here: the cores but one, at most {MAX_DEFAULT_WORKERS}, "
+                        "shared among torchrun's processes)")
+
+
 def _encoder_merging(args) -> tuple[dict, str]:
     """The ``dymu.apply`` keywords of the encoder's merging ({}: none) and the VTU mode, checked before any model loads:
     --merge SPEC, else --thresholds FILE, else the checkpoint's "dymu" section."""
@@ -138,8 +147,8 @@ def cmd_find_thresholds(args) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SkippedImagesWarning)  # the full list is printed below
         result = find_thresholds(
-            model, image_set.paths, target_tokens=args.target_tokens, schedule=args.schedule, batch_size=args.batch_size,
-            processor=processor, checkpoint=partial, resume=args.resume, measure=args.measure,
+            model, image_set, target_tokens=args.target_tokens, schedule=args.schedule, batch_size=args.batch_size,
+            processor=processor, checkpoint=partial, resume=args.resume, measure=args.measure, num_workers=args.workers,
         )
     import torch.distributed as dist
 
@@ -148,9 +157,9 @@ def cmd_find_thresholds(args) -> None:
         dist.destroy_process_group()
         if rank != 0:
             return
-    result.images["skipped"] = image_set.skipped + result.images.get("skipped", [])
     result.save(out)
     _report_skipped(result.images["skipped"])
+    print(f"search: {result.timing.summary()} ({args.workers} workers)", file=sys.stderr)
     shown = ", ".join("never" if math.isinf(v) else f"{v:.4f}" for v in result.values)
     print(f"thresholds per layer: {shown}")
     print(f"wrote {out}: {result.describe()}")
@@ -519,6 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="thresholds file to write (JSON)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.partial")
     p.add_argument("--measure", type=int, default=256, help="encode this many images with the result to report mean±std tokens, 0 to skip (default: %(default)s)")
+    _add_workers(p)
     p.set_defaults(func=cmd_find_thresholds)
 
     p = sub.add_parser("encode", help="encode images with merging: tokens per image, merge maps")
