@@ -32,7 +32,7 @@ from . import merge as M
 from .api import run_encoder, _check_pixels
 from .images import ImageSet, SkippedImagesWarning, collect_images, summarize_failures
 from .journal import Appender, read_lines, remove
-from .loader import ImageBatches, LoadClock, load_batches
+from .loader import ImageBatches, LoadClock, load_batches, on_gpu
 from .thresholds import Thresholds
 from .vision import DymuError, get_patch, patch_tower, tower_info, unpatch_tower
 
@@ -258,7 +258,7 @@ def find_thresholds(
     try:
         bar = tqdm(total=sum(map(dataset.size, mine)), initial=sum(dataset.size(k) for k in mine if str(k) in statistics),
                    desc="finding thresholds", unit="img", disable=not progress or rank != 0)
-        batches = load_batches(dataset, todo, num_workers, pin_memory=_on_gpu(info))
+        batches = load_batches(dataset, todo, num_workers, pin_memory=on_gpu(info.tower))
         for batch in clock.batches(batches):
             skipped += batch.failures
             row = None
@@ -312,11 +312,6 @@ def find_thresholds(
     return result
 
 
-def _on_gpu(info) -> bool:
-    """Whether the tower's weights are on a CUDA device (then batches come in pinned memory)."""
-    parameter = next(info.tower.parameters(), None)
-    return parameter is not None and parameter.device.type == "cuda"
-
 
 def _gather(statistics: dict, skipped: list, world: int):
     import torch.distributed as dist
@@ -342,7 +337,7 @@ def measure_tokens(model, images, thresholds: Thresholds, processor=None, batch_
     thresholds.check(info.identity())
     counts: list[int] = []
     dataset = ImageBatches(images, batch_size, processor)
-    batches = load_batches(dataset, list(range(len(dataset))), num_workers, pin_memory=_on_gpu(info))
+    batches = load_batches(dataset, list(range(len(dataset))), num_workers, pin_memory=on_gpu(info.tower))
     with _temporarily_patched(model) as patch, patch.state.using(thresholds.values):  # the model's own settings come back
         for batch in tqdm(LoadClock().batches(batches), total=len(dataset), desc="measuring tokens", unit="batch",
                           disable=not progress):

@@ -16,6 +16,7 @@ import contextlib
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -143,6 +144,12 @@ class LoadClock:
         return {"images": self.images, "waiting_s": self.waiting, "model_s": self.running}
 
 
+def on_gpu(model) -> bool:
+    """Whether the model's weights are on a CUDA device (then batches come in pinned memory)."""
+    parameter = next(model.parameters(), None)
+    return parameter is not None and parameter.device.type == "cuda"
+
+
 def load_batches(dataset: ImageBatches, indices: list[int], num_workers: int | None = None,
                  pin_memory: bool = False) -> Iterable[Batch]:
     """The batches ``indices`` of ``dataset``, in that order, decoded by ``num_workers`` processes (None: the
@@ -159,3 +166,25 @@ def load_batches(dataset: ImageBatches, indices: list[int], num_workers: int | N
         pin_memory=pin_memory, worker_init_fn=_init_worker if num_workers else None,
         prefetch_factor=PREFETCH_BATCHES if num_workers else None,
     )
+
+
+def remaining_batches(names: list[str], batch_size: int, written: list[str]) -> tuple[list[int], dict[int, Counter]]:
+    """Resuming a run that wrote one row per image, batch by batch in list order (``written``: the images of
+    the rows it wrote, a path listed twice has two rows). Returns the indices of the batches with images still to
+    write, and for those partly written, how many rows each of their images still needs: such a batch is run
+    whole again (the same batch as before) and only the missing rows are written."""
+    left = Counter(written)
+    todo, partial = [], {}
+    for index in range(math.ceil(len(names) / batch_size)):
+        chunk = names[index * batch_size : (index + 1) * batch_size]
+        missing = Counter()
+        for name in chunk:
+            if left[name] > 0:
+                left[name] -= 1
+            else:
+                missing[name] += 1
+        if missing:
+            todo.append(index)
+            if sum(missing.values()) < len(chunk):
+                partial[index] = missing
+    return todo, partial
