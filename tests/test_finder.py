@@ -287,3 +287,26 @@ def test_skipped_images_are_reported_and_all_failing_says_why(clip, image_paths,
     with pytest.raises(dymu.DymuError, match=r"no readable images.*broken0\.png: .*cannot read image") as error:
         find_thresholds(model, [str(p) for p in bad], processor=processor, **QUICK)
     assert "\n" not in str(error.value) and "see the skipped list" not in str(error.value)
+
+
+def test_a_last_line_cut_by_a_kill_is_dropped_a_whole_one_kept(tmp_path):
+    from dymu.journal import read_lines
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"a": 1}\n{"b": 2}')  # killed just before the newline: the row is whole
+    assert read_lines(path, "x") == [{"a": 1}, {"b": 2}] and path.read_text() == '{"a": 1}\n{"b": 2}\n'
+    path.write_text('{"a": 1}\n{"b": ')
+    assert read_lines(path, "x") == [{"a": 1}] and path.read_text() == '{"a": 1}\n'
+    path.write_text('{"a": 1}\n[2]\n{"c": 3}\n')
+    with pytest.raises(dymu.DymuError, match=r"^x .*rows\.jsonl line 2 is not a JSON object; delete the file"):
+        read_lines(path, "x")
+
+
+def test_resume_refuses_a_checkpoint_of_the_old_format_and_keeps_it(clip, image_paths, tmp_path):
+    model, processor = clip
+    checkpoint = tmp_path / "run.partial"
+    old = {"format": "dymu-threshold-search", "version": 1, "config": {}, "statistics": {"0": [0.5] * 4}, "skipped": []}
+    checkpoint.write_text(json.dumps(old))  # version 1: one JSON document, no newline
+    with pytest.raises(dymu.DymuError, match="not a dymu threshold-search checkpoint of version 2"):
+        find_thresholds(model, image_paths[:4], processor=processor, checkpoint=checkpoint, resume=True, **QUICK)
+    assert json.loads(checkpoint.read_text()) == old

@@ -2,7 +2,7 @@
 
 Long runs (threshold-search checkpoints, ``dymu encode --out``) append a line per unit of work, so saving
 progress costs one short write whatever has been done before, and a killed run loses at most the line being
-written. Reading back drops (and cuts from the file) a last line without its newline: the kill came mid-write.
+written. Reading back drops (and cuts from the file) a last line cut short by a kill.
 """
 
 from __future__ import annotations
@@ -15,23 +15,36 @@ from .vision import DymuError
 
 
 def read_lines(path: Path, what: str) -> list[dict]:
-    """The objects of a JSON-lines file, in order; a partly written last line is cut off the file.
-    ``what`` names the file in errors ("checkpoint", "--out file")."""
+    """The objects of a JSON-lines file, in order. A last line without its newline is completed when it holds a
+    whole object (the kill came just before the newline) and cut off the file otherwise (mid-object), so that
+    appending goes on from a clean line. ``what`` names the file in errors ("checkpoint", "--out file")."""
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1  # 0 when no line is complete
+    lines = data[:end].splitlines()
     if end < len(data):
+        tail = _parse(data[end:])
         with open(path, "r+b") as handle:
-            handle.truncate(end)
+            if tail is None:
+                handle.truncate(end)
+            else:
+                handle.seek(0, os.SEEK_END)
+                handle.write(b"\n")
+                lines.append(data[end:])
     rows = []
-    for number, line in enumerate(data[:end].splitlines(), start=1):
-        try:
-            row = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            row = None
-        if not isinstance(row, dict):
+    for number, line in enumerate(lines, start=1):
+        row = _parse(line)
+        if row is None:
             raise DymuError(f"{what} {path} line {number} is not a JSON object; delete the file to start over")
         rows.append(row)
     return rows
+
+
+def _parse(line: bytes) -> dict | None:
+    try:
+        row = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return row if isinstance(row, dict) else None
 
 
 class Appender:
