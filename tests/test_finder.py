@@ -272,6 +272,11 @@ def test_folders_manifests_and_paths_are_taken_as_the_cli_takes_them(clip, image
     with pytest.warns(SkippedImagesWarning, match=r"skipped 1 image.*set\.json\[2\]"):
         result = find_thresholds(model, manifest, processor=processor, **QUICK)
     assert result.values == reference.values and result.images["skipped"][0]["image"] == f"{manifest}[2]"
+    from dymu.images import collect_images
+
+    with pytest.warns(SkippedImagesWarning, match=r"set\.json\[2\]"):  # listed once, as the CLI passes it
+        listed_once = find_thresholds(model, collect_images(manifest), processor=processor, **QUICK)
+    assert listed_once.values == reference.values and listed_once.images == result.images
     assert find_thresholds(model, [Image.open(p) for p in listed], processor=processor, **QUICK).values == reference.values
     with pytest.raises(dymu.DymuError, match="image not found"):
         find_thresholds(model, [str(tmp_path / "absent.png")], processor=processor, **QUICK)
