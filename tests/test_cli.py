@@ -416,3 +416,62 @@ def test_api_builds_the_standard_processor_of_a_siglip_without_one(model_dirs, i
         found = dymu.find_thresholds(bare, image_paths[:2], **kwargs)
     assert len(notes) == 1
     assert found.values == dymu.find_thresholds(bare, image_paths[:2], processor=load_processor(model_dirs["tiny-siglip"]), **kwargs).values
+
+
+def _json_lines(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_encode_out_killed_and_resumed_writes_every_image_exactly_once(capsys, monkeypatch, model_dirs, image_paths,
+                                                                      clip_thresholds, tmp_path):
+    from collections import Counter
+
+    from dymu.journal import Appender
+
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    # batches of 3: [0, 1, 2], [3, broken, 4], [5, 6, 0] (image 0 listed twice: two rows)
+    images = [*image_paths[:4], bad, *image_paths[4:7], image_paths[0]]
+    common = ("encode", model_dirs["tiny-clip"], *images, "--thresholds", clip_thresholds, "--batch-size", "3")
+    full = tmp_path / "full.jsonl"
+    code, out, err = run(capsys, *common, "--out", full, "--workers", "0")
+    assert code == 0 and "tokens over 8 images" in out and "skipped 1 image" in err
+    uninterrupted = _json_lines(full)
+    assert [r["image"] for r in uninterrupted] == [*image_paths[:3], image_paths[3], image_paths[4], str(bad),
+                                                   *image_paths[5:7], image_paths[0]]
+    assert "cannot read image" in uninterrupted[5]["error"]
+
+    written, real_write = [], Appender.write
+
+    def killed_mid_row(self, row):  # the 5th row (image 4, in batch 1) is cut short by the kill
+        written.append(row)
+        if len(written) == 5:
+            self._file.write(json.dumps(row)[:10])
+            self._file.flush()
+            raise KeyboardInterrupt
+        real_write(self, row)
+
+    monkeypatch.setattr(Appender, "write", killed_mid_row)
+    part = tmp_path / "part.jsonl"
+    assert run(capsys, *common, "--out", part, "--workers", "2")[0] == 130
+    monkeypatch.undo()
+    assert part.read_text().count("\n") == 4, "four whole rows and a cut one"
+    _one_line_error(*run(capsys, *common, "--out", part, "--workers", "2")[::2], "--out", "exists", "--resume")
+    code, out, err = run(capsys, *common, "--out", part, "--resume", "--workers", "2")
+    assert code == 0, err
+    assert "resuming" in err and "4 image(s) done, 2 batch(es) to go" in err
+    resumed = _json_lines(part)
+    assert resumed == uninterrupted, "every image exactly once, as in one run"
+    assert Counter(r["image"] for r in resumed) == Counter(map(str, images))
+    assert "tokens over 8 images" in out and "skipped 1 image" in err
+    code, out, err = run(capsys, *common, "--out", part, "--resume")
+    assert code == 0 and _json_lines(part) == uninterrupted and "0 batch(es) to go" in err
+
+
+def test_encode_out_and_resume_errors(capsys, model_dirs, image_paths, clip_thresholds, tmp_path):
+    common = ("encode", model_dirs["tiny-clip"], image_paths[0], "--thresholds", clip_thresholds)
+    _one_line_error(*run(capsys, *common, "--resume")[::2], "--resume", "--out FILE")
+    _one_line_error(*run(capsys, *common, "--out", tmp_path / "r.jsonl", "--resume", "--viz", tmp_path / "v")[::2], "--viz", "--resume")
+    (tmp_path / "other.jsonl").write_text('{"image": "a.png", "tokens": 3}\n[1, 2]\n')
+    _one_line_error(*run(capsys, *common, "--out", tmp_path / "other.jsonl", "--resume")[::2], "other.jsonl", "line 2")
+    _one_line_error(*run(capsys, *common, "--workers", "-1")[::2], "--workers must be >= 0")

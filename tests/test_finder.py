@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import dymu
 from dymu.finder import find_thresholds
@@ -67,8 +68,8 @@ def test_resume_gives_the_same_thresholds_as_an_uninterrupted_run(clip, image_pa
     checkpoint = tmp_path / "run.partial"
     with pytest.raises(Interrupt):
         find_thresholds(model, image_paths[:14], checkpoint=checkpoint, on_batch=_interrupt_after(1), **kwargs)
-    saved = json.loads(checkpoint.read_text())
-    assert sorted(saved["statistics"]) == ["0", "1"]
+    saved = [json.loads(line) for line in checkpoint.read_text().splitlines()]
+    assert saved[0]["format"] == "dymu-threshold-search" and [row["batch"] for row in saved[1:]] == [0, 1]
     done = []
     resumed = find_thresholds(model, image_paths[:14], checkpoint=checkpoint, resume=True, on_batch=done.append, **kwargs)
     assert done == [2, 3], "only the batches not yet done are run again"
@@ -85,6 +86,92 @@ def test_resume_rejects_a_checkpoint_of_another_run(clip, image_paths, tmp_path)
     with pytest.raises(dymu.DymuError, match="target_tokens"):
         find_thresholds(model, image_paths[:8], target_tokens=300, batch_size=4, processor=processor, progress=False,
                         measure=0, checkpoint=checkpoint, resume=True)
+
+
+class WorkerOnlyProcessor:
+    """The model's processor, refusing to run in the main process: proves that images are decoded in workers."""
+
+    def __init__(self, processor):
+        self.processor, self.main = processor, os.getpid()
+
+    def __call__(self, **kwargs):
+        if os.getpid() == self.main:
+            raise dymu.DymuError("preprocessing ran in the main process")
+        return self.processor(**kwargs)
+
+
+def _with_corrupt_image(image_paths, tmp_path, count=10):
+    """``count`` images with a corrupt JPEG at position 4 (batch 1 of batches of 3)."""
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
+    return image_paths[:4] + [str(bad)] + image_paths[4 : count - 1], str(bad)
+
+
+def test_workers_give_bit_identical_thresholds_and_skip_the_same_images(clip, image_paths, tmp_path):
+    model, processor = clip
+    images, bad = _with_corrupt_image(image_paths, tmp_path)
+    kwargs = dict(target_tokens=220, batch_size=3, progress=False, measure=len(images))
+    order = {0: [], 2: []}
+    results = {}
+    for workers, proc in ((0, processor), (2, WorkerOnlyProcessor(processor))):
+        with pytest.warns(SkippedImagesWarning, match="broken.jpg"):
+            results[workers] = find_thresholds(model, images, processor=proc, num_workers=workers,
+                                               on_batch=order[workers].append, **kwargs)
+    serial, parallel = results[0], results[2]
+    assert order[0] == order[2] == [0, 1, 2, 3]
+    assert parallel.values == serial.values
+    assert parallel.images == serial.images and [s["image"] for s in serial.images["skipped"]] == [bad]
+    assert "cannot read image" in serial.images["skipped"][0]["error"] and bad not in serial.images["used"]
+    assert parallel.achieved_tokens == serial.achieved_tokens and serial.achieved_tokens["count"] == len(images) - 1
+    assert serial.timing.images == parallel.timing.images == len(images)
+
+
+def test_loader_delivers_the_batches_of_a_serial_run_in_order(clip, image_paths, tmp_path):
+    from dymu.loader import ImageBatches, load_batches
+
+    _, processor = clip
+    images, bad = _with_corrupt_image(image_paths, tmp_path, count=8)
+    dataset = ImageBatches(images, 3, processor)
+    serial = list(load_batches(dataset, [2, 0, 1], num_workers=0))
+    parallel = list(load_batches(ImageBatches(images, 3, WorkerOnlyProcessor(processor)), [2, 0, 1], num_workers=2))
+    assert [b.index for b in parallel] == [b.index for b in serial] == [2, 0, 1]
+    assert [b.size for b in serial] == [2, 3, 3] and [f["image"] for f in serial[2].failures] == [bad]
+    for one, two in zip(serial, parallel):
+        assert one.names == two.names and one.failures == two.failures
+        assert torch.equal(one.pixel_values, two.pixel_values)  # (b, 3, 336, 336)
+
+
+def test_an_error_in_a_worker_is_raised_as_itself(clip, image_paths):
+    model, processor = clip
+
+    def refusing(**kwargs):
+        raise dymu.DymuError("processor says no")
+
+    with pytest.raises(dymu.DymuError, match="^processor says no$"):
+        find_thresholds(model, image_paths[:4], processor=refusing, num_workers=2, **QUICK)
+    with pytest.raises(dymu.DymuError, match="--workers must be >= 0, got -1"):
+        find_thresholds(model, image_paths[:4], processor=processor, num_workers=-1, **QUICK)
+
+
+def test_resume_with_workers_after_a_kill_gives_the_same_thresholds(clip, image_paths, tmp_path):
+    model, processor = clip
+    images, bad = _with_corrupt_image(image_paths, tmp_path, count=12)
+    kwargs = dict(target_tokens=220, batch_size=3, progress=False, measure=0)
+    with pytest.warns(SkippedImagesWarning):
+        reference = find_thresholds(model, images, processor=processor, num_workers=0, **kwargs)
+    checkpoint = tmp_path / "run.partial"
+    with pytest.raises(Interrupt):  # killed after batch 1 (the corrupt image's) while workers decode batches 2 and 3
+        find_thresholds(model, images, processor=WorkerOnlyProcessor(processor), num_workers=2, checkpoint=checkpoint,
+                        on_batch=_interrupt_after(1), **kwargs)
+    with checkpoint.open("a") as handle:
+        handle.write('{"batch": 2, "statis')  # and a record cut short by the kill
+    done = []
+    with pytest.warns(SkippedImagesWarning, match="broken.jpg"):
+        resumed = find_thresholds(model, images, processor=WorkerOnlyProcessor(processor), num_workers=2,
+                                  checkpoint=checkpoint, resume=True, on_batch=done.append, **kwargs)
+    assert done == [2, 3]
+    assert resumed.values == reference.values
+    assert resumed.images == reference.images and [s["image"] for s in resumed.images["skipped"]] == [bad]
 
 
 def test_corrupt_image_is_skipped_and_reported(clip, image_paths, tmp_path):
@@ -107,11 +194,12 @@ def test_torchrun_two_processes_match_one_process(model_dirs, image_paths, tmp_p
     common = [str(model_dir), *images, "--target-tokens", "220", "--batch-size", "3", "--measure", "0"]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     single = tmp_path / "single.json"
-    subprocess.run([sys.executable, "-m", "dymu.cli", "find-thresholds", *common, "--out", str(single)],
+    subprocess.run([sys.executable, "-m", "dymu.cli", "find-thresholds", *common, "--workers", "0", "--out", str(single)],
                    check=True, env=env, capture_output=True, timeout=300)
     double = tmp_path / "double.json"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    proc = subprocess.run([*torchrun, "-m", "dymu.cli", "find-thresholds", *common, "--out", str(double)],
+    # each rank decodes in a worker process of its own
+    proc = subprocess.run([*torchrun, "-m", "dymu.cli", "find-thresholds", *common, "--workers", "1", "--out", str(double)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = json.loads(single.read_text()), json.loads(double.read_text())
@@ -184,6 +272,11 @@ def test_folders_manifests_and_paths_are_taken_as_the_cli_takes_them(clip, image
     with pytest.warns(SkippedImagesWarning, match=r"skipped 1 image.*set\.json\[2\]"):
         result = find_thresholds(model, manifest, processor=processor, **QUICK)
     assert result.values == reference.values and result.images["skipped"][0]["image"] == f"{manifest}[2]"
+    from dymu.images import collect_images
+
+    with pytest.warns(SkippedImagesWarning, match=r"set\.json\[2\]"):  # listed once, as the CLI passes it
+        listed_once = find_thresholds(model, collect_images(manifest), processor=processor, **QUICK)
+    assert listed_once.values == reference.values and listed_once.images == result.images
     assert find_thresholds(model, [Image.open(p) for p in listed], processor=processor, **QUICK).values == reference.values
     with pytest.raises(dymu.DymuError, match="image not found"):
         find_thresholds(model, [str(tmp_path / "absent.png")], processor=processor, **QUICK)
@@ -199,3 +292,26 @@ def test_skipped_images_are_reported_and_all_failing_says_why(clip, image_paths,
     with pytest.raises(dymu.DymuError, match=r"no readable images.*broken0\.png: .*cannot read image") as error:
         find_thresholds(model, [str(p) for p in bad], processor=processor, **QUICK)
     assert "\n" not in str(error.value) and "see the skipped list" not in str(error.value)
+
+
+def test_a_last_line_cut_by_a_kill_is_dropped_a_whole_one_kept(tmp_path):
+    from dymu.journal import read_lines
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"a": 1}\n{"b": 2}')  # killed just before the newline: the row is whole
+    assert read_lines(path, "x") == [{"a": 1}, {"b": 2}] and path.read_text() == '{"a": 1}\n{"b": 2}\n'
+    path.write_text('{"a": 1}\n{"b": ')
+    assert read_lines(path, "x") == [{"a": 1}] and path.read_text() == '{"a": 1}\n'
+    path.write_text('{"a": 1}\n[2]\n{"c": 3}\n')
+    with pytest.raises(dymu.DymuError, match=r"^x .*rows\.jsonl line 2 is not a JSON object; delete the file"):
+        read_lines(path, "x")
+
+
+def test_resume_refuses_a_checkpoint_of_the_old_format_and_keeps_it(clip, image_paths, tmp_path):
+    model, processor = clip
+    checkpoint = tmp_path / "run.partial"
+    old = {"format": "dymu-threshold-search", "version": 1, "config": {}, "statistics": {"0": [0.5] * 4}, "skipped": []}
+    checkpoint.write_text(json.dumps(old))  # version 1: one JSON document, no newline
+    with pytest.raises(dymu.DymuError, match="not a dymu threshold-search checkpoint of version 2"):
+        find_thresholds(model, image_paths[:4], processor=processor, checkpoint=checkpoint, resume=True, **QUICK)
+    assert json.loads(checkpoint.read_text()) == old

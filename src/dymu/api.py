@@ -133,7 +133,7 @@ def _check_pixels(pixel_values, info) -> torch.Tensor:
             f"pixel_values are {pixel_values.shape[-2]}x{pixel_values.shape[-1]} but the encoder takes {info.image_size}x{info.image_size}"
         )
     parameter = next(info.tower.parameters())
-    return pixel_values.to(device=parameter.device, dtype=parameter.dtype)
+    return pixel_values.to(device=parameter.device, dtype=parameter.dtype, non_blocking=True)  # async from pinned memory
 
 
 def run_encoder(patch, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -84,6 +84,15 @@ def _out_folder(path: str | None, option: str) -> Path | None:
     return folder
 
 
+def _add_workers(parser: argparse.ArgumentParser) -> None:
+    from .loader import MAX_DEFAULT_WORKERS, default_workers
+
+    parser.add_argument("--workers", type=int, default=default_workers(), metavar="N",
+                        help="processes decoding images while the model runs, 0 to decode in the main process; the results "
+                        f"do not depend on it (default: %(default)s here: the cores but one, at most {MAX_DEFAULT_WORKERS}, "
+                        "shared among torchrun's processes)")
+
+
 def _encoder_merging(args) -> tuple[dict, str]:
     """The ``dymu.apply`` keywords of the encoder's merging ({}: none) and the VTU mode, checked before any model loads:
     --merge SPEC, else --thresholds FILE, else the checkpoint's "dymu" section."""
@@ -138,8 +147,8 @@ def cmd_find_thresholds(args) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SkippedImagesWarning)  # the full list is printed below
         result = find_thresholds(
-            model, image_set.paths, target_tokens=args.target_tokens, schedule=args.schedule, batch_size=args.batch_size,
-            processor=processor, checkpoint=partial, resume=args.resume, measure=args.measure,
+            model, image_set, target_tokens=args.target_tokens, schedule=args.schedule, batch_size=args.batch_size,
+            processor=processor, checkpoint=partial, resume=args.resume, measure=args.measure, num_workers=args.workers,
         )
     import torch.distributed as dist
 
@@ -148,45 +157,102 @@ def cmd_find_thresholds(args) -> None:
         dist.destroy_process_group()
         if rank != 0:
             return
-    result.images["skipped"] = image_set.skipped + result.images.get("skipped", [])
     result.save(out)
     _report_skipped(result.images["skipped"])
+    print(f"search: {result.timing.summary()} ({args.workers} workers)", file=sys.stderr)
     shown = ", ".join("never" if math.isinf(v) else f"{v:.4f}" for v in result.values)
     print(f"thresholds per layer: {shown}")
     print(f"wrote {out}: {result.describe()}")
 
 
+def _encode_output(args) -> tuple[Path | None, list[dict]]:
+    """encode --out / --resume, checked before any work: the JSON-lines file and the rows it holds already."""
+    from .journal import read_lines
+
+    if args.out is None:
+        if args.resume:
+            raise DymuError("--resume continues the rows of --out FILE: name the file")
+        return None, []
+    out = _out_file(args.out)
+    if args.resume and args.viz:
+        raise DymuError("--viz cannot be combined with --resume (the overview needs every image): run without --resume")
+    if not out.exists() or out.stat().st_size == 0:
+        return out, []
+    if not args.resume:
+        raise DymuError(f"--out {out} exists: pass --resume to continue it, or delete it to start over")
+    rows = read_lines(out, "--out file")
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row.get("image"), str) or not ("tokens" in row or "error" in row):
+            raise DymuError(f"--out file {out} line {number} is not a row of dymu encode; delete the file to start over")
+    return out, rows
+
+
+def _still_missing(missing, name: str) -> bool:
+    """Whether a resumed batch must write this row (``missing``: rows per image still to write, None: all)."""
+    if missing is None:
+        return True
+    if missing[name] > 0:
+        missing[name] -= 1
+        return True
+    return False
+
+
 def cmd_encode(args) -> None:
     import torch
+    from tqdm.auto import tqdm
 
     from . import api
-    from .images import collect_images, load_batch, summarize_failures
+    from .images import collect_images, summarize_failures
+    from .journal import Appender
+    from .loader import ImageBatches, LoadClock, load_batches, on_gpu, remaining_batches
 
     viz_dir = _out_folder(args.viz, "--viz")
+    out, written = _encode_output(args)
     image_set = collect_images(args.images, args.image_root)
     merging, _ = _encoder_merging(args)
     if not merging:
         raise DymuError(f"no thresholds: pass --thresholds FILE or --merge SPEC, or store thresholds in {args.model} with `dymu enable`")
     model, processor = _open(args.model, args.processor)
     api.apply(model, **merging)
-    rows, skipped, figures = [], list(image_set.skipped), []
+    rows = [row for row in written if "tokens" in row]
+    skipped = list(image_set.skipped) + [row for row in written if "tokens" not in row]
+    figures = []
     viz_names = _viz_names(image_set.paths)
-    from tqdm.auto import tqdm
-
-    for start in tqdm(range(0, len(image_set.paths), args.batch_size), desc="encoding", unit="batch", disable=args.json):
-        chunk = image_set.paths[start : start + args.batch_size]
-        pixel_values, names, failures = load_batch(chunk, processor)
-        skipped += failures
-        if pixel_values is None:
-            continue
-        encoding = api.encode(model, pixel_values)
-        for i, name in enumerate(names):
-            rows.append({"image": name, "tokens": encoding.num_tokens[i], "patches": encoding.num_patches})
-            if args.json:
-                print(json.dumps(rows[-1]), flush=True)
-            if viz_dir:
-                figures.append(_save_viz(viz_dir / f"{viz_names[name]}.png", name, pixel_values[i], encoding.source[i],
-                                         rows[-1], processor))
+    dataset = ImageBatches(image_set.paths, args.batch_size, processor)
+    todo, partial = remaining_batches(image_set.paths, args.batch_size, [row["image"] for row in written])
+    if written:
+        print(f"resuming {out}: {len(written)} image(s) done, {len(todo)} batch(es) to go", file=sys.stderr)
+    to_stdout = args.json and out is None
+    clock = LoadClock()
+    sink = Appender(out, fresh=not written) if out is not None else None
+    bar = tqdm(total=sum(map(dataset.size, todo)), desc="encoding", unit="img", disable=to_stdout)
+    try:
+        for batch in clock.batches(load_batches(dataset, todo, args.workers, pin_memory=on_gpu(model))):
+            missing = partial.get(batch.index)
+            if batch.pixel_values is not None:
+                with clock.model():
+                    encoding = api.encode(model, batch.pixel_values)
+            for i, name in enumerate(batch.names):
+                if not _still_missing(missing, name):
+                    continue
+                rows.append({"image": name, "tokens": encoding.num_tokens[i], "patches": encoding.num_patches})
+                if to_stdout:
+                    print(json.dumps(rows[-1]), flush=True)
+                if sink is not None:
+                    sink.write(rows[-1])
+                if viz_dir:
+                    figures.append(_save_viz(viz_dir / f"{viz_names[name]}.png", name, batch.pixel_values[i],
+                                             encoding.source[i], rows[-1], processor))
+            for failure in batch.failures:
+                if _still_missing(missing, failure["image"]):
+                    skipped.append(failure)
+                    if sink is not None:
+                        sink.write(failure)
+            bar.update(batch.size)
+    finally:
+        bar.close()
+        if sink is not None:
+            sink.close()
     if not rows:
         raise DymuError(f"no readable images: every image failed ({summarize_failures(skipped)})")
     if viz_dir:
@@ -194,12 +260,17 @@ def cmd_encode(args) -> None:
 
         save_overview(viz_dir / f"{OVERVIEW}.png", figures)
     counts = torch.tensor([r["tokens"] for r in rows], dtype=torch.float64)
-    if not args.json:
+    if not args.json and out is None:
         _print_table(rows)
+    if not to_stdout:
         print(f"mean {counts.mean():.1f} ± {counts.std(unbiased=False):.1f} tokens over {len(rows)} images "
               f"({100 * counts.mean() / rows[0]['patches']:.1f}% of {rows[0]['patches']} patches)")
+    if out is not None:
+        print(f"wrote {out}: a JSON line per image ({len(rows)} encoded, {len(skipped) - len(image_set.skipped)} unreadable)",
+              file=sys.stderr)
     if viz_dir:
         print(f"merge maps: {viz_dir}/", file=sys.stderr)
+    print(f"encode: {clock.summary()} ({args.workers} workers)", file=sys.stderr)
     _report_skipped(skipped)
 
 
@@ -519,6 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="thresholds file to write (JSON)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.partial")
     p.add_argument("--measure", type=int, default=256, help="encode this many images with the result to report mean±std tokens, 0 to skip (default: %(default)s)")
+    _add_workers(p)
     p.set_defaults(func=cmd_find_thresholds)
 
     p = sub.add_parser("encode", help="encode images with merging: tokens per image, merge maps")
@@ -528,7 +600,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_merge(p)
     p.add_argument("--json", action="store_true", help="print one JSON line per image: image, tokens, patches")
     p.add_argument("--viz", metavar="DIR", help="write a merge-map PNG per image and overview.png here (default: none)")
+    p.add_argument("--out", metavar="FILE", help="write the JSON lines to FILE as each batch is done, with a line "
+                   "{\"image\", \"error\"} for an unreadable image, instead of printing (default: none)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted --out FILE: images it has a line for are "
+                   "not encoded again, a line cut short by the kill is dropped")
     p.add_argument("--batch-size", type=int, default=8, help="images encoded together (default: %(default)s)")
+    _add_workers(p)
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("generate", help="answer a prompt about images with DyMU (and optionally the unmerged model)")

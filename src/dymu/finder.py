@@ -7,13 +7,19 @@ over all batches. Statistics are stored per batch in fp64 and summed in batch or
 a multi-process run give the same thresholds as one uninterrupted process on the same batches.
 
 Batches are fixed by position in the image list (batch k = images[k*B:(k+1)*B]); an image that fails to
-decode is dropped from its batch and reported, it never shifts other batches.
+decode is dropped from its batch and reported, it never shifts other batches. Images are decoded in worker
+processes (``num_workers``, see ``dymu.loader``) that deliver the same batches in the same order, so the
+thresholds do not depend on the number of workers.
+
+The checkpoint is a JSON-lines file (``dymu.journal``): a header with the run's configuration, then one line per
+finished batch (its index, statistics and unreadable images), so saving progress costs one short write per
+batch however long the run.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import itertools
 import math
 import os
 import warnings
@@ -24,12 +30,14 @@ import torch
 
 from . import merge as M
 from .api import run_encoder, _check_pixels
-from .images import SkippedImagesWarning, collect_images, load_batch, summarize_failures
+from .images import ImageSet, SkippedImagesWarning, collect_images, summarize_failures
+from .journal import Appender, read_lines, remove
+from .loader import ImageBatches, LoadClock, load_batches, on_gpu
 from .thresholds import Thresholds
 from .vision import DymuError, get_patch, patch_tower, tower_info, unpatch_tower
 
 CHECKPOINT_FORMAT = "dymu-threshold-search"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 DEFAULT_MEASURE_IMAGES = 256
 
 
@@ -54,6 +62,8 @@ def _image_items(images) -> tuple[list, list[dict]]:
     Returns (items, manifest entries that named no image)."""
     from PIL import Image
 
+    if isinstance(images, ImageSet):  # listed already (the CLI): not listed again
+        return list(images.paths), list(images.skipped)
     if isinstance(images, (str, os.PathLike)):
         images = [images]
     items, skipped = [], []
@@ -114,43 +124,57 @@ def budgets_for(info, target_tokens: int, schedule: str) -> list[int]:
 
 
 class _Checkpoint:
-    """Atomic JSON checkpoint of a threshold search (one file per rank)."""
+    """Append-only JSON-lines checkpoint of a threshold search (one file per rank): a header line
+    {"format", "version", "config"}, then {"batch": k, "statistics": [...] | null, "skipped": [...]} per batch."""
 
     def __init__(self, path: Path | None, config: dict):
         self.path = path
         self.config = config
+        self._out: Appender | None = None
 
-    def load(self) -> dict | None:
+    def load(self) -> tuple[dict, list] | None:
+        """(statistics by batch index, skipped images) of the batches done, None when there is nothing to resume."""
         if self.path is None or not self.path.is_file():
             return None
-        try:
-            data = json.loads(self.path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise DymuError(f"cannot resume: checkpoint {self.path} is corrupt; delete it to start over") from None
-        if data.get("format") != CHECKPOINT_FORMAT or data.get("version") != CHECKPOINT_VERSION:
+        rows = read_lines(self.path, "cannot resume: checkpoint")
+        if not rows:  # killed while writing the header
+            return None
+        header = rows[0]
+        if header.get("format") != CHECKPOINT_FORMAT or header.get("version") != CHECKPOINT_VERSION:
             raise DymuError(f"cannot resume: {self.path} is not a dymu threshold-search checkpoint of version {CHECKPOINT_VERSION}")
         for key, value in self.config.items():
-            if data["config"].get(key) != value:
+            if header["config"].get(key) != value:
                 raise DymuError(
-                    f"cannot resume from {self.path}: it was made with {key}={data['config'].get(key)!r}, this run has {key}={value!r}"
+                    f"cannot resume from {self.path}: it was made with {key}={header['config'].get(key)!r}, this run has {key}={value!r}"
                 )
-        return data
+        statistics, skipped = {}, []
+        for number, row in enumerate(rows[1:], start=2):
+            if not isinstance(row.get("batch"), int) or not isinstance(row.get("skipped"), list):
+                raise DymuError(f"cannot resume: checkpoint {self.path} line {number} is not a batch record; delete it to start over")
+            statistics[str(row["batch"])] = row.get("statistics")
+            skipped += row["skipped"]
+        return statistics, skipped
 
-    def save(self, statistics: dict, skipped: list) -> None:
+    def open(self, fresh: bool) -> None:
+        """Start writing: a new file with its header (fresh), else appending to the loaded one."""
         if self.path is None:
             return
-        data = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": self.config,
-                "statistics": statistics, "skipped": skipped}
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        try:
-            tmp.write_text(json.dumps(data))
-            os.replace(tmp, self.path)
-        finally:
-            tmp.unlink(missing_ok=True)  # left only when writing failed
+        self._out = Appender(self.path, fresh=fresh)
+        if fresh:
+            self._out.write({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": self.config})
+
+    def save(self, index: int, statistics: list[float] | None, skipped: list[dict]) -> None:
+        if self._out is not None:
+            self._out.write({"batch": index, "statistics": statistics, "skipped": skipped})
+
+    def close(self) -> None:
+        if self._out is not None:
+            self._out.close()
+            self._out = None
 
     def delete(self) -> None:
-        if self.path is not None and self.path.exists():
-            self.path.unlink()
+        self.close()
+        remove(self.path)
 
 
 def calibration_statistics(model, pixel_values: torch.Tensor, budgets: list[int]) -> dict[int, float]:
@@ -173,17 +197,21 @@ def find_thresholds(
     progress: bool = True,
     measure: int = DEFAULT_MEASURE_IMAGES,
     on_batch: Callable[[int], None] | None = None,
+    num_workers: int | None = None,
 ) -> Thresholds:
     """Learn per-layer thresholds so that the images merge to about ``target_tokens`` tokens on average.
 
     model: a CLIP/SigLIP vision model or a LLaVA-style VLM (its tower is used, up to its read layer).
     images: image files, folders (searched recursively) and JSON manifests as the CLI takes them (one path or a
-    list), PIL images, or a pixel tensor (N, 3, H, W). Images that cannot be used are skipped, recorded in
-    ``images["skipped"]`` and reported with a ``SkippedImagesWarning``.
+    list, or a ``dymu.images.ImageSet`` listed already), PIL images, or a pixel tensor (N, 3, H, W). Images that
+    cannot be used are skipped, recorded in ``images["skipped"]`` and reported with a ``SkippedImagesWarning``.
     target_tokens: tokens out of the last merging layer, CLS not counted (the reference's "Xout").
     schedule: constant | linear | reverse-linear. checkpoint: a file to save progress to after every batch;
     resume=True continues from it. measure: encode up to this many images with the result to record the
     achieved token count (0 = skip). on_batch(k) is called after batch k is done (tests use it to interrupt).
+    num_workers: processes decoding images while the model runs (None: ``dymu.loader.default_workers()``, 0: in
+    this process); the thresholds are the same whatever the number. The result's ``timing`` (a
+    ``dymu.loader.LoadClock``, not saved) tells how long the search waited for data and ran the model.
     """
     from tqdm.auto import tqdm
 
@@ -215,39 +243,37 @@ def find_thresholds(
     ckpt = _Checkpoint(ckpt_path, config)
     statistics: dict[str, list[float] | None] = {}  # batch index -> per-layer statistics (None: no readable image)
     skipped: list[dict] = []
-    if resume:
-        data = ckpt.load()
-        if data is not None:
-            statistics, skipped = data["statistics"], data["skipped"]
+    done = ckpt.load() if resume else None
+    if done is not None:
+        statistics, skipped = done
 
+    dataset = ImageBatches(pixels if is_tensor else images, batch_size, processor, names=names)
     mine = [k for k in range(num_batches) if k % world == rank]
     todo = [k for k in mine if str(k) not in statistics]
+    clock = LoadClock()
     owned = get_patch(model) is None
     if owned:
         patch_tower(model, [math.inf] * info.num_layers)
+    ckpt.open(fresh=done is None)
     try:
-        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="finding thresholds", unit="batch",
-                   disable=not progress or rank != 0)
-        for k in todo:
-            chunk = slice(k * batch_size, (k + 1) * batch_size)
-            if is_tensor:
-                batch, failures = pixels[chunk], []
-            else:
-                batch, _, failures = load_batch(images[chunk], processor)
-                skipped += failures
-                if batch is not None:
-                    batch = _check_pixels(batch, info)
-            if batch is None:
-                statistics[str(k)] = None
-            else:
-                stats = calibration_statistics(model, batch, budgets)
-                statistics[str(k)] = [stats.get(layer, math.nan) for layer in range(info.num_layers)]
-            ckpt.save(statistics, skipped)
-            bar.update(1)
+        bar = tqdm(total=sum(map(dataset.size, mine)), initial=sum(dataset.size(k) for k in mine if str(k) in statistics),
+                   desc="finding thresholds", unit="img", disable=not progress or rank != 0)
+        batches = load_batches(dataset, todo, num_workers, pin_memory=on_gpu(info.tower))
+        for batch in clock.batches(batches):
+            skipped += batch.failures
+            row = None
+            if batch.pixel_values is not None:
+                with clock.model():
+                    stats = calibration_statistics(model, _check_pixels(batch.pixel_values, info), budgets)
+                row = [stats.get(layer, math.nan) for layer in range(info.num_layers)]
+            statistics[str(batch.index)] = row
+            ckpt.save(batch.index, row, batch.failures)
+            bar.update(batch.size)
             if on_batch is not None:
-                on_batch(k)
+                on_batch(batch.index)
         bar.close()
     finally:
+        ckpt.close()
         if owned:
             unpatch_tower(model)
 
@@ -277,11 +303,14 @@ def find_thresholds(
         images={"count": len(names) - len(failed), "batches": len(rows), "used": [n for n in names if n not in failed], "skipped": skipped},
         source="dymu find-thresholds",
     )
+    result.timing = clock
     if measure and rank == 0:
-        subset = pixels[:measure] if is_tensor else [im for im, n in zip(images, names) if n not in failed][:measure]
-        result.achieved_tokens = measure_tokens(model, subset, result, processor=processor, batch_size=batch_size, progress=progress)
+        subset = pixels[:measure] if is_tensor else list(itertools.islice((im for im, n in zip(images, names) if n not in failed), measure))
+        result.achieved_tokens = measure_tokens(model, subset, result, processor=processor, batch_size=batch_size,
+                                                progress=progress, num_workers=num_workers)
     ckpt.delete()
     return result
+
 
 
 def _gather(statistics: dict, skipped: list, world: int):
@@ -296,25 +325,24 @@ def _gather(statistics: dict, skipped: list, world: int):
     return merged_stats, merged_skipped
 
 
-def measure_tokens(model, images, thresholds: Thresholds, processor=None, batch_size: int = 32, progress: bool = False) -> dict:
-    """Encode images with the thresholds; mean / std of the token counts (CLS not counted). The model keeps its own
-    merging settings."""
+def measure_tokens(model, images, thresholds: Thresholds, processor=None, batch_size: int = 32, progress: bool = False,
+                   num_workers: int | None = None) -> dict:
+    """Encode images (a list of files / PIL images, or a pixel tensor) with the thresholds; mean / std of the token
+    counts (CLS not counted). The model keeps its own merging settings."""
     from tqdm.auto import tqdm
 
     from .api import _temporarily_patched, encode
 
-    thresholds.check(tower_info(model).identity())
+    info = tower_info(model)
+    thresholds.check(info.identity())
     counts: list[int] = []
+    dataset = ImageBatches(images, batch_size, processor)
+    batches = load_batches(dataset, list(range(len(dataset))), num_workers, pin_memory=on_gpu(info.tower))
     with _temporarily_patched(model) as patch, patch.state.using(thresholds.values):  # the model's own settings come back
-        for start in tqdm(range(0, len(images), batch_size), desc="measuring tokens", unit="batch", disable=not progress):
-            chunk = images[start : start + batch_size]
-            if isinstance(chunk, torch.Tensor):
-                pixel_values = chunk
-            else:
-                pixel_values, _, _ = load_batch(chunk, processor)
-                if pixel_values is None:
-                    continue
-            counts += encode(model, pixel_values).num_tokens
+        for batch in tqdm(LoadClock().batches(batches), total=len(dataset), desc="measuring tokens", unit="batch",
+                          disable=not progress):
+            if batch.pixel_values is not None:
+                counts += encode(model, batch.pixel_values).num_tokens
     if not counts:
         return {"mean": math.nan, "std": math.nan, "count": 0}
     values = torch.tensor(counts, dtype=torch.float64)

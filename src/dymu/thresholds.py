@@ -53,6 +53,7 @@ class Thresholds:
     achieved_tokens: dict | None = None
     source: str = "dymu"
     path: str | None = field(default=None, compare=False)  # the file it was loaded from, for messages
+    timing: object = field(default=None, compare=False, repr=False)  # a search's dymu.loader.LoadClock (not saved)
 
     def __post_init__(self):
         self.values = [float(v) for v in self.values]
