@@ -193,27 +193,34 @@ def plot(results: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7.0, 4.6), dpi=120)
-    families = (("unmerged", lambda r: r["name"] == "unmerged", "*", "black"),
-                ("FastV", lambda r: r["merge"] is None and (r["prune"] or "").startswith("fastv"), "v", "tab:orange"),
-                ("VTW", lambda r: (r["prune"] or "").startswith("vtw"), "X", "tab:red"),
-                ("ToMe fixed r + VTU", lambda r: r["merge"] == "tome", "s", "tab:grey"),
-                ("DToMe + VTU", lambda r: r["merge"] == "dtome" and not r["prune"], "o", "tab:blue"),
-                ("DToMe + VTU + FastV", lambda r: r["merge"] == "dtome" and r["prune"], "D", "tab:green"))
-    for label, member, marker, colour in families:
-        points = sorted((100 * r["flops_fraction"], 100 * r["overall"], r["name"]) for r in results["rows"] if member(r))
-        if not points:
+    # (legend, member, marker, colour, label offset in points, short label)
+    families = (("FastV", lambda r: r["merge"] is None and (r["prune"] or "").startswith("fastv"), "v", "tab:orange",
+                 (6, -4), lambda r: r["name"].replace("FastV k=2 ", "")),
+                ("VTW", lambda r: (r["prune"] or "").startswith("vtw"), "X", "tab:red", (6, 4),
+                 lambda r: f"VTW calibrated: {r['prune']}" if "calibrated" in r["name"] else r["name"]),
+                ("ToMe fixed r + VTU", lambda r: r["merge"] == "tome", "s", "tab:grey", (6, -12),
+                 lambda r: r["name"].split(" +")[0]),
+                ("DToMe + VTU", lambda r: r["merge"] == "dtome" and not r["prune"], "o", "tab:blue", (-62, 4),
+                 lambda r: r["name"].split(" +")[0]),
+                ("DToMe + VTU + FastV", lambda r: r["merge"] == "dtome" and r["prune"], "D", "tab:green", (-70, 6),
+                 lambda r: "DToMe-mid + FastV"),
+                ("unmerged", lambda r: r["name"] == "unmerged", "*", "black", (-52, -4), lambda r: "unmerged"))
+    for legend, member, marker, colour, offset, short in families:
+        members = sorted((r for r in results["rows"] if member(r)), key=lambda r: r["flops_fraction"])
+        if not members:
             continue
-        axis.plot([p[0] for p in points], [p[1] for p in points], marker=marker, color=colour, label=label,
-                  ls="-" if len(points) > 1 else "", ms=8)
-        for x, y, name in points:
-            axis.annotate(name.split(" (")[0] if label != "unmerged" else "", (x, y), textcoords="offset points",
-                          xytext=(5, -11), fontsize=7)
+        axis.plot([100 * r["flops_fraction"] for r in members], [100 * r["overall"] for r in members], marker=marker,
+                  color=colour, label=legend, ls="-" if len(members) > 1 and legend != "VTW" else "",
+                  ms=12 if legend == "unmerged" else 8, zorder=3 if legend == "unmerged" else 2)
+        for r in members:
+            axis.annotate(short(r), (100 * r["flops_fraction"], 100 * r["overall"]), textcoords="offset points",
+                          xytext=offset, fontsize=7, color=colour)
     axis.set_xlabel("prefill FLOPs, vision + language model (% of unmerged; cache-aware counter)")
     axis.set_ylabel("accuracy (%)")
     axis.set_title(f"toy LLaVA, {results['questions']} test questions")
-    axis.set_xlim(0, 105)
+    axis.set_xlim(0, 118)  # room for the labels of the points at 100%
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8, loc="lower right")
+    axis.legend(fontsize=8, loc="lower left")
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
