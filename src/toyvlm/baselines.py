@@ -20,7 +20,6 @@ kept groups cover are counted at the image's mean group size (the counter's defa
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import numpy as np
 from . import data as D
 from .data import accuracy
 from .evaluate import (BATCH_SIZE, DEFAULT_TEST_SCENES, answer, find_level_thresholds, image_size_of, load,
-                       test_records)
+                       test_records, evaluation_parser)
 from .train import PROMPT
 
 RESULTS_FORMAT = "toyvlm-baselines"
@@ -227,12 +226,7 @@ def plot(results: dict, path) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="checkpoint folder (e.g. assets/toy-llava)")
-    parser.add_argument("--out", default=None, help="output folder (default: MODEL/eval)")
-    parser.add_argument("--scenes", type=int, default=DEFAULT_TEST_SCENES, help="test scenes (about 4.4 questions each)")
-    parser.add_argument("--seed", type=int, default=D.DEFAULT_SEED)
-    args = parser.parse_args(argv)
+    args = evaluation_parser(__doc__).parse_args(argv)
     try:
         results = run(args.model, args.out, scenes=args.scenes, seed=args.seed)
     except FileNotFoundError as exc:

@@ -342,12 +342,18 @@ def plot(results: dict, path, metric: str = "overall") -> None:
     plt.close(figure)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def evaluation_parser(description: str) -> argparse.ArgumentParser:
+    """The options every test-split evaluation takes: --model, --out, --scenes, --seed."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="checkpoint folder (e.g. assets/toy-llava)")
     parser.add_argument("--out", default=None, help="output folder (default: MODEL/eval)")
     parser.add_argument("--scenes", type=int, default=DEFAULT_TEST_SCENES, help="test scenes (about 4.4 questions each)")
     parser.add_argument("--seed", type=int, default=D.DEFAULT_SEED)
+    return parser
+
+
+def main(argv=None) -> None:
+    parser = evaluation_parser(__doc__)
     parser.add_argument("--levels", default=",".join(DYMU_LEVELS), help="DToMe levels, comma separated ('' = none)")
     parser.add_argument("--describe-scenes", type=int, default=DEFAULT_DESCRIBE_SCENES,
                         help="test scenes described per setting for CIDEr-D (0 = none)")
