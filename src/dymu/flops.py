@@ -261,11 +261,20 @@ class LastPrefill:
             self.stock_vision + prefill_flops(self.decoder, self.stock_plan).flops)
 
 
+def merging_layers(model, info) -> list[bool]:
+    """Which executed encoder layers of ``model`` (``info``: its ``TowerInfo``) compute the matching, as patched by
+    ``dymu.apply`` (DToMe thresholds or ToMe's fixed r); none for an unpatched model."""
+    from .vision import get_patch
+
+    patch = get_patch(model)
+    return [patch is not None and patch.state.merges_at(layer) for layer in range(info.merge_layers)]
+
+
 def last_prefill(model, prompt_length: int, vtu: str) -> LastPrefill:
     """``LastPrefill`` of a model patched by ``dymu.apply`` after a generation or forward of one prompt of
     ``prompt_length`` input ids (as the processor produced them: placeholders unmerged unless ``vtu`` is "none")."""
     from .llava import cls_tokens, get_vlm_patch, placeholders_per_image
-    from .vision import get_patch, tower_info
+    from .vision import tower_info
 
     info = tower_info(model)
     state = get_vlm_patch(model).state
@@ -275,8 +284,7 @@ def last_prefill(model, prompt_length: int, vtu: str) -> LastPrefill:
     positions = placeholders_per_image(model.config, info) * len(encoding)
     tokens = sum(encoding.num_tokens) + cls * len(encoding)
     text = prompt_length - (tokens if vtu == "none" else positions)
-    merge_state = get_patch(model).state  # DToMe thresholds or ToMe's fixed r
-    merging = [merge_state.merges_at(layer) for layer in range(info.merge_layers)]
+    merging = merging_layers(model, info)
     vision = sum(vision_flops(info, decoder.hidden, t, merging, cls) for t in encoding.layer_tokens)
     stock_vision = len(encoding) * vision_flops(info, decoder.hidden, cls=cls)
     prompt = Prompt(text, positions, tokens)

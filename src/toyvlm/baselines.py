@@ -74,15 +74,13 @@ def mean_prefill_flops(model, records, texts: list[int], counts: dict | None, vt
     says which encoder layers compute the matching)."""
     from dymu import flops as F
     from dymu.llava import cls_tokens, placeholders_per_image
-    from dymu.vision import get_patch, tower_info
+    from dymu.vision import tower_info
 
     info = tower_info(model)
     decoder = F.Decoder.from_config(model.config)
     cls = cls_tokens(model.config, info)
     positions = placeholders_per_image(model.config, info)
-    merging = [False] * info.merge_layers
-    if counts is not None and (patch := get_patch(model)) is not None:
-        merging = [patch.state.merges_at(layer) for layer in range(info.merge_layers)]
+    merging = F.merging_layers(model, info)
     total = 0.0
     for record, text in zip(records, texts):
         tokens, layers = counts[record["image"]] if counts is not None else (info.num_patches, None)
