@@ -61,6 +61,17 @@ class TokenPlan:
     def num_full(self) -> int:
         return self.image.shape[1]
 
+    def select(self, scores: torch.Tensor, fraction: float) -> P.Kept:
+        """The positions kept when the lowest-scored ``fraction`` of image tokens goes (VTU groups whole).
+        scores: (batch, full) attention each position received."""
+        token_of = self.vmap.full_to_unique if self.vmap is not None else None
+        return P.select(scores, self.image, fraction, token_of)
+
+    def hidden_images(self, kept: P.Kept) -> torch.Tensor:
+        """(batch, full) bool: the image positions ``kept`` leaves out (FastV rerank=step hides their keys)."""
+        visible = torch.zeros_like(self.image).scatter_(1, kept.positions, True)
+        return self.image & ~visible
+
 
 @dataclass
 class Prefill:
@@ -265,12 +276,9 @@ class LanguageAdapter:
         pruned = self.pruned
         if self.step_scores is None:
             raise compat.refuse(f"layer {self.prune_layer - 1}'s attention kernel did not report FastV's scores")
-        plan = pruned.plan
-        token_of = plan.vmap.full_to_unique if plan.vmap is not None else None
-        kept = P.select(self.step_scores[:, : pruned.prompt_length], plan.image, self.prune.r, token_of)
+        kept = pruned.plan.select(self.step_scores[:, : pruned.prompt_length], self.prune.r)
         self.last_kept, self.step_scores = kept, None
-        visible = torch.zeros_like(plan.image).scatter_(1, kept.positions, True)
-        masked = plan.image & ~visible  # (batch, prompt)
+        masked = pruned.plan.hidden_images(kept)  # (batch, prompt)
         self._step_masked = torch.cat((masked, masked.new_zeros(masked.shape[0], appended)), dim=1)
 
     def _mask(self, mask, kept: P.Kept, queries, kv_length: int):
@@ -284,7 +292,6 @@ class LanguageAdapter:
         """The positions layers >= K keep (FastV: best-scored image tokens; VTW: no image token)."""
         prefill = self.prefill
         plan = prefill.plan
-        token_of = plan.vmap.full_to_unique if plan.vmap is not None else None
         if isinstance(self.prune, VTW):
             fraction, scores = 1.0, torch.zeros(plan.image.shape, dtype=torch.float32, device=plan.image.device)
         elif self.prune_layer == 0:  # no attention yet: a reproducible random ranking
@@ -294,11 +301,10 @@ class LanguageAdapter:
             if prefill.scores is None:
                 raise compat.refuse(f"layer {self.prune_layer - 1}'s attention kernel did not report FastV's scores")
             fraction, scores = self.prune.r, prefill.scores
-        prefill.kept = P.select(scores, plan.image, fraction, token_of)
+        prefill.kept = plan.select(scores, fraction)
         self.last_kept = prefill.kept
         if self.reranks:
-            visible = torch.zeros_like(plan.image).scatter_(1, prefill.kept.positions, True)
-            prefill.masked = plan.image & ~visible  # (batch, full)
+            prefill.masked = plan.hidden_images(prefill.kept)  # (batch, full)
         elif plan.vmap is not None:
             prefill.restricted = V.restrict(plan.vmap, prefill.kept.positions, prefill.kept.filler)
 
@@ -350,11 +356,10 @@ def dymu_attention(module, query, key, value, attention_mask, scaling=None, drop
         padding = adapter.pruned.plan.padding  # a decode step re-ranks from its own query
         if padding is not None:
             padding = torch.cat((padding, padding.new_zeros(padding.shape[0], key.shape[-2] - padding.shape[1])), dim=1)
-        adapter.step_scores = P.last_query_scores(query, key, scaling or query.shape[-1] ** -0.5, padding)
+        adapter.step_scores = P.last_query_scores(query, key, _scale(query, scaling), padding)
     if prefill is None:
         return base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    layer = module.layer_idx
+    scaling = _scale(query, scaling)
     if scores_layer:
         if key.shape[-2] != prefill.plan.num_full:
             raise DymuError("FastV needs an empty KV cache at prefill")
@@ -366,6 +371,11 @@ def dymu_attention(module, query, key, value, attention_mask, scaling=None, drop
     if adapter.vtu == "exact" and prefill.vmap_at(layer, adapter.prune_layer) is not None:
         return _exact(module, prefill, query, key, value, attention_mask, scaling)
     return base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+def _scale(query: torch.Tensor, scaling: float | None) -> float:
+    """The attention scale: the module's, else 1/sqrt(head_dim)."""
+    return query.shape[-1] ** -0.5 if scaling is None else scaling
 
 
 def _exact(module, prefill: Prefill, query, key, value, attention_mask, scaling: float):
