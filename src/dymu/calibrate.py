@@ -76,7 +76,7 @@ def calibrate_vtw(model, processor, images, prompt: str = DEFAULT_PROMPT, thresh
     from tqdm.auto import tqdm
 
     from .api import apply, is_applied
-    from .llava import chat_prompt, get_vlm_patch
+    from .llava import chat_prompt, get_vlm_patch, model_inputs
 
     patch = get_vlm_patch(model)
     if patch is None or not is_applied(model):
@@ -93,8 +93,8 @@ def calibrate_vtw(model, processor, images, prompt: str = DEFAULT_PROMPT, thresh
     try:
         for start in tqdm(range(0, len(images), batch_size), desc="calibrating VTW", unit="batch", disable=not progress):
             chunk = images[start : start + batch_size]
-            inputs = _inputs(model, processor, chunk, text, vtu)
             apply(model, thresholds, vtu=vtu)
+            inputs = model_inputs(model, processor, chunk, [text] * len(chunk))
             full = _last_logits(model, inputs)
             for k in candidates:
                 apply(model, thresholds, vtu=vtu, prune=f"vtw:k={k}")
@@ -110,14 +110,6 @@ def _thresholds_of(model):
     from .vision import get_patch
 
     return get_patch(model).thresholds
-
-
-def _inputs(model, processor, images, text: str, vtu: str) -> dict:
-    if vtu == "none":
-        from .llava import prepare_inputs
-
-        return prepare_inputs(model, processor, images, [text] * len(images))
-    return processor(images=images, text=[text] * len(images), return_tensors="pt", padding=True)
 
 
 def _last_logits(model, inputs: dict) -> torch.Tensor:

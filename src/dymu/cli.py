@@ -321,11 +321,13 @@ def cmd_import_thresholds(args) -> None:
     print(f"wrote {args.out}: {result.describe()} ({result.model.get('model_type')}, {len(result)} layers)")
 
 
-def _run_generate(model, processor, images, text, max_new_tokens: int, compact: bool) -> dict:
+def _run_generate(model, processor, images, text, max_new_tokens: int) -> dict:
     import time
 
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList
+
+    from .llava import model_inputs
 
     class FirstStep(LogitsProcessor):
         """Timestamps the first call, which follows the prefill forward."""
@@ -338,12 +340,7 @@ def _run_generate(model, processor, images, text, max_new_tokens: int, compact: 
                 self.first = time.perf_counter()
             return scores
 
-    if compact:
-        from .llava import prepare_inputs
-
-        inputs = prepare_inputs(model, processor, images, [text])
-    else:
-        inputs = processor(images=images, text=[text], return_tensors="pt", padding=True)
+    inputs = model_inputs(model, processor, images, [text])  # compact inputs when the model is in compact mode
     clock = FirstStep()
     start = time.perf_counter()
     with torch.no_grad():
@@ -390,14 +387,14 @@ def cmd_generate(args) -> None:
     runs = []
     if reduced:
         api.apply(model, **merging, vtu=vtu, prune=args.prune)
-        merged = _run_generate(model, processor, images, text, args.max_new_tokens, compact=vtu == "none")
+        merged = _run_generate(model, processor, images, text, args.max_new_tokens)
         merged["tokens"] = get_vlm_patch(model).state.last_encoding.num_tokens
         merged["report"] = _prefill_report(model, merged["prompt_length"], vtu)
         method = [f"ToMe r={merging['merge'].r} (vtu={vtu})" if "merge" in merging else f"DyMU (vtu={vtu})"] * bool(merging)
         runs.append((" + ".join(method + [args.prune] * (args.prune is not None)), merged))
         api.remove(model)
     if not reduced or args.compare:
-        runs.append(("unmerged", _run_generate(model, processor, images, text, args.max_new_tokens, compact=False)))
+        runs.append(("unmerged", _run_generate(model, processor, images, text, args.max_new_tokens)))
     from .vision import tower_info
 
     patches = tower_info(model).num_patches

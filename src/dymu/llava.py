@@ -126,6 +126,15 @@ def chat_prompt(processor, prompt: str, num_images: int) -> str:
     return "<image>\n" * num_images + prompt
 
 
+def model_inputs(model, processor, images, text: list[str]) -> dict:
+    """Inputs for ``model(**inputs)`` / ``generate``: ``prepare_inputs`` when ``model`` is patched in compact mode,
+    else the processor's (full placeholders, left padding as the processor is configured)."""
+    patch = get_vlm_patch(model)
+    if patch is not None and patch.state.vtu == "none":
+        return prepare_inputs(model, processor, images, text)
+    return processor(images=images, text=text, return_tensors="pt", padding=True)
+
+
 def prepare_inputs(model, processor, images, text, **processor_kwargs) -> dict:
     """Inputs for compact mode (``vtu="none"``): each image's placeholders shrink to its merged token count.
 
