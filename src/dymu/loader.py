@@ -140,8 +140,6 @@ class LoadClock:
         return (f"{self.images} images in {total:.1f} s ({rate:.1f} images/s): waiting for data {self.waiting:.1f} s "
                 f"({share(self.waiting):.0f}%), model {self.running:.1f} s ({share(self.running):.0f}%)")
 
-    def as_dict(self) -> dict:
-        return {"images": self.images, "waiting_s": self.waiting, "model_s": self.running}
 
 
 def on_gpu(model) -> bool:
