@@ -58,6 +58,30 @@ def test_calibration_measures_each_withdrawal_layer(tiny):
     assert result.k == choose_layer(result.kl, 0.05, LAYERS)
 
 
+def test_calibration_under_tome_keeps_tome_and_measures_the_merged_model(tiny):
+    """The candidates are measured on the ToMe-merged model (fixed r re-applied with each), which it is left with."""
+    from dymu.api import encoder_merging
+    from dymu.data import bundled_image
+    from dymu.methods import ToMe
+
+    _, model, processor = tiny
+    photos = [bundled_image(name) for name in ("coins", "camera")]
+    dymu.apply(model, merge="tome:r=3")
+    result = calibrate_vtw(model, processor, photos, threshold=0.05, batch_size=2, progress=False)
+    assert encoder_merging(model) == {"merge": ToMe(r=3)}
+    inputs = processor(images=photos, text=[result.prompt] * 2, return_tensors="pt")
+    with torch.no_grad():
+        full = model(**inputs).logits[:, -1]
+        dymu.apply(model, merge="tome:r=3", prune="vtw:k=2")
+        withdrawn = model(**inputs).logits[:, -1]
+        dymu.apply(model, None)
+        unmerged = model(**inputs).logits[:, -1]
+    assert not torch.allclose(full, unmerged), "r=3 changes the model: the test would not tell merged from unmerged"
+    expected = float(kl_divergence(withdrawn, full).mean())
+    assert math.isclose(result.kl[2], expected, rel_tol=1e-6, abs_tol=1e-12)
+    dymu.remove(model)
+
+
 def test_calibrate_vtw_command(tiny, image_paths, tmp_path, capsys):
     from dymu.cli import main
 
@@ -69,3 +93,8 @@ def test_calibrate_vtw_command(tiny, image_paths, tmp_path, capsys):
     assert data["format"] == "dymu-vtw-calibration" and data["version"] == 1 and data["samples"] == 3
     assert data["k"] == 1 and 'prune="vtw:k=1"' in printed  # any KL qualifies at the first candidate
     assert main(["calibrate-vtw", str(folder), *image_paths[:2], "--out", str(tmp_path / "missing" / "x.json")]) == 2
+    assert main(["calibrate-vtw", str(folder), *image_paths[:2], "--out", str(tmp_path / "tome.json"), "--merge",
+                 "tome:r=2", "--kl", "1e9"]) == 0
+    assert json.loads((tmp_path / "tome.json").read_text())["k"] == 1
+    assert main(["calibrate-vtw", str(folder), *image_paths[:2], "--out", str(out), "--merge", "tome:r=2",
+                 "--thresholds", str(out)]) == 2  # alternatives: one line, before any model loads

@@ -64,6 +64,19 @@ def apply(model: nn.Module, thresholds=None, vtu: str = "fast", prune=None, merg
     return model
 
 
+def encoder_merging(model: nn.Module) -> dict:
+    """The ``apply`` keywords that reproduce the encoder merging ``model`` is patched with: {"merge": ToMe} for a fixed
+    r, else {"thresholds": ...} (never-merge thresholds on an unpatched model)."""
+    from .methods import ToMe
+
+    patch = get_patch(model)
+    if patch is None:
+        return {"thresholds": None}
+    if patch.state.mode == "fixed":
+        return {"merge": ToMe(r=patch.state.budgets[0])}
+    return {"thresholds": patch.thresholds}
+
+
 def remove(model: nn.Module) -> nn.Module:
     """Restore the original model exactly (no-op on an unpatched model)."""
     from .llava import unpatch_vlm

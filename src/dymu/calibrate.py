@@ -75,7 +75,7 @@ def calibrate_vtw(model, processor, images, prompt: str = DEFAULT_PROMPT, thresh
     """
     from tqdm.auto import tqdm
 
-    from .api import apply, is_applied
+    from .api import apply, encoder_merging, is_applied
     from .llava import chat_prompt, get_vlm_patch, model_inputs
 
     patch = get_vlm_patch(model)
@@ -83,7 +83,7 @@ def calibrate_vtw(model, processor, images, prompt: str = DEFAULT_PROMPT, thresh
         raise DymuError("calibrate_vtw needs a LLaVA model patched by dymu.apply (thresholds may be None)")
     if not images:
         raise DymuError("calibrate_vtw needs at least one image")
-    thresholds = _thresholds_of(model)
+    merging = encoder_merging(model)  # DToMe thresholds or ToMe's r, re-applied with each candidate
     vtu, prune = patch.state.vtu, patch.state.language.prune
     layers = model.config.text_config.num_hidden_layers
     first = first_layer if first_layer < layers else 1
@@ -93,23 +93,17 @@ def calibrate_vtw(model, processor, images, prompt: str = DEFAULT_PROMPT, thresh
     try:
         for start in tqdm(range(0, len(images), batch_size), desc="calibrating VTW", unit="batch", disable=not progress):
             chunk = images[start : start + batch_size]
-            apply(model, thresholds, vtu=vtu)
+            apply(model, **merging, vtu=vtu)
             inputs = model_inputs(model, processor, chunk, [text] * len(chunk))
             full = _last_logits(model, inputs)
             for k in candidates:
-                apply(model, thresholds, vtu=vtu, prune=f"vtw:k={k}")
+                apply(model, **merging, vtu=vtu, prune=f"vtw:k={k}")
                 sums[k] += float(kl_divergence(_last_logits(model, inputs), full).sum())
     finally:
-        apply(model, thresholds, vtu=vtu, prune=prune)
+        apply(model, **merging, vtu=vtu, prune=prune)
     kl = {k: sums[k] / len(images) for k in candidates}
     return VtwCalibration(k=choose_layer(kl, threshold, layers), kl=kl, threshold=threshold, samples=len(images),
                           prompt=text, model=language_identity(model))
-
-
-def _thresholds_of(model):
-    from .vision import get_patch
-
-    return get_patch(model).thresholds
 
 
 def _last_logits(model, inputs: dict) -> torch.Tensor:

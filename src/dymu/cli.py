@@ -415,16 +415,16 @@ def cmd_calibrate_vtw(args) -> None:
     from . import api
     from .calibrate import calibrate_vtw
     from .images import collect_images, load_images
-    from .models import load_model, load_processor, settings_from_config
+    from .models import load_model, load_processor
 
     out = _out_file(args.out)
+    merging, vtu = _encoder_merging(args)
     image_set = collect_images(args.images, args.image_root)
     images, skipped = load_images(image_set.paths[: args.limit])
     _report_skipped(image_set.skipped + skipped)
     model = load_model(args.model)
     processor = load_processor(args.model, full=True)
-    thresholds, vtu = settings_from_config(args.model, args.thresholds, args.vtu)
-    api.apply(model, thresholds, vtu=vtu)
+    api.apply(model, **merging, vtu=vtu)
     result = calibrate_vtw(model, processor, images, prompt=args.prompt, threshold=args.kl, first_layer=args.first_layer,
                            batch_size=args.batch_size)
     for k, value in result.kl.items():
@@ -630,7 +630,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--first-layer", type=int, default=DEFAULT_FIRST_LAYER,
                    help="first candidate layer (default: %(default)s as VTW; 1 for shallower models)")
     p.add_argument("--thresholds", help="calibrate the merged model: DToMe thresholds (default: the checkpoint's \"dymu\" section, else none)")
-    p.add_argument("--vtu", choices=["fast", "exact", "none"], help="VTU mode with --thresholds (default: fast)")
+    _add_merge(p)
+    p.add_argument("--vtu", choices=["fast", "exact", "none"], help="VTU mode of the merged model (default: fast)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward (default: %(default)s)")
     p.set_defaults(func=cmd_calibrate_vtw)
 

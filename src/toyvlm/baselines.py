@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 
 from . import data as D
 from .data import accuracy
-from .evaluate import (BATCH_SIZE, DEFAULT_TEST_SCENES, answer, find_level_thresholds, image_size_of, load,
-                       test_records, evaluation_parser)
+from .evaluate import (BATCH_SIZE, DEFAULT_TEST_SCENES, answer, evaluation_parser, find_level_thresholds,
+                       image_size_of, open_run)
 from .train import PROMPT
 
 RESULTS_FORMAT = "toyvlm-baselines"
@@ -126,12 +125,8 @@ def run(model_dir, out_dir=None, scenes: int = DEFAULT_TEST_SCENES, seed: int = 
     import dymu
     from dymu.methods import tome_r_for
 
-    model_dir = Path(model_dir)
-    out = Path(out_dir) if out_dir else model_dir / "eval"
-    out.mkdir(parents=True, exist_ok=True)
+    model_dir, out, model, processor, records, images = open_run(model_dir, out_dir, scenes, seed)
     started = time.time()
-    model, processor = load(model_dir)
-    records, images = test_records(scenes, seed, image_size_of(processor))
     texts = text_tokens(processor, records)
     thresholds = find_level_thresholds(model, processor, model_dir / "thresholds", seed=seed, progress=progress, levels=LEVELS)
     means = {}

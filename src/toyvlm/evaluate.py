@@ -97,6 +97,12 @@ def describe(model, processor, records, images, batch_size: int = BATCH_SIZE, pr
     return {"cider": cider, "ended": float(np.mean(ended)), "descriptions": texts}
 
 
+def slice_cider(descriptions: list[str], records) -> float:
+    """CIDEr-D of the first descriptions of a row alone (document frequencies from their own references): the number
+    the tests reproduce on the fixed slice."""
+    return cider_d(dict(enumerate(descriptions)), {i: records[i]["references"] for i in range(len(descriptions))})[0]
+
+
 def image_size_of(processor) -> int:
     return int(processor.image_processor.crop_size["height"])
 
@@ -214,6 +220,17 @@ def find_level_thresholds(model, processor, folder: Path, scenes: int = DEFAULT_
     return out
 
 
+def open_run(model_dir, out_dir, scenes: int, seed: int):
+    """What every test-split evaluation starts from: (model folder, output folder (``out_dir``, default
+    ``model_dir/eval``, created), model, processor, question records, images of the first ``scenes`` test scenes)."""
+    model_dir = Path(model_dir)
+    out = Path(out_dir) if out_dir else model_dir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    model, processor = load(model_dir)
+    records, images = test_records(scenes, seed, image_size_of(processor))
+    return model_dir, out, model, processor, records, images
+
+
 def run(model_dir, out_dir=None, scenes: int = DEFAULT_TEST_SCENES, seed: int = D.DEFAULT_SEED, levels=tuple(DYMU_LEVELS),
         modes=MODES, baselines: bool = True, progress: bool = True, threshold_scenes: int = DEFAULT_THRESHOLD_SCENES,
         describe_scenes: int = DEFAULT_DESCRIBE_SCENES) -> dict:
@@ -221,12 +238,8 @@ def run(model_dir, out_dir=None, scenes: int = DEFAULT_TEST_SCENES, seed: int = 
     and table.md to ``out_dir`` (default: ``model_dir/eval``). Thresholds are cached in ``model_dir/thresholds``."""
     import dymu
 
-    model_dir = Path(model_dir)
-    out = Path(out_dir) if out_dir else model_dir / "eval"
-    out.mkdir(parents=True, exist_ok=True)
+    model_dir, out, model, processor, records, images = open_run(model_dir, out_dir, scenes, seed)
     started = time.time()
-    model, processor = load(model_dir)
-    records, images = test_records(scenes, seed, image_size_of(processor))
     described, described_images = describe_records(describe_scenes, seed, image_size_of(processor)) if describe_scenes \
         else ([], {})
     patches = model.config.image_seq_length
@@ -242,8 +255,9 @@ def run(model_dir, out_dir=None, scenes: int = DEFAULT_TEST_SCENES, seed: int = 
         if described and visual:  # every row that sees an image describes too
             shown = described_images if pictures is images else blind_images(described_images)
             descriptions = describe(model, processor, described, shown, progress=progress, desc=f"{name}, describing")
-            row.update(cider=descriptions["cider"], describe_ended=descriptions["ended"],
-                       descriptions=descriptions["descriptions"][:SLICE_DESCRIPTIONS])
+            kept = descriptions["descriptions"][:SLICE_DESCRIPTIONS]
+            row.update(cider=descriptions["cider"], describe_ended=descriptions["ended"], descriptions=kept,
+                       slice_cider=slice_cider(kept, described))
         rows.append(row)
         print(f"{name:<22} tokens {tokens['mean']:6.1f}  accuracy {100 * row['overall']:5.1f}%  "
               + " ".join(f"{k} {100 * v:.1f}" for k, v in row["per_kind"].items())
