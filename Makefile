@@ -49,11 +49,13 @@ toy-model: $(STAMP)
 	rm -rf $(TOY_MODEL)/thresholds $(TOY_MODEL)/eval
 	$(MAKE) toy-eval
 
-# Accuracy vs visual tokens of the toy model (unmerged, blind, prior; DToMe low/mid/high with and without VTU), then
-# accuracy vs FLOPs against the baselines (FastV, VTW, ToMe fixed r; toyvlm.baselines).
+# Accuracy and CIDEr-D vs visual tokens of the toy model (unmerged, blind, prior; DToMe low/mid/high with and without
+# VTU), accuracy vs FLOPs against the baselines (FastV, VTW, ToMe fixed r; toyvlm.baselines), the attention drift
+# while it describes (toyvlm.diagnose --drift), then the model card.
 toy-eval: $(STAMP)
 	$(BIN)/python -m toyvlm.evaluate --model $(TOY_MODEL)
 	$(BIN)/python -m toyvlm.baselines --model $(TOY_MODEL)
+	$(BIN)/python -m toyvlm.diagnose --model $(TOY_MODEL) --drift
 	$(BIN)/python -m toyvlm.card $(TOY_MODEL)
 
 bench: $(STAMP)

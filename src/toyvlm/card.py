@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import data as D
 from .evaluate import DEFAULT_THRESHOLD_SCENES, DYMU_LEVELS, markdown_table
+from .train import MAX_DESCRIPTION_TOKENS
 
 #: accuracy the toy model is meant to reach on the test split (issue 4)
 TARGET_OVERALL = 0.90
@@ -140,7 +141,7 @@ letter, patch row and column; weight {cfg['aux_weight']}){_extra_losses(cfg)}. f
 training answer (the best a text-only model can do on this data). The first {results['slice_questions']} test
 questions (a fixed slice checked by `tests/test_toyvlm_eval.py`): **{100 * unmerged['slice_accuracy']:.1f}%**.
 
-## With DyMU (thresholds found on {DEFAULT_THRESHOLD_SCENES} training images; targets {levels} tokens of {results['patches']})
+{_describing(folder, results)}## With DyMU (thresholds found on {DEFAULT_THRESHOLD_SCENES} training images; targets {levels} tokens of {results['patches']})
 
 The targets are DyMU's LLaVA-1.5 presets (89 / 195 / 394 of 576 tokens) scaled to {results['patches']} patches and,
 for `low`, raised to the lowest count a constant merge schedule can reach in this {read}-layer
@@ -151,7 +152,77 @@ Llama (`vtu="fast"`); no VTU = the merged tokens fed as a shorter sequence (`vtu
 Visual tokens follow image complexity: the tokens column splits the mean by background
 ({" / ".join(D.BACKGROUND_KINDS)}). Full results: `eval/results.json`, plot: `eval/accuracy_vs_tokens.png`.
 Reproduce: `python -m toyvlm.evaluate --model assets/toy-llava`.
-{_history(folder)}"""
+{_drift(folder)}{_history(folder)}"""
+
+
+def _describing(folder: Path, results: dict) -> str:
+    """The describe task's section: CIDEr-D of the model and of the blind baseline, one description beside its
+    references. Empty for results without descriptions."""
+    from .evaluate import describe_records
+
+    rows = [row for row in results["rows"] if "cider" in row and not row["level"]]
+    if not rows:
+        return ""
+    table = "\n".join(f"| {row['name']} | {row['cider']:.3f} | {100 * row['describe_ended']:.0f}% | "
+                      f"{row['slice_cider']:.3f} |" for row in rows)
+    example = describe_records(1, results["seed"])[0][0]
+    references = "\n".join(f"  - {text}" for text in example["references"])
+    return f"""## Describing (test split, first {results['describe_scenes']} scenes, greedy, at most {MAX_DESCRIPTION_TOKENS} tokens)
+
+Each scene is asked its describe prompt ("Describe the image." or a paraphrase) and scored with CIDEr-D against its
+five reference descriptions (`toyvlm.cider`: pycocoevalcap's CIDEr-D and PTB tokenisation, checked against the
+package on fixtures). `fixed slice`: the first {results['slice_descriptions']} descriptions scored alone (document
+frequencies from their own references), the number `tests/test_toyvlm_eval.py` reproduces.
+
+| model | CIDEr-D | ended with `</s>` | CIDEr-D, fixed slice |
+|---|---|---|---|
+{table}
+
+{example['image']} ({example['background']} background), asked "{example['question']}":
+- unmerged: **{rows[0]['descriptions'][0]}**
+- references:
+{references}
+
+"""
+
+
+def _drift(folder: Path) -> str:
+    """The attention-drift section from ``eval/drift.json`` (``python -m toyvlm.diagnose --drift``), if present."""
+    from .diagnose import SEGMENTS
+
+    path = folder / "eval" / "drift.json"
+    if not path.is_file():
+        return ""
+    report = json.loads(path.read_text())
+    share = report["share"]  # (steps, layers, segments)
+    # steps where at least half of the scenes are still generating (later means rest on a few long descriptions)
+    steps = [step for step, count in enumerate(report["scenes_at_step"]) if 2 * count >= report["scenes"]]
+    shown = sorted({steps[0], steps[len(steps) // 2], steps[-1]})
+    image = SEGMENTS.index("image")
+    header = " | ".join(f"layer {layer}" for layer in range(report["layers"]))
+    lines = "\n".join(f"| {step} ({report['scenes_at_step'][step]}) | "
+                      + " | ".join(f"{100 * share[step][layer][image]:.1f}" for layer in range(report["layers"]))
+                      + f" | {100 * sum(share[step][layer][image] for layer in range(report['layers'])) / report['layers']:.1f} |"
+                      for step in shown)
+    first, last = (sum(share[step][layer][image] for layer in range(report["layers"])) / report["layers"]
+                   for step in (steps[0], steps[-1]))
+    trend = "falls" if last < first else "does not fall"
+    return f"""
+## Attention drift while describing
+
+`python -m toyvlm.diagnose --model assets/toy-llava --drift` ({report['scenes']} test scenes, {100 * report['ended']:.0f}%
+of the descriptions ended with `</s>`): the share of the last query's attention (mean over heads, then over the
+scenes still generating) on the image tokens at each generated step. Steps with at least half of the scenes still
+generating:
+
+| step (scenes) | {header} | mean |
+|---|{'---|' * (report['layers'] + 1)}
+{lines}
+
+On this model the image share {trend} as the description grows: {100 * first:.1f}% at step {steps[0]} and
+{100 * last:.1f}% at step {steps[-1]} (mean over layers). Every segment (system / image / instruction / response),
+every layer and every step: `eval/drift.json`, plot `eval/drift.png`.
+"""
 
 
 def _history(folder: Path) -> str:
