@@ -232,3 +232,26 @@ def test_describe_path_scores_greedy_descriptions_with_cider(toy, tmp_path):
     assert table[2].endswith("| 1.250 | 100% |") and table[3].endswith("| - | - |") and table[4].endswith("| 0.500 | 90% |")
     E.plot(results, tmp_path / "cider.png", metric="cider")
     assert (tmp_path / "cider.png").stat().st_size > 0
+
+
+def test_card_drift_section_reports_the_measured_trend_over_steps_most_scenes_reach(tmp_path):
+    from toyvlm import card
+    from toyvlm.diagnose import SEGMENTS
+
+    def write(image_shares, scenes_at_step):
+        rest = len(SEGMENTS) - 1
+        share = [[[s if k == SEGMENTS.index("image") else (1 - s) / rest for k in range(len(SEGMENTS))] for s in layers]
+                 for layers in image_shares]
+        (tmp_path / "eval").mkdir(exist_ok=True)
+        (tmp_path / "eval" / "drift.json").write_text(json.dumps(
+            {"segments": list(SEGMENTS), "layers": 2, "share": share, "scenes_at_step": scenes_at_step, "scenes": 10,
+             "ended": 1.0}))
+        return card._drift(tmp_path)
+
+    assert card._drift(tmp_path) == ""  # no drift.json: no section
+    # the last step (2 of 10 scenes still generating) would show a rise; it is left out of the trend
+    text = write([[0.5, 0.3], [0.4, 0.2], [0.3, 0.1], [0.9, 0.9]], [10, 9, 5, 2])
+    assert "the image share falls as the description grows: 40.0% at step 0 and\n20.0% at step 2" in text
+    assert "| 0 (10) | 50.0 | 30.0 | 40.0 |" in text and "| 3 (2)" not in text
+    text = write([[0.2, 0.2], [0.3, 0.3]], [10, 10])
+    assert "the image share does not fall" in text
