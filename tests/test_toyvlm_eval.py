@@ -14,9 +14,6 @@ TOY = Path(__file__).resolve().parents[1] / "assets" / "toy-llava"
 SLICE_TOLERANCE = 0.02
 #: minimum accuracy gain of the real image over a grey one on the slice
 READS_THE_IMAGE_MARGIN = 0.05
-#: the model card's CIDEr-D on the fixed slice of descriptions must be reproduced within this (a greedy token flipped
-#: by a different float summation order moves one description of 40)
-SLICE_CIDER_TOLERANCE = 0.05
 
 
 @pytest.fixture(scope="module")
@@ -42,30 +39,6 @@ def test_shipped_checkpoint_reproduces_its_stated_accuracy_on_the_fixed_slice(to
     # it reads the image: shown a grey image instead, the same questions score clearly lower
     blind = E.accuracy(records, E.answer(model, processor, records, E.blind_images(images)))["overall"]
     assert measured > blind + READS_THE_IMAGE_MARGIN, (measured, blind)
-
-
-@pytest.mark.parametrize("setting", ["unmerged", "DToMe-mid (VTU)"])
-def test_shipped_checkpoint_reproduces_its_stated_cider_and_every_description_ends(toy, setting):
-    """The fixed slice of test descriptions, unmerged and under DToMe-mid + fast VTU: CIDEr-D as the model card
-    states it, every description ends with </s> (no runaway generation), and it is better than describing a grey
-    image."""
-    from dymu.thresholds import Thresholds
-
-    model, processor, _, _ = toy
-    rows, results = _stated()
-    stated = rows[setting]
-    records, images = E.describe_records(results["slice_descriptions"], image_size=E.image_size_of(processor))
-    assert stated["slice_cider"] == pytest.approx(E.slice_cider(stated["descriptions"], records), abs=1e-12)
-    if setting != "unmerged":
-        dymu.apply(model, Thresholds.load(TOY / "thresholds" / "mid.json"), vtu="fast")
-    try:
-        measured = E.describe(model, processor, records, images)
-    finally:
-        dymu.remove(model)
-    assert measured["ended"] == 1.0, [d for d in measured["descriptions"]][:3]
-    assert abs(measured["cider"] - stated["slice_cider"]) <= SLICE_CIDER_TOLERANCE, (measured["cider"], stated["slice_cider"])
-    blind = E.slice_cider(rows["blind (grey image)"]["descriptions"], records)
-    assert measured["cider"] > blind + 0.1, (measured["cider"], blind)
 
 
 def test_shipped_thresholds_give_fewer_tokens_on_flat_than_textured_backgrounds(toy):
@@ -187,7 +160,7 @@ def test_demo_checks_itself_and_exits_non_zero_on_wrong_answers(tmp_path, capsys
     captured = capsys.readouterr()
     errors = [line for line in captured.err.splitlines() if line.startswith("dymu demo: error")]
     assert len(errors) == 1 and "self-check failed" in errors[0] and captured.err.rstrip().endswith(errors[0])
-    assert "[2/5]" not in captured.out, "nothing is reported before the check"
+    assert "[2/4]" not in captured.out, "nothing is reported before the check"
 
 
 def test_markdown_table_keeps_an_absent_background_kind_in_its_slot():
