@@ -199,13 +199,16 @@ def _drift(folder: Path) -> str:
     steps = [step for step, count in enumerate(report["scenes_at_step"]) if 2 * count >= report["scenes"]]
     shown = sorted({steps[0], steps[len(steps) // 2], steps[-1]})
     image = SEGMENTS.index("image")
-    header = " | ".join(f"layer {layer}" for layer in range(report["layers"]))
+    layers = range(report["layers"])
+
+    def mean_image_share(step: int) -> float:
+        return sum(share[step][layer][image] for layer in layers) / report["layers"]
+
+    header = " | ".join(f"layer {layer}" for layer in layers)
     lines = "\n".join(f"| {step} ({report['scenes_at_step'][step]}) | "
-                      + " | ".join(f"{100 * share[step][layer][image]:.1f}" for layer in range(report["layers"]))
-                      + f" | {100 * sum(share[step][layer][image] for layer in range(report['layers'])) / report['layers']:.1f} |"
-                      for step in shown)
-    first, last = (sum(share[step][layer][image] for layer in range(report["layers"])) / report["layers"]
-                   for step in (steps[0], steps[-1]))
+                      + " | ".join(f"{100 * share[step][layer][image]:.1f}" for layer in layers)
+                      + f" | {100 * mean_image_share(step):.1f} |" for step in shown)
+    first, last = mean_image_share(steps[0]), mean_image_share(steps[-1])
     trend = "falls" if last < first else "does not fall"
     return f"""
 ## Attention drift while describing
