@@ -1,7 +1,8 @@
 """``dymu demo``: DyMU end to end, offline.
 
 Default: the trained toy LLaVA shipped in ``assets/toy-llava`` (see ``toyvlm``) answers questions about synthetic
-test scenes unmerged and with DToMe + VTU at two threshold levels; accuracy, visual tokens and merge maps.
+test scenes and describes one scene per background kind, unmerged and with DToMe + VTU at two threshold levels;
+accuracy, visual tokens, descriptions beside a reference, and merge maps.
 ``dymu demo --clip``: the encoder-only demo on a random-weight CLIP-L/14-336 and scikit-image's photos.
 """
 
@@ -31,6 +32,8 @@ TOY_SHOWN_PER_BACKGROUND = 1
 TOY_THRESHOLD_SCENES = 1000
 #: the self-check re-answers this many scored questions with never-merge thresholds (several left-padded batches)
 SELF_CHECK_QUESTIONS = 96
+#: settings whose descriptions of the shown scenes must all end with </s> (no runaway generation)
+DESCRIPTIONS_MUST_END = ("unmerged", "DToMe-mid")
 
 
 class SelfCheckError(DymuError):
@@ -125,6 +128,7 @@ def run_demo(out_dir: Path, model_dir: Path | None = None, scenes: int | None = 
 
     from toyvlm import data as D
     from toyvlm import evaluate as E
+    from toyvlm.train import MAX_DESCRIPTION_TOKENS
 
     from . import api
     from .viz import denormalize, save_merge_figure, save_overview
@@ -142,7 +146,7 @@ def run_demo(out_dir: Path, model_dir: Path | None = None, scenes: int | None = 
     model, processor = E.load(model_dir)
     patches = model.config.image_seq_length
     vision, text = model.config.vision_config, model.config.text_config
-    print(f"[1/4] {model_dir}: CLIP tower {vision.num_hidden_layers} layers, {vision.image_size}px / {vision.patch_size} = "
+    print(f"[1/5] {model_dir}: CLIP tower {vision.num_hidden_layers} layers, {vision.image_size}px / {vision.patch_size} = "
           f"{patches} patches; Llama {text.num_hidden_layers} layers, width {text.hidden_size}")
     thresholds = E.find_level_thresholds(model, processor, out_dir / "thresholds", scenes=TOY_THRESHOLD_SCENES,
                                          progress=False, levels=TOY_LEVELS, reuse=False)
@@ -151,23 +155,25 @@ def run_demo(out_dir: Path, model_dir: Path | None = None, scenes: int | None = 
 
     records, images = E.test_records(scenes, image_size=E.image_size_of(processor))
     settings = [("unmerged", None)] + [(f"DToMe-{level}", level) for level in TOY_LEVELS]
-    answers, ended, tokens, encodings = {}, {}, {}, {}
+    answers, ended, tokens, encodings, descriptions = {}, {}, {}, {}, {}
     shown = _pick_shown(records)
     shown_pixels = processor.image_processor(images=[images[i] for i in shown], return_tensors="pt")["pixel_values"]
+    described = _describe_records(shown, scenes, E.image_size_of(processor))
     for name, level in settings:
         if level:
             api.apply(model, thresholds[level], vtu="fast")
         try:
             answers[name], ended[name] = E.generations(model, processor, records, images)
+            descriptions[name] = E.generations(model, processor, described, images, max_new_tokens=MAX_DESCRIPTION_TOKENS)
             tokens[name] = E.visual_tokens(model, processor, records, images) if level else None
             encodings[name] = api.encode(model, shown_pixels)
         finally:
             api.remove(model)
     never = [float("inf")] * vision.num_hidden_layers
-    checked = self_check(model, processor, records, images, answers, ended, never)
+    checked = self_check(model, processor, records, images, answers, ended, never, described, descriptions)
     print(f"      self-check passed: {checked}")
 
-    print("[2/4] a few test scenes (one per background kind): answers unmerged | " + " | ".join(n for n, lv in settings if lv))
+    print("[2/5] a few test scenes (one per background kind): answers unmerged | " + " | ".join(n for n, lv in settings if lv))
     by_image = {}
     for index, record in enumerate(records):
         by_image.setdefault(record["image"], []).append(index)
@@ -179,7 +185,16 @@ def run_demo(out_dir: Path, model_dir: Path | None = None, scenes: int | None = 
             got = " | ".join(answers[name][index].strip() or "-" for name, _ in settings)
             print(f"    {record['question']:<58} {got:<24} (truth: {record['answer']})")
 
-    print(f"[3/4] accuracy on {len(records)} test questions ({scenes} scenes), VTU on:")
+    print(f"[3/5] the same scenes described (greedy, at most {MAX_DESCRIPTION_TOKENS} tokens) beside the first of "
+          "their five references:")
+    for k, record in enumerate(described):
+        print(f"  {record['image']} ({record['background']}), asked {record['question']!r}:")
+        print(f"    {'reference':<14}{record['references'][0]}")
+        for name, _ in settings:
+            text, done = descriptions[name][0][k], descriptions[name][1][k]
+            print(f"    {name:<14}{text.strip() or '-'}{'' if done else f' [no </s> within {MAX_DESCRIPTION_TOKENS} tokens]'}")
+
+    print(f"[4/5] accuracy on {len(records)} test questions ({scenes} scenes), VTU on:")
     for name, level in settings:
         result = E.accuracy(records, answers[name])
         if level:
@@ -191,7 +206,7 @@ def run_demo(out_dir: Path, model_dir: Path | None = None, scenes: int | None = 
         kinds = " ".join(f"{kind} {100 * value:.0f}" for kind, value in result["per_kind"].items())
         print(f"  {name:<11} {100 * result['overall']:5.1f}%  {used}  [{kinds}]")
 
-    print(f"[4/4] merge maps -> {out_dir}/merge_maps/, {out_dir}/overview.png")
+    print(f"[5/5] merge maps -> {out_dir}/merge_maps/, {out_dir}/overview.png")
     maps_dir = out_dir / "merge_maps"
     figures = []
     mean, std = processor.image_processor.image_mean, processor.image_processor.image_std
@@ -208,16 +223,20 @@ def run_demo(out_dir: Path, model_dir: Path | None = None, scenes: int | None = 
     sys.stdout.flush()
 
 
-def self_check(model, processor, records, images, answers: dict, ended: dict, never_merge: list) -> str:
+def self_check(model, processor, records, images, answers: dict, ended: dict, never_merge: list, described: list,
+               descriptions: dict) -> str:
     """Checks a healthy install passes; raises SelfCheckError (one line) otherwise. Returns what was checked.
 
-    1. Never-merge thresholds (+inf) with VTU give exactly the unmerged answers (batched, left padded).
+    1. Never-merge thresholds (+inf) with VTU give exactly the unmerged answers (batched, left padded) and the
+       unmerged descriptions of the ``described`` records (``descriptions``: setting -> (texts, ended)).
     2. Every answer of every setting is a well-formed short answer followed by the end of the generation: one of
        the task's answer words (a merged model may answer a letter question with a colour; a broken KV cache makes
        answers run on: "right no zero", "d yes").
+    3. Every description of the settings in ``DESCRIPTIONS_MUST_END`` ends with </s> within the token budget.
     """
     from toyvlm import data as D
     from toyvlm import evaluate as E
+    from toyvlm.train import MAX_DESCRIPTION_TOKENS
 
     from . import api
 
@@ -225,14 +244,17 @@ def self_check(model, processor, records, images, answers: dict, ended: dict, ne
     api.apply(model, never_merge, vtu="fast")
     try:
         patched, _ = E.generations(model, processor, subset, images)
+        patched_descriptions, _ = E.generations(model, processor, described, images, max_new_tokens=MAX_DESCRIPTION_TOKENS)
     finally:
         api.remove(model)
-    differ = [i for i, (a, b) in enumerate(zip(patched, answers["unmerged"])) if a != b]
-    if differ:
-        i = differ[0]
-        raise SelfCheckError(f"self-check failed: with never-merge thresholds {len(differ)} of {len(subset)} answers differ "
-                             f"from the unmerged model (first: {subset[i]['question']!r} -> {patched[i]!r}, unmerged "
-                             f"{answers['unmerged'][i]!r}); this install gives wrong answers")
+    for what, ours, theirs, questions in (("answers", patched, answers["unmerged"], subset),
+                                          ("descriptions", patched_descriptions, descriptions["unmerged"][0], described)):
+        differ = [i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b]
+        if differ:
+            i = differ[0]
+            raise SelfCheckError(f"self-check failed: with never-merge thresholds {len(differ)} of {len(ours)} {what} "
+                                 f"differ from the unmerged model (first: {questions[i]['question']!r} -> {ours[i]!r}, "
+                                 f"unmerged {theirs[i]!r}); this install gives wrong answers")
     words = set().union(*(D.answer_space(kind) for kind in D.QUESTION_KINDS))
     for name, texts in answers.items():
         bad = [i for i, (text, done) in enumerate(zip(texts, ended[name])) if not done or D.normalize_answer(text) not in words]
@@ -240,8 +262,24 @@ def self_check(model, processor, records, images, answers: dict, ended: dict, ne
             i = bad[0]
             raise SelfCheckError(f"self-check failed: {name}: {len(bad)} of {len(texts)} answers are not a short answer "
                                  f"ending the generation (first: {records[i]['question']!r} -> {texts[i]!r})")
-    return (f"never-merge == unmerged on {len(subset)} questions; all {sum(map(len, answers.values()))} answers "
-            "well formed")
+    for name in DESCRIPTIONS_MUST_END:
+        texts, done = descriptions[name]
+        if not all(done):
+            i = done.index(False)
+            raise SelfCheckError(f"self-check failed: {name}: {done.count(False)} of {len(texts)} descriptions do not end "
+                                 f"with </s> within {MAX_DESCRIPTION_TOKENS} tokens (first: {described[i]['image']} -> "
+                                 f"{texts[i]!r})")
+    return (f"never-merge == unmerged on {len(subset)} questions and {len(described)} descriptions; all "
+            f"{sum(map(len, answers.values()))} answers well formed; {' and '.join(DESCRIPTIONS_MUST_END)} descriptions "
+            "end with </s>")
+
+
+def _describe_records(shown: list[str], scenes: int, image_size: int) -> list[dict]:
+    """The describe records (``toyvlm.evaluate.describe_records``) of the ``shown`` test images, in their order."""
+    from toyvlm import evaluate as E
+
+    by_image = {record["image"]: record for record in E.describe_records(scenes, image_size=image_size)[0]}
+    return [by_image[image_id] for image_id in shown]
 
 
 def _pick_shown(records) -> list[str]:
