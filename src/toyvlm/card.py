@@ -116,8 +116,9 @@ answer = processor.decode(model.generate(**inputs, max_new_tokens=3)[0, inputs["
 letter written on it) on flat, gradient, textured or scikit-image photo backgrounds (1/4 each). Questions:
 exists (yes/no, balanced, POPE-style), colour, count (number words), position (left/right/above/below) and detail
 (the letter), each answered with one word; and describe ("Describe the image." or one of
-{len(D.DESCRIBE_PROMPTS) - 1} paraphrases), answered with a description of every object (size, colour, shape, letter, place) and
-the background, {D.NUM_DESCRIPTIONS} reference paraphrases per scene. Training: {_training_scenes(cfg)} of split `train` (seed {cfg['seed']}); evaluation: split `test`
+{len(D.DESCRIBE_PROMPTS) - 1} paraphrases), answered with a description of every object (size, colour, shape,
+letter, place) and the background, {D.NUM_DESCRIPTIONS} reference paraphrases per scene.
+Training: {_training_scenes(cfg)} of split `train` (seed {cfg['seed']}); evaluation: split `test`
 (an independent random stream), first {results['scenes']} scenes, {results['questions']} questions.
 
 ## Training
@@ -204,7 +205,8 @@ def _drift(folder: Path) -> str:
     layers = range(report["layers"])
 
     def mean_share(step: int, segment: str) -> float:
-        return sum(share[step][layer][SEGMENTS.index(segment)] for layer in layers) / report["layers"]
+        column = SEGMENTS.index(segment)
+        return sum(share[step][layer][column] for layer in layers) / report["layers"]
 
     header = " | ".join(f"layer {layer}" for layer in layers)
     lines = "\n".join(f"| {step} ({report['scenes_at_step'][step]}) | "
@@ -214,6 +216,9 @@ def _drift(folder: Path) -> str:
     trend = "falls" if last < first else "does not fall"
     others = ", ".join(f"the {segment}'s from {100 * mean_share(steps[0], segment):.1f}% to "
                        f"{100 * mean_share(steps[-1], segment):.1f}%" for segment in SEGMENTS if segment != "image")
+    response_grows = mean_share(steps[-1], "response") > mean_share(steps[0], "response")
+    cause = " Part of the image's loss is attention going to the words the model has already written." * (
+        last < first and response_grows)
     return f"""
 ## Attention drift while describing
 
@@ -228,8 +233,8 @@ generating:
 
 On this model the image share {trend} as the description grows: {100 * first:.1f}% at step {steps[0]} and
 {100 * last:.1f}% at step {steps[-1]} (mean over layers). Over the same steps the other shares move as follows:
-{others}. Part of the image's loss is attention going to the words the model has already written. Every segment,
-every layer and every step: `eval/drift.json`, plot `eval/drift.png`.
+{others}.{cause}
+Every segment, every layer and every step: `eval/drift.json`, plot `eval/drift.png`.
 """
 
 

@@ -47,10 +47,11 @@ it training-time only; the saved model is plain LLaVA):
   0.6-0.7) but position answers stayed near chance; a linear probe on the pointing layer's output of the model
   trained without the read-outs (session 3: test 80.9%, position 61.7%, existence 91.1%) read the position answer
   only 70% of the time. Measured: fine-tuning that model 300 steps with the position read-out took position from 58%
-  to 81% (100 validation scenes; without it 58%). Switched on at step 1200 (the previous, short-answer model, 47.1 min): test
-  83.3%, position 78.9%, existence 87.7%; the shipped describe run: 86.8%, position 81.2%, existence 94.1%. On from step 0 they slow existence: 70% vs 92.5% at step 1000 (40 validation
-  scenes, 5-layer tower), and a 6-layer-tower run with them from the start (``--vision-layers 6 --tower-steps 1600
-  --readout-start 0``, 52.8 min) ended at test position 78.7% but existence 69.6%, 79.6% overall.
+  to 81% (100 validation scenes; without it 58%). Switched on at step 1200: test 83.3%, position 78.9%, existence
+  87.7% (the previous, short-answer model, 47.1 min); 86.8%, position 81.2%, existence 94.1% (the shipped describe
+  run). On from step 0 they slow existence: 70% vs 92.5% at step 1000 (40 validation scenes, 5-layer tower), and a
+  6-layer-tower run with them from the start (``--vision-layers 6 --tower-steps 1600 --readout-start 0``, 52.8 min)
+  ended at test position 78.7% but existence 69.6%, 79.6% overall.
 * Recipes tried and not shipped (a longer tower stage, a pool of 60000 scenes, pointing absent objects, counting
   at existence answers) are in the model card's history (``assets/toy-llava/history.md``), with their numbers.
 * **Eager attention only where it is read** (:func:`eager_attention_at`): the pointing layer runs eager attention
