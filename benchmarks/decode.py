@@ -29,7 +29,7 @@ from dymu.demo import cache_dir
 from dymu.finder import find_thresholds
 from dymu.flops import decode_step_flops, last_prefill, prefill_flops
 from dymu.images import load_batch, open_image
-from dymu.llava import get_vlm_patch
+from dymu.llava import last_prefill_plan
 from dymu.models import build_llava_preset
 
 LOW_TOKENS = 90
@@ -77,11 +77,11 @@ def main(argv=None) -> None:
             best_step = min(best_step, sum(timer.times[1:]) / len(timer.times[1:]))
         with torch.no_grad():
             cache = find_cache(model(**inputs, use_cache=True, logits_to_keep=1).values())
-        kept = get_vlm_patch(model).state.language.last_kept
+        plan = last_prefill_plan(model)
         last = last_prefill(model, inputs["input_ids"].shape[1], vtu)
         steps = range(1, args.new_tokens)  # the timed steps: every generated token after the first
         rows.append({"config": label, "prune": prune, "visual_tokens": dymu.encode(model, inputs["pixel_values"]).num_tokens[0],
-                     "kept_image_tokens": int(kept.image_tokens[0]) if prune and kept is not None else None,
+                     "kept_image_tokens": int(plan.image_tokens(plan.keep_at(len(plan.layers) - 1))[0]) if prune and plan is not None else None,
                      "prefill_seconds": best_prefill, "step_seconds": best_step, "kv_bytes": kv_bytes(cache),
                      "prefill_flops": prefill_flops(last.decoder, last.plan).flops,
                      "step_flops": sum(decode_step_flops(last.decoder, last.plan, t).flops for t in steps) / len(steps)})

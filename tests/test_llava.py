@@ -17,17 +17,33 @@ PATCHES = 576
 MERGING = [0.6, 0.5, 0.4, 0.3]
 
 
-def tiny_llava(kv_heads=2, seed=0, layers=2):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+#: the language models every language-side oracle runs on: Llama, and Qwen2 (grouped-query attention with one KV
+#: head for four query heads, q/k/v biases on)
+TEXT_MODELS = ("llama", "qwen2")
+
+
+def tiny_llava(kv_heads=2, seed=0, layers=2, text="llama"):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
 
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
                               image_size=336, patch_size=14, hidden_act="quick_gelu")
-    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-                       num_key_value_heads=kv_heads, vocab_size=100, pad_token_id=PAD, bos_token_id=1, eos_token_id=98)
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4, vocab_size=100,
+                 pad_token_id=PAD, bos_token_id=1, eos_token_id=98)
+    if text == "qwen2":
+        text = Qwen2Config(num_key_value_heads=1, **shape)
+        assert text.num_key_value_heads < text.num_attention_heads
+    else:
+        text = LlamaConfig(num_key_value_heads=kv_heads, **shape)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
                                                       vision_feature_layer=-2)).eval()
     model.generation_config.pad_token_id = PAD
+    for layer in model.model.language_model.layers:  # initialised to zero: give the biases something to do
+        for name in ("q_proj", "k_proj", "v_proj"):
+            bias = getattr(layer.self_attn, name).bias
+            if bias is not None:
+                with torch.no_grad():
+                    bias.normal_(0.0, 0.5)
     return model
 
 
@@ -63,9 +79,10 @@ def logits(model, ids, mask, pixels):
         return model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
 
 
+@pytest.mark.parametrize("text", TEXT_MODELS)
 @pytest.mark.parametrize("vtu", ["fast", "exact"])
-def test_no_merging_equals_stock_model_and_generate(vtu, images):
-    model = tiny_llava()
+def test_no_merging_equals_stock_model_and_generate(vtu, text, images):
+    model = tiny_llava(text=text)
     ids, mask = left_pad([prompt(5, 7, seed=1), prompt(2, 4, seed=2)])
     pixels = images[:2]
     stock = logits(model, ids, mask, pixels)
@@ -83,9 +100,9 @@ def test_no_merging_equals_stock_model_and_generate(vtu, images):
     assert torch.equal(logits(model, ids, mask, pixels), stock)
 
 
-@pytest.mark.parametrize("kv_heads", [4, 2], ids=["MHA", "GQA"])
-def test_exact_vtu_equals_fast_vtu(kv_heads, images):
-    model = tiny_llava(kv_heads=kv_heads)
+@pytest.mark.parametrize("kv_heads, text", [(4, "llama"), (2, "llama"), (1, "qwen2")], ids=["MHA", "GQA", "qwen2"])
+def test_exact_vtu_equals_fast_vtu(kv_heads, text, images):
+    model = tiny_llava(kv_heads=kv_heads, text=text)
     ids, mask = left_pad([prompt(5, 7, seed=1), prompt(2, 4, seed=2)])
     for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
         model = model.to(dtype)
@@ -102,7 +119,8 @@ def test_one_vtu_attention_layer_equals_expand_attend_mean():
     """Spec §9 oracles 8-9: VTU attention == stock RoPE attention at full length, then the mean per group."""
     from transformers.masking_utils import create_causal_mask
 
-    from dymu.language import Prefill, TokenPlan
+    from dymu.language import Run
+    from dymu.plan import TokenPlan
 
     model = tiny_llava(kv_heads=2).double()
     language_model = model.model.language_model
@@ -123,11 +141,11 @@ def test_one_vtu_attention_layer_equals_expand_attend_mean():
             dymu.apply(model, MERGING, vtu=mode)
             causal = create_causal_mask(language_model.config, full_hidden, mask, None, positions)  # the mode's mask format
             language = get_vlm_patch(model).state.language
-            plan = TokenPlan(image=ids == IMAGE_TOKEN, padding=None, vmap=vmap)
-            language.prefill = Prefill(plan=plan, cache_before=[0, 0], rotary=cos_sin)
+            plan = TokenPlan.build(ids == IMAGE_TOKEN, None, vmap, num_layers=2)
+            language._run = Run(plan=plan, prefill=True, cache=None, cache_before=[0, 0], rotary=cos_sin)
             merged = attention(full_hidden, position_embeddings=cos_sin, attention_mask=causal)[0]
-            assert language.prefill.calls == {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 1}
-            language.prefill = None
+            assert language._run.calls == {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 1}
+            language._run = None
             torch.testing.assert_close(merged[real], reference[real], rtol=1e-10, atol=1e-10)
             assert not torch.allclose(stock[real], reference[real]), "the per-group mean must change the output"
 
@@ -149,8 +167,9 @@ def test_map_groups_positions_and_checks_counts():
         V.build_map(ids == IMAGE_TOKEN, sources[:2])
 
 
-def test_left_padded_batch_equals_each_prompt_alone(images):
-    model = tiny_llava(kv_heads=2)
+@pytest.mark.parametrize("text", TEXT_MODELS)
+def test_left_padded_batch_equals_each_prompt_alone(text, images):
+    model = tiny_llava(kv_heads=2, text=text)
     dymu.apply(model, MERGING, vtu="fast")
     counts = dymu.encode(model, images).num_tokens
     assert len(set(counts)) == 3, "the three images must merge to different counts"
@@ -165,8 +184,9 @@ def test_left_padded_batch_equals_each_prompt_alone(images):
         assert torch.equal(batched_tokens[i, -5:], alone_tokens[0, -5:])
 
 
-def test_two_images_in_one_prompt(images):
-    model = tiny_llava()
+@pytest.mark.parametrize("text", TEXT_MODELS)
+def test_two_images_in_one_prompt(text, images):
+    model = tiny_llava(text=text)
     ids, mask = left_pad([prompt(3, 4, images=2, seed=8), prompt(2, 5, seed=9)])
     pixels = images  # row 0 takes images 0 and 1, row 1 takes image 2
     stock = logits(model, ids, mask, pixels)

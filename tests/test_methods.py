@@ -41,7 +41,7 @@ def test_invalid_merge_specs():
 
 
 def test_tome_r_for_counts_patches_up_to_the_read_layer(clip):
-    from dymu.methods import tome_r_for
+    from dymu.api import tome_r_for
     from dymu.vision import tower_info
 
     from .test_encoder import _tiny_llava

@@ -10,13 +10,14 @@ from dymu import prune as P
 from dymu.compat import find_cache
 from dymu.llava import get_vlm_patch
 
-from .test_llava import IMAGE_TOKEN, MERGING, PATCHES, images, left_pad, prompt, tiny_llava  # noqa: F401 (images: fixture)
+from .test_llava import (IMAGE_TOKEN, MERGING, PATCHES, TEXT_MODELS, images, left_pad, prompt,  # noqa: F401 (images)
+                         tiny_llava)
 
 LAYERS = 4
 
 
-def model_with(layers=LAYERS, dtype=torch.float64, attention="sdpa"):
-    model = tiny_llava(layers=layers).to(dtype)
+def model_with(layers=LAYERS, dtype=torch.float64, attention="sdpa", text="llama"):
+    model = tiny_llava(layers=layers, text=text).to(dtype)
     model.set_attn_implementation({"text_config": attention, "vision_config": "sdpa"})
     return model
 
@@ -36,13 +37,18 @@ def language(model):
     return get_vlm_patch(model).state.language
 
 
+def prefill_plan(model):
+    return get_vlm_patch(model).state.language.last_prefill_plan
+
+
 @pytest.mark.parametrize("thresholds, vtu", [(None, "fast"), (MERGING, "fast"), (MERGING, "exact"), (MERGING, "none")],
                          ids=["unmerged", "dtome-fast", "dtome-exact", "dtome-compact"])
 @pytest.mark.parametrize("spec", ["fastv:k=2,r=0", "fastv:k=2,r=0,rerank=step", "fastv:k=1,r=0,score=all",
                                   f"fastv:k={LAYERS},r=0.5", f"vtw:k={LAYERS}"])
-def test_pruning_that_keeps_everything_is_the_model_without_it(spec, thresholds, vtu, images):
+@pytest.mark.parametrize("text", TEXT_MODELS)
+def test_pruning_that_keeps_everything_is_the_model_without_it(spec, thresholds, vtu, text, images):
     """Oracle 1: FastV r=0, FastV / VTW with k >= layers equal the model without pruning (logits, greedy tokens)."""
-    model = model_with()
+    model = model_with(text=text)
     pixels = images[:2].double()
     rows = [prompt(5, 7, seed=1), prompt(2, 4, seed=2)]
     ids, mask = left_pad(rows)
@@ -81,9 +87,10 @@ def _compact_case(spec):
 
 
 @pytest.mark.parametrize("thresholds, vtu", [(None, "fast"), (MERGING, "fast"), (MERGING, "exact")])
-def test_vtw_equals_fastv_dropping_everything(thresholds, vtu, images):
+@pytest.mark.parametrize("text", TEXT_MODELS)
+def test_vtw_equals_fastv_dropping_everything(thresholds, vtu, text, images):
     """Oracle 2: VTW(k) == FastV(k, r=1)."""
-    model = model_with()
+    model = model_with(text=text)
     ids, mask = left_pad([prompt(5, 7, seed=3), prompt(2, 4, seed=4)])
     pixels = images[:2].double()
     dymu.apply(model, thresholds, vtu=vtu, prune="vtw:k=2")
@@ -130,16 +137,16 @@ def brute_force_fastv(model, ids, pixels, k, r):
         return model.lm_head(lm.norm(hidden)), keep
 
 
-@pytest.mark.parametrize("k, r", [(1, 0.5), (2, 0.75), (3, 0.25)])
-def test_fastv_equals_a_brute_force_reference(k, r, images):
+@pytest.mark.parametrize("k, r, text", [(1, 0.5, "llama"), (2, 0.75, "llama"), (3, 0.25, "llama"), (2, 0.5, "qwen2")])
+def test_fastv_equals_a_brute_force_reference(k, r, text, images):
     """Oracle 3, with F4: the kept set is every text position plus N - round(rN) image positions, ascending."""
-    model = model_with(attention="eager")
+    model = model_with(attention="eager", text=text)
     ids = prompt(6, 9, seed=5)[None]
     pixels = images[1:2].double()
     reference, keep = brute_force_fastv(model, ids, pixels, k, r)
     dymu.apply(model, None, prune=f"fastv:k={k},r={r}")
     logits, cache = run(model, ids, torch.ones_like(ids), pixels)
-    kept = language(model).last_kept
+    kept = prefill_plan(model).layout(k)
     assert torch.equal(kept.positions[0], keep) and not bool(kept.filler.any())
     assert int(kept.image_tokens[0]) == PATCHES - round(PATCHES * r)
     torch.testing.assert_close(logits, reference, rtol=1e-10, atol=1e-10)
@@ -175,48 +182,54 @@ def test_scores_equal_the_eager_attention_weights(images):
 
 @pytest.mark.parametrize("thresholds, vtu, spec", [(None, "fast", "fastv:k=2,r=0.5"), (MERGING, "fast", "fastv:k=1,r=0.5"),
                                                   (MERGING, "exact", "fastv:k=2,r=0.75"), (MERGING, "fast", "vtw:k=2")])
-def test_cached_generation_equals_recomputing_the_finished_sequence(thresholds, vtu, spec, images):
+@pytest.mark.parametrize("text", TEXT_MODELS)
+def test_cached_generation_equals_recomputing_the_finished_sequence(thresholds, vtu, spec, text, images):
     """Oracle 4 (F6 / V2): greedy tokens from cached decoding == one uncached forward over the finished sequence
     with the prefill's kept set frozen (generated tokens kept at every layer)."""
-    model = model_with()
+    model = model_with(text=text)
     rows = [prompt(5, 7, seed=7), prompt(2, 4, seed=8)]
     ids, mask = left_pad(rows)
     pixels = images[:2].double()
     dymu.apply(model, thresholds, vtu=vtu, prune=spec)
     steps = 4
     tokens = greedy(model, ids, mask, pixels, steps)
-    adapter = language(model)
-    frozen = adapter.last_kept
-    n = ids.shape[1]
-    extended = P.Kept(positions=torch.cat((frozen.positions, n + torch.arange(steps - 1).expand(2, -1)), dim=1),
-                      filler=torch.cat((frozen.filler, frozen.filler.new_zeros(2, steps - 1)), dim=1),
-                      image_tokens=frozen.image_tokens)
-
-    def frozen_choice():
-        prefill = adapter.prefill
-        prefill.kept = extended
-        if prefill.plan.vmap is not None:
-            from dymu import vtu as V
-
-            prefill.restricted = V.restrict(prefill.plan.vmap, extended.positions, extended.filler)
-
-    adapter._choose = frozen_choice
+    k, n = int(spec.split("k=")[1].split(",")[0]), ids.shape[1]
+    dropped = prefill_plan(model).image & ~prefill_plan(model).keep_at(k)  # (batch, prompt)
+    language(model).policy = Replay(k, torch.cat((dropped, dropped.new_zeros(2, steps - 1)), dim=1))
     full_mask = torch.cat((mask, torch.ones(2, steps - 1, dtype=mask.dtype)), dim=1)
     with torch.no_grad():
         logits = model(input_ids=tokens[:, :-1], attention_mask=full_mask, pixel_values=pixels).logits
     assert torch.equal(logits[:, -steps:].argmax(-1), tokens[:, n:])
 
 
-def test_batch_equals_each_prompt_alone_with_dtome_vtu_and_fastv(images):
+class Replay:
+    """A policy that drops given positions from layer k on at the prefill (a frozen choice)."""
+
+    score_layers = ()
+    decode_edits = False
+
+    def __init__(self, k, dropped):
+        self.k, self.dropped = k, dropped
+
+    def scores_at(self, plan):
+        return {}
+
+    def edit(self, plan, layer):
+        if plan.step == 0 and layer == self.k:
+            plan.drop(self.dropped, from_layer=self.k)
+
+
+@pytest.mark.parametrize("text", TEXT_MODELS)
+def test_batch_equals_each_prompt_alone_with_dtome_vtu_and_fastv(text, images):
     """Oracle 7: different token counts per image (fillers align the rows), left padding, beam search runs."""
-    model = model_with()
+    model = model_with(text=text)
     pixels = images.double()
     dymu.apply(model, MERGING, vtu="fast", prune="fastv:k=2,r=0.5")
     assert len(set(dymu.encode(model, pixels).num_tokens)) == 3
     rows = [prompt(5, 7, seed=9), prompt(2, 4, seed=10), prompt(9, 3, seed=11)]
     ids, mask = left_pad(rows)
     batched, cache = run(model, ids, mask, pixels)
-    kept = language(model).last_kept
+    kept = prefill_plan(model).layout(2)
     assert bool(kept.filler.any()), "rows keep different numbers of positions"
     batched_tokens = greedy(model, ids, mask, pixels, steps=5)
     for i, row in enumerate(rows):
@@ -241,10 +254,10 @@ def test_text_only_prompts_and_random_ranking(images):
     dymu.apply(model, None, prune="fastv:k=0,r=0.5")
     ids = prompt(3, 4, seed=12)[None]
     first, _ = run(model, ids, torch.ones_like(ids), images[:1].double())
-    first_kept = language(model).last_kept.positions.clone()
+    first_kept = prefill_plan(model).layout(0).positions.clone()
     second, _ = run(model, ids, torch.ones_like(ids), images[:1].double())
-    assert torch.equal(first, second) and torch.equal(language(model).last_kept.positions, first_kept)
-    assert int(language(model).last_kept.image_tokens[0]) == PATCHES // 2
+    assert torch.equal(first, second) and torch.equal(prefill_plan(model).layout(0).positions, first_kept)
+    assert int(prefill_plan(model).layout(0).image_tokens[0]) == PATCHES // 2
 
 
 def test_select_handles_groups_ties_and_rows():
@@ -310,9 +323,10 @@ def test_per_step_reranking_equals_a_brute_force_reference(images):
     with torch.no_grad():
         generated = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=steps, do_sample=False,
                                    output_logits=True, return_dict_in_generate=True)
-        first_choice = language(model).last_kept.positions.clone()
+        last_step_choice = language(model).plan.layers[2].hidden.clone()  # the last decode step's hidden keys
         out = model(input_ids=ids, pixel_values=pixels, use_cache=True)
-    prefill_choice = language(model).last_kept.positions
+    prefill_choice = prefill_plan(model).layers[2].hidden
+    first_choice = last_step_choice
     assert not torch.equal(first_choice, prefill_choice), "decode steps must have re-chosen the image keys"
     tokens = generated.sequences[0]
     dymu.remove(model)

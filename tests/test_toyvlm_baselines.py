@@ -6,7 +6,7 @@ import pytest
 
 import dymu
 from dymu.flops import last_prefill, prefill_flops
-from dymu.methods import tome_r_for
+from dymu.api import tome_r_for
 from dymu.thresholds import Thresholds
 from toyvlm import baselines as B
 from toyvlm import evaluate as E

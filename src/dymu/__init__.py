@@ -1,10 +1,10 @@
 """dymu: dynamic visual-token merging (DyMU) for Hugging Face vision-language models."""
 
-from .api import Encoding, apply, encode, is_applied, remove
+from .api import Encoding, apply, encode, is_applied, remove, tome_r_for
 from .thresholds import Thresholds, ThresholdsError
-from .vision import DymuError
+from .errors import DymuError
 
-__all__ = ["apply", "remove", "encode", "is_applied", "Encoding", "Thresholds", "ThresholdsError", "DymuError", "find_thresholds", "prepare_inputs", "from_pretrained"]
+__all__ = ["apply", "remove", "encode", "is_applied", "Encoding", "Thresholds", "ThresholdsError", "DymuError", "tome_r_for", "find_thresholds", "prepare_inputs", "from_pretrained"]
 __version__ = "0.1.0"
 
 

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from .thresholds import Thresholds, as_thresholds
-from .vision import DymuError, get_patch, patch_tower, tower_info, unpatch_tower
+from .errors import DymuError
+from .vision import get_patch, patch_tower, tower_info, unpatch_tower
 
 
 def apply(model: nn.Module, thresholds=None, vtu: str = "fast", prune=None, merge=None) -> nn.Module:
@@ -31,8 +32,8 @@ def apply(model: nn.Module, thresholds=None, vtu: str = "fast", prune=None, merg
     Returns ``model``. Applying again replaces the previous settings.
     """
     from .compat import warn_if_untested
-    from .llava import check_vtu, is_vlm, patch_vlm, supports_language_side
-    from .methods import DToMe, ToMe, parse_merge, parse_prune
+    from .llava import is_vlm, patch_vlm, supports_language_side
+    from .methods import DToMe, ToMe, check_vtu, parse_merge, parse_prune
 
     check_vtu(vtu)
     prune = parse_prune(prune)
@@ -75,6 +76,22 @@ def encoder_merging(model: nn.Module) -> dict:
     if patch.state.mode == "fixed":
         return {"merge": ToMe(r=patch.state.budgets[0])}
     return {"thresholds": patch.thresholds}
+
+
+def tome_r_for(tokens: float, model):
+    """ToMe with the smallest r whose fixed schedule leaves the count nearest ``tokens`` at the read layer.
+
+    tokens: visual tokens as ``dymu.encode`` counts them (CLS not counted), e.g. the mean of DToMe on a data set.
+    model: a model ``dymu.apply`` takes, or its ``dymu.vision.TowerInfo``.
+    """
+    from . import merge as M
+    from .methods import ToMe
+    from .vision import TowerInfo
+
+    info = model if isinstance(model, TowerInfo) else tower_info(model)
+    if not 0 <= tokens <= info.num_patches:
+        raise DymuError(f"tokens must be between 0 and {info.num_patches} (the patches of the encoder), got {tokens}")
+    return ToMe(r=M.fixed_r_for(tokens + info.protected, info.num_tokens, info.protected, info.merge_layers))
 
 
 def remove(model: nn.Module) -> nn.Module:

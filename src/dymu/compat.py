@@ -36,7 +36,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from torch import nn
 
-from .vision import DymuError
+from .errors import DymuError
 
 #: transformers releases the whole test suite passes on (``.ci/run`` tests both ends); pyproject.toml admits
 #: ``>=TESTED_MIN,<NEXT_UNTESTED`` (tests/test_compat.py keeps the two in step)
@@ -209,6 +209,32 @@ def find_cache(values):
         if isinstance(value, Cache):
             return value
     return None
+
+
+#: KV-cache layer classes whose tensors dymu shrinks per layer at decode steps: ``keys`` / ``values`` of shape
+#: (batch, kv_heads, positions, head_dim), grown by concatenation (``DynamicCache``, generate's default)
+SHRINKABLE_CACHE_LAYERS = ("DynamicLayer",)
+
+
+def is_dynamic(cache) -> bool:
+    """Every layer of ``cache`` is a plain dynamic layer (no static, sliding-window or quantized storage)."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer).__name__ in SHRINKABLE_CACHE_LAYERS for layer in layers)
+
+
+def check_shrinkable(cache) -> None:
+    if not is_dynamic(cache):
+        kinds = sorted({type(layer).__name__ for layer in getattr(cache, "layers", ())}) or ["no layers list"]
+        raise DymuError(f"pruning shrinks each layer's KV cache; {type(cache).__name__} ({', '.join(kinds)}) cannot: "
+                        "use the dynamic cache (generate's default)")
+
+
+def keep_cache_slots(cache, layer: int, index) -> None:
+    """Layer ``layer`` of a dynamic cache keeps the slots ``index`` (batch, kept) of its (batch, heads, slots, d)."""
+    entry = cache.layers[layer]
+    gather = index[:, None, :, None]
+    entry.keys = entry.keys.gather(2, gather.expand(-1, entry.keys.shape[1], -1, entry.keys.shape[-1]))
+    entry.values = entry.values.gather(2, gather.expand(-1, entry.values.shape[1], -1, entry.values.shape[-1]))
 
 
 def bind_arguments(function, *args, **kwargs) -> tuple[dict, dict]:

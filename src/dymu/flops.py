@@ -24,11 +24,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .llava import check_vtu
 from .merge import layer_flops, matching_flops
-from .methods import VTW, FastV, parse_prune
+from .methods import VTW, FastV, check_vtu, parse_prune
 from .prune import kept_count
-from .vision import DymuError
+from .errors import DymuError
 
 FASTV_FORMULA = "fastv-formula"
 CACHE_AWARE = "cache-aware"
@@ -270,15 +269,39 @@ def merging_layers(model, info) -> list[bool]:
     return [patch is not None and patch.state.merges_at(layer) for layer in range(info.merge_layers)]
 
 
+def plan_shapes(plan, row: int = 0, vtu: str = "fast") -> list[LayerShape]:
+    """The per-layer shapes of batch row ``row`` of a prefill ``dymu.plan.TokenPlan`` (``language.last_prefill_plan``):
+    projections and MLP on the unique tokens of the positions each layer holds (VTU) or on those positions, the
+    attention on those positions, layers whose attention a policy read ranked once more (score "last": the last
+    query; "all": every query)."""
+    padding = plan.segments[row] == 0
+    positions = plan.num_prompt - int(padding.sum())
+    merged = plan.vmap is not None and vtu != "none" and int(plan.vmap.unique_lengths[row]) < plan.num_prompt - \
+        (int(padding.sum()) - 1 if bool(padding.any()) else 0)
+    width = EXACT_SCORE_WIDTH if vtu == "exact" and merged else 1
+    shapes = []
+    for layer in range(len(plan.layers)):
+        keep = plan.keep_at(layer)[row] & ~padding  # (prompt,) real positions this layer holds
+        held = int(keep.sum())
+        if plan.vmap is not None:
+            rows = int(torch.unique(plan.vmap.full_to_unique[row][keep]).numel())
+        else:
+            rows = held
+        kind = plan.layers[layer].scores
+        ranking = 0 if kind is None else 1 if kind == "last" else positions
+        shapes.append(LayerShape(rows=rows, queries=held, keys=held, score_width=width, ranking_queries=ranking))
+    return shapes
+
+
 def last_prefill(model, prompt_length: int, vtu: str) -> LastPrefill:
     """``LastPrefill`` of a model patched by ``dymu.apply`` after a generation or forward of one prompt of
-    ``prompt_length`` input ids (as the processor produced them: placeholders unmerged unless ``vtu`` is "none")."""
-    from .llava import cls_tokens, get_vlm_patch, placeholders_per_image
+    ``prompt_length`` input ids (as the processor produced them: placeholders unmerged unless ``vtu`` is "none"):
+    the plan its language model ran (row 0), counted by ``plan_shapes``."""
+    from .llava import cls_tokens, get_vlm_patch, last_prefill_plan, placeholders_per_image
     from .vision import tower_info
 
     info = tower_info(model)
-    state = get_vlm_patch(model).state
-    encoding, language = state.last_encoding, state.language
+    encoding = get_vlm_patch(model).state.last_encoding
     decoder = Decoder.from_config(model.config)
     cls = cls_tokens(model.config, info)
     positions = placeholders_per_image(model.config, info) * len(encoding)
@@ -287,12 +310,17 @@ def last_prefill(model, prompt_length: int, vtu: str) -> LastPrefill:
     merging = merging_layers(model, info)
     vision = sum(vision_flops(info, decoder.hidden, t, merging, cls) for t in encoding.layer_tokens)
     stock_vision = len(encoding) * vision_flops(info, decoder.hidden, cls=cls)
-    prompt = Prompt(text, positions, tokens)
-    kept, k = language.last_kept, language.prune_layer
-    spans, kept_positions = [(0, decoder.layers, tokens)], None
-    if kept is not None:
-        kept_positions = kept.length - int(kept.filler[0].sum()) - text
-        spans = [(0, k, tokens), (k, decoder.layers, int(kept.image_tokens[0]))]
-    plan = language_plan(prompt, decoder.layers, vtu, language.prune, kept_image_positions=kept_positions)
+    ran = last_prefill_plan(model)
+    if ran is None:  # nothing to change: the stock computation on the prompt as given
+        plan = language_plan(Prompt(text, positions, tokens), decoder.layers, vtu)
+        image = [tokens] * decoder.layers
+    else:
+        plan = plan_shapes(ran, 0, vtu)
+        image = [int(ran.image_tokens(ran.keep_at(layer))[0]) for layer in range(decoder.layers)]
+    spans, start = [], 0
+    for layer in range(1, decoder.layers + 1):
+        if layer == decoder.layers or image[layer] != image[start]:
+            spans.append((start, layer, image[start]))
+            start = layer
     stock = language_plan(Prompt(text, positions, positions), decoder.layers)
-    return LastPrefill(decoder, plan, stock, vision, stock_vision, [s for s in spans if s[1] > s[0]])
+    return LastPrefill(decoder, plan, stock, vision, stock_vision, spans)

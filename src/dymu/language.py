@@ -1,25 +1,29 @@
-"""Language-model adapter: the per-layer token plan, carried out with hooks around the stock decoder (Llama / Qwen2).
+"""Language-model adapter: carries a ``dymu.plan.TokenPlan`` out in a stock decoder (Llama / Qwen2), with hooks.
 
 The decoder runs as transformers wrote it: positions, RoPE, masks, the KV cache and whatever its arguments are
-called this release. The plan decides which positions exist at each layer and which unique token holds each:
+called this release. The plan (data, ``dymu.plan``) says which prompt positions each layer holds, which unique
+token holds each (VTU) and which attention a policy reads; policies (``dymu.policies``) edit it; this module has no
+method-specific branch.
 
 * **VTU** (virtual token unmerging). PyTorch hooks (instance-level, removable) surround the token-wise modules
   of every layer: ``q_proj`` / ``k_proj`` / ``v_proj`` and ``mlp`` run on the unique tokens (one per merge group:
   all positions of a group hold the same vector) and their outputs are expanded back to every position (VTU's
   M·); ``o_proj`` first takes the mean over each group's positions ((MᵀM)⁻¹Mᵀ), which keeps the group invariant.
-  Attention (sdpa / eager / flash, the model's choice) sees the full-length expanded Q/K/V, so RoPE is applied at
-  the original positions and the cache stores full-length K/V: the paper's fast path. ``vtu="exact"`` selects an
+  Attention (sdpa / eager, the model's choice) sees the full-length expanded Q/K/V, so RoPE is applied at the
+  original positions and the cache stores full-length K/V: the paper's fast path. ``vtu="exact"`` selects an
   attention kernel registered through ``AttentionInterface`` that computes the scores with the C/S decomposition
   on the un-rotated merged Q/K. Rows of a batch with fewer unique tokens are packed.
-* **Pruning** (FastV, VTW; ``dymu.prune``). At prefill, layer K-1's attention kernel also returns the attention
-  the last query gives every key; a pre-hook on decoder layer K keeps the chosen positions (hidden states,
-  RoPE tables, position ids and mask rows/columns gathered), and every later layer runs on them, so layers >= K
-  cache only the kept tokens. The VTU map is restricted to the kept positions. Decode steps gather the mask
-  columns of the pruned layers to their shorter caches.
+* **Plan edits.** A forward pre-hook on every decoder layer first lets the policy edit the plan, then makes the
+  layer hold what the plan says: at a prefill the hidden states, RoPE tables and position ids are gathered to the
+  layer's positions (rows aligned by fillers); at a decode step the layer's KV cache is shrunk to them
+  (``compat.keep_cache_slots``). Every edited layer gets an attention mask built from positions
+  (``prune.layer_mask``). Scores a policy asked for come from dymu's attention kernel (the last query's attention,
+  mean over heads, at the layer's own keys).
 
-The VLM adapter hands a ``TokenPlan`` over (``pending``) right before the language model's forward; the forward
-pre-hook takes it. After a planned prefill the adapter checks that every hooked module ran once per layer and
-that each layer's KV cache grew by the positions it holds; anything else raises instead of decoding garbage.
+The VLM adapter hands a plan over (``pending``) right before the language model's forward of a prefill; the plan
+stays with the sequence (its KV cache) for the decode steps when a policy acts. After each planned forward the
+adapter checks that every hooked module ran once per VTU layer and that each layer's KV cache holds exactly what
+the plan says; anything else raises instead of decoding garbage.
 """
 
 from __future__ import annotations
@@ -33,110 +37,58 @@ from torch import nn
 from . import compat
 from . import prune as P
 from . import vtu as V
+from .errors import DymuError
 from .merge import accumulation_dtype
-from .methods import VTW, FastV
-from .vision import DymuError
+from .methods import VTU_MODES
+from .plan import TokenPlan
+from .policies import policy_for
 
-VTU_MODES = ("fast", "exact", "none")
 #: exact VTU computes its full-length score matrices this many heads at a time (memory bound)
 EXACT_HEADS_PER_CHUNK = 8
 #: hooked modules per decoder layer: each must run once per layer that has a VTU map during a planned prefill
 HOOKED = (*compat.PROJECTIONS, "mlp")
-#: FastV with k = 0 has no attention to rank by: it keeps a random subset, drawn with this seed (reproducible)
-RANDOM_RANK_SEED = 0
 
 #: attention module -> its adapter, for the attention kernel (which transformers calls with the module only)
 _ADAPTERS: "weakref.WeakKeyDictionary[nn.Module, LanguageAdapter]" = weakref.WeakKeyDictionary()
 
 
 @dataclass
-class TokenPlan:
-    """What the VLM adapter hands to the language model for one prefill."""
-
-    image: torch.Tensor  # (batch, full) bool: image placeholder positions
-    padding: torch.Tensor | None  # (batch, full) bool: padding positions
-    vmap: V.VirtualMap | None  # VTU groups over the full sequence (None: every position its own token)
-
-    @property
-    def num_full(self) -> int:
-        return self.image.shape[1]
-
-    def select(self, scores: torch.Tensor, fraction: float) -> P.Kept:
-        """The positions kept when the lowest-scored ``fraction`` of image tokens goes (VTU groups whole).
-        scores: (batch, full) attention each position received."""
-        token_of = self.vmap.full_to_unique if self.vmap is not None else None
-        return P.select(scores, self.image, fraction, token_of)
-
-    def hidden_images(self, kept: P.Kept) -> torch.Tensor:
-        """(batch, full) bool: the image positions ``kept`` leaves out (FastV rerank=step hides their keys)."""
-        visible = torch.zeros_like(self.image).scatter_(1, kept.positions, True)
-        return self.image & ~visible
-
-
-@dataclass
-class Prefill:
-    """The forward in flight that carries a plan."""
+class Run:
+    """One language-model forward that carries a plan (a prefill or a decode step)."""
 
     plan: TokenPlan
+    prefill: bool
+    cache: object  # the KV cache (None without one)
     cache_before: list  # per layer: KV-cache length when the forward started
-    calls: dict = field(default_factory=dict)  # hooked module name -> calls so far
+    calls: dict = field(default_factory=dict)  # hooked module name -> calls so far (prefill)
     compressed: tuple | None = None  # (input tensor, its unique tokens): q/k/v share one input
     stash: dict = field(default_factory=dict)  # exact VTU: (attention module, "q"|"k") -> full-length pre-RoPE states
-    rotary: tuple | None = None  # exact VTU: (cos, sin) at the full positions, (batch, full, head_dim)
-    scores: torch.Tensor | None = None  # FastV: (batch, full) attention received at layer K-1
-    kept: P.Kept | None = None  # pruning: the positions of layers >= K (set at layer K)
-    restricted: V.VirtualMap | None = None  # the VTU map over the kept positions
-    masked: torch.Tensor | None = None  # FastV rerank=step: (batch, full) image keys hidden from layers >= K
-
-    def vmap_at(self, layer: int, prune_layer: int | None) -> V.VirtualMap | None:
-        pruned = self.masked is None and self.kept is not None and prune_layer is not None and layer >= prune_layer
-        return self.restricted if pruned else self.plan.vmap
-
-    @property
-    def gathered(self) -> bool:
-        """Layers >= K run on the kept positions only (not FastV's per-step masking)."""
-        return self.kept is not None and self.masked is None
-
-
-@dataclass
-class Pruned:
-    """After a pruned prefill: layers >= ``layer`` hold only ``kept`` (then every decoded token) in ``cache``; with
-    FastV rerank=step they hold every position and each decode step re-chooses which image keys stay visible."""
-
-    layer: int
-    kept: P.Kept
-    prompt_length: int
-    cache: weakref.ref
-    plan: TokenPlan | None = None  # rerank=step: image positions, padding and groups of the prompt
-
-    @property
-    def reranks(self) -> bool:
-        return self.plan is not None
+    rotary: tuple | None = None  # exact VTU: (cos, sin) of the prompt, (batch|1, prompt, head_dim)
+    tables: tuple | None = None  # the (cos, sin) layer 0 got: gathered for the layers that hold fewer positions
+    position_ids: torch.Tensor | None = None  # the position ids layer 0 got (prefill)
+    rows: P.Kept | None = None  # the positions of the hidden states in flight (prefill; None: every position)
+    masks: dict = field(default_factory=dict)  # (layout, hidden) -> the mask built for them this forward
 
 
 class LanguageAdapter:
     """Carries out token plans in one decoder stack. ``remove()`` restores it exactly."""
 
-    def __init__(self, language_model: nn.Module, vtu: str, prune: FastV | VTW | None = None):
+    def __init__(self, language_model: nn.Module, vtu: str, prune=None):
         if vtu not in VTU_MODES:
             raise DymuError(f"vtu must be one of {', '.join(VTU_MODES)}, got {vtu!r}")
         layers = language_model.layers
-        self.prune_layer = prune.k if prune is not None and prune.k < len(layers) else None
-        compat.check_language_model(language_model, exact=vtu == "exact", prune=self.prune_layer is not None)
+        self.prune = prune  # the method as given (a dymu.methods spec object or a policy): re-applying it reproduces us
+        self.policy = policy_for(prune, len(layers))
+        compat.check_language_model(language_model, exact=vtu == "exact", prune=self.policy is not None)
         self.language_model = language_model
+        self.num_layers = len(layers)
         self.vtu = vtu
-        self.prune = prune
-        self.pending: TokenPlan | None = None  # set by the VLM adapter right before the forward
-        self.prefill: Prefill | None = None
-        self.pruned: Pruned | None = None
-        self.last_kept: P.Kept | None = None  # the last choice of kept positions (reports, tests)
-        self.step_scores: torch.Tensor | None = None  # rerank=step: this decode step's layer K-1 scores
-        self.reranks = isinstance(prune, FastV) and prune.rerank == "step"
-        self._step_masked: torch.Tensor | None = None  # rerank=step: (batch, keys) image keys hidden this step
-        if self.reranks and self.prune_layer == 0:
-            raise DymuError("fastv rerank=step needs k >= 1 (each step ranks by the attention at layer k-1)")
-        self._past = 0  # layer-0 cache length at the start of the forward in flight
-        self._masks = {}  # id(stock mask) -> gathered mask, within one forward
+        self.pending: TokenPlan | None = None  # set by the VLM adapter right before the forward of a prefill
+        self.plan: TokenPlan | None = None  # the plan of the sequence being decoded (a policy acts at decode steps)
+        self.last_prefill_plan: TokenPlan | None = None  # the plan as the last prefill ran it (reports, FLOPs)
+        self._run: Run | None = None
+        self._held: list = [None] * self.num_layers  # per layer: the Kept layout its KV cache holds (None: all)
+        self._cache = None  # weakref to the KV cache of the sequence ``plan`` belongs to
         self._handles = []
         self._configs = []  # (config, its attention implementation before ours)
         self._handles.append(language_model.register_forward_pre_hook(self._start, with_kwargs=True))
@@ -147,72 +99,128 @@ class LanguageAdapter:
                 self._hook(getattr(attention, name), name, index, stash=(attention, name[0]) if vtu == "exact" else None)
             self._hook(attention.o_proj, "o_proj", index, reduce_mean=True)
             self._hook(layer.mlp, "mlp", index)
-            if self.prune_layer is not None and index >= self.prune_layer:
+            if self.policy is not None:
                 self._handles.append(layer.register_forward_pre_hook(self._layer_hook(index), with_kwargs=True))
-        if vtu == "exact" or (isinstance(prune, FastV) and self.prune_layer):
+        if vtu == "exact" or (self.policy is not None and self.policy.score_layers):
             self._use_kernel(language_model)
+
+    @property
+    def decode_edits(self) -> bool:
+        return self.policy is not None and bool(getattr(self.policy, "decode_edits", False))
 
     # ------------------------------------------------------------------ lifecycle of one forward
     def _start(self, module, args, kwargs):
         plan, self.pending = self.pending, None
-        self.prefill = None
-        self._masks = {}
+        self._run = None
         cache = compat.find_cache((*args, *kwargs.values()))
-        layers = len(self.language_model.layers)
-        before = [cache.get_seq_length(layer) for layer in range(layers)] if cache is not None else [0] * layers
-        self._past = before[0]
-        if self.pruned is not None and (cache is None or self.pruned.cache() is not cache or plan is not None):
-            self.pruned = None  # a new sequence: the pruned caches belong to another one
+        before = [cache.get_seq_length(layer) for layer in range(self.num_layers)] if cache is not None else [0] * self.num_layers
         if plan is not None:
-            self.prefill = Prefill(plan=plan, cache_before=before)
+            self._start_prefill(plan, cache, before)
+        elif self.plan is not None and cache is not None and self._cache is not None and self._cache() is cache:
+            self._start_step(cache, before, args, kwargs)
+        else:
+            self.plan = None  # a new sequence: the plan belongs to another one
+            return None
+        if self.policy is not None:
+            plan = self._run.plan
+            for layer, kind in self.policy.scores_at(plan).items():
+                if layer not in self.policy.score_layers:
+                    raise DymuError(f"{type(self.policy).__name__} asked for layer {layer}'s scores but declared "
+                                    f"score_layers {self.policy.score_layers}")
+                plan.layers[layer].scores = kind
+            if plan.step > 0 and kwargs.get("position_ids") is None and plan.edited:
+                # the stock default counts layer 0's cache, which an edit may have shortened: pass the real positions
+                start = plan.num_prompt + plan.generated
+                kwargs["position_ids"] = torch.arange(start, start + plan.queries, device=plan.segments.device)[None]
+                return args, kwargs
+        return None
+
+    def _start_prefill(self, plan: TokenPlan, cache, before: list) -> None:
+        self.plan = None
+        if self.policy is not None:
+            if any(before):
+                raise DymuError("a plan that prunes needs an empty KV cache at the prefill (chunked prefill, "
+                                "prefill_chunk_size, or a cache carried over from an earlier prompt is not supported)")
+            if cache is not None:
+                compat.check_shrinkable(cache)
+        if self.vtu == "exact" and cache is not None and not compat.is_dynamic(cache):
+            raise DymuError(f"vtu='exact' needs a dynamic KV cache, got {type(cache).__name__}")
+        plan.step, plan.generated, plan.queries, plan.cursor = 0, 0, plan.num_prompt, 0
+        self._held = [None] * self.num_layers
+        self._cache = weakref.ref(cache) if cache is not None else None
+        self._run = Run(plan=plan, prefill=True, cache=cache, cache_before=before)
+
+    def _start_step(self, cache, before: list, args, kwargs) -> None:
+        plan = self.plan
+        for layer in range(self.num_layers):
+            expected = self._held_length(layer) + plan.generated
+            if before[layer] != expected:
+                raise DymuError(f"layer {layer}'s KV cache holds {before[layer]} positions where the plan holds "
+                                f"{expected} (a cache cropped or reused outside generate is not supported with pruning)")
+        inputs = kwargs.get("inputs_embeds")
+        if inputs is None:
+            inputs = kwargs.get("input_ids", args[0] if args else None)
+        plan.step += 1
+        plan.queries = inputs.shape[1]
+        plan.cursor = 0
+        plan.scores = {}
+        for layer in plan.layers:
+            layer.hidden = layer.scores = None
+        self._run = Run(plan=plan, prefill=False, cache=cache, cache_before=before)
+
+    def _held_length(self, layer: int) -> int:
+        held = self._held[layer]
+        return self.plan.num_prompt if held is None else held.length
 
     def _finish(self, module, args, kwargs, output):
-        prefill, self.prefill = self.prefill, None
-        self._masks = {}
-        if prefill is None or output is None:  # no plan, or the forward raised (always_call)
+        run, self._run = self._run, None
+        if run is None or output is None:  # no plan, or the forward raised (always_call)
+            if output is None:
+                self.plan = None
             return
-        layers = len(self.language_model.layers)
-        with_map = sum(prefill.vmap_at(layer, self.prune_layer) is not None for layer in range(layers))
-        for name in HOOKED:
-            if prefill.calls.get(name, 0) != with_map:
-                raise compat.refuse(f"{type(module).__name__}: {name} ran {prefill.calls.get(name, 0)} time(s) in a "
-                                    f"prefill with {with_map} VTU layer(s)")
-        if self.prune_layer is not None and prefill.kept is None:  # set at layer K in both FastV modes
-            raise compat.refuse(f"{type(module).__name__}: decoder layer {self.prune_layer} never took the pruning plan")
-        values = output.values() if hasattr(output, "values") else output if isinstance(output, tuple) else ()
-        cache = compat.find_cache(values)
-        if cache is None:
-            return
-        for layer in range(layers):
-            pruned = prefill.gathered and layer >= self.prune_layer
-            expected = prefill.cache_before[layer] + (prefill.kept.length if pruned else prefill.plan.num_full)
-            if cache.get_seq_length(layer) != expected:
-                raise compat.refuse(f"the prefill left layer {layer}'s KV cache at {cache.get_seq_length(layer)} "
-                                    f"positions instead of {expected}")
-        if prefill.kept is not None:
-            self.pruned = Pruned(layer=self.prune_layer, kept=prefill.kept, prompt_length=prefill.plan.num_full,
-                                 cache=weakref.ref(cache), plan=prefill.plan if self.reranks else None)
+        plan = run.plan
+        cache = run.cache
+        if run.prefill:
+            with_map = sum(plan.vmap_at(layer) is not None for layer in range(self.num_layers))
+            for name in HOOKED:
+                if run.calls.get(name, 0) != with_map:
+                    raise compat.refuse(f"{type(module).__name__}: {name} ran {run.calls.get(name, 0)} time(s) in a "
+                                        f"prefill with {with_map} VTU layer(s)")
+        plan.generated += 0 if run.prefill else plan.queries
+        if cache is not None:
+            for layer in range(self.num_layers):
+                added = plan.cache_length(layer) if run.prefill else 0
+                expected = (run.cache_before[layer] + added) if run.prefill else self._held_length(layer) + plan.generated
+                if run.prefill and self.policy is not None and self._held[layer] is not plan.layout(layer):
+                    raise compat.refuse(f"decoder layer {layer} never took the plan")
+                if cache.get_seq_length(layer) != expected:
+                    raise compat.refuse(f"the {'prefill' if run.prefill else 'decode step'} left layer {layer}'s KV "
+                                        f"cache at {cache.get_seq_length(layer)} positions instead of {expected}")
+        if run.prefill:
+            self.last_prefill_plan = plan.snapshot()
+            self.plan = plan if self.policy is not None and cache is not None else None
 
     # ------------------------------------------------------------------ VTU: hooks around token-wise modules
     def _hook(self, module: nn.Module, name: str, layer: int, reduce_mean: bool = False, stash=None) -> None:
         def vmap_now():
-            return None if self.prefill is None else self.prefill.vmap_at(layer, self.prune_layer)
+            run = self._run
+            return None if run is None or not run.prefill else run.plan.vmap_at(layer)
 
         def before(module, args):
             vmap = vmap_now()
             if vmap is None:
                 return None
-            prefill = self.prefill
-            prefill.calls[name] = prefill.calls.get(name, 0) + 1
+            run = self._run
+            run.calls[name] = run.calls.get(name, 0) + 1
             if len(args) != 1 or args[0].dim() != 3 or args[0].shape[1] != vmap.num_full:
                 shape = tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else "no positional tensor"
                 raise compat.refuse(f"{name} was called with {shape}, expected (batch, {vmap.num_full}, features)")
             hidden = args[0]  # (batch, positions, features)
             if reduce_mean:
                 return (V.to_unique(hidden, vmap, reduce_mean=True),)
-            if prefill.compressed is None or prefill.compressed[0] is not hidden:
-                prefill.compressed = (hidden, V.to_unique(hidden, vmap))
-            return (prefill.compressed[1],)
+            if run.compressed is None or run.compressed[0] is not hidden:
+                run.compressed = (hidden, V.to_unique(hidden, vmap))
+            return (run.compressed[1],)
 
         def after(module, args, output):
             vmap = vmap_now()
@@ -220,93 +228,116 @@ class LanguageAdapter:
                 return None
             full = V.from_unique(output, vmap)  # (batch, positions, out features)
             if stash is not None:
-                self.prefill.stash[stash] = full
+                self._run.stash[stash] = full
             return full
 
         self._handles.append(module.register_forward_pre_hook(before))
         self._handles.append(module.register_forward_hook(after))
 
-    # ------------------------------------------------------------------ pruning: layers >= K
+    # ------------------------------------------------------------------ plan edits: every decoder layer
     def _layer_hook(self, index: int):
         def hook(module, args, kwargs):
+            run = self._run
+            if run is None:
+                return None
+            plan = run.plan
+            plan.cursor = index
+            self.policy.edit(plan, index)
+            want = plan.layout(index)
+            hidden = plan.layers[index].hidden
+            if run.prefill:
+                return self._prefill_layer(run, index, want, hidden, module, args, kwargs)
+            if want is not self._held[index]:
+                self._shrink(run, index, want)
+            if want is None and hidden is None:
+                return None
             arguments, extra = compat.bind_arguments(type(module).forward, module, *args, **kwargs)
             arguments.pop("self")
-            prefill, pruned = self.prefill, self.pruned
-            mask = arguments.get("attention_mask")
-            if prefill is not None and self.reranks:  # FastV rerank=step: hide the dropped image keys, keep them
-                if index == self.prune_layer:
-                    self._choose()
-                queries = torch.arange(prefill.plan.num_full, device=prefill.masked.device)
-                arguments["attention_mask"] = self._masked(mask, prefill.masked, queries.expand(prefill.masked.shape[0], -1))
-            elif prefill is not None:
-                if index == self.prune_layer:
-                    self._choose()
-                    arguments["hidden_states"] = P.gather_rows(arguments["hidden_states"], prefill.kept)
-                kept = prefill.kept
-                arguments["position_embeddings"] = tuple(P.gather_rows(t, kept) for t in arguments["position_embeddings"])
-                if arguments.get("position_ids") is not None:
-                    ids = arguments["position_ids"]
-                    arguments["position_ids"] = P.gather_rows(ids.expand(kept.positions.shape[0], -1), kept)
-                arguments["attention_mask"] = self._mask(mask, kept, None, kept.length)
-            elif pruned is not None:  # a decode step
-                queries = arguments["hidden_states"].shape[1]
-                appended = self._past + queries - pruned.prompt_length  # keys after the prompt, these included
-                positions = self._past + torch.arange(queries, device=pruned.kept.positions.device)  # full positions
-                positions = positions.expand(pruned.kept.positions.shape[0], -1)
-                if pruned.reranks:
-                    if index == self.prune_layer:
-                        self._rechoose(appended)
-                    arguments["attention_mask"] = self._masked(mask, self._step_masked, positions)
-                else:  # the pruned layers' caches are shorter
-                    arguments["attention_mask"] = self._mask(mask, pruned.kept, positions, pruned.kept.length + appended)
-            else:
-                return None
+            start = plan.num_prompt + plan.generated
+            queries = torch.arange(start, start + plan.queries, device=plan.segments.device).expand(plan.batch, -1)
+            arguments["attention_mask"] = self._mask(run, want, hidden, queries, arguments.get("attention_mask"))
             return (), {**arguments, **extra}
 
         return hook
 
-    def _masked(self, mask, masked: torch.Tensor, queries: torch.Tensor):
-        key = (id(mask), "masked")
-        if key not in self._masks:
-            self._masks[key] = P.mask_keys(mask, masked, queries, mask.dtype if mask is not None else torch.bool)
-        return self._masks[key]
+    def _prefill_layer(self, run: Run, index: int, want, hidden, module, args, kwargs):
+        plan = run.plan
+        self._held[index] = want
+        first = index == 0
+        if want is None and hidden is None and not first:
+            return None
+        arguments, extra = compat.bind_arguments(type(module).forward, module, *args, **kwargs)
+        arguments.pop("self")
+        if first:
+            run.tables = arguments["position_embeddings"]
+            run.position_ids = arguments.get("position_ids")
+            if want is None and hidden is None:
+                return None
+        if want is not run.rows:  # the layer holds fewer positions than the one before: gather the hidden states
+            index_rows = P.slots_in(run.rows, want, plan.num_prompt)
+            states = arguments["hidden_states"]  # (batch, rows, hidden)
+            arguments["hidden_states"] = states.expand(plan.batch, -1, -1).gather(
+                1, index_rows[..., None].expand(-1, -1, states.shape[-1]))
+            run.rows = want
+        if want is not None:
+            arguments["position_embeddings"] = tuple(P.gather_rows(t, want) for t in run.tables)
+            if run.position_ids is not None:
+                arguments["position_ids"] = P.gather_rows(run.position_ids.expand(plan.batch, -1), want)
+        queries = want.positions if want is not None else torch.arange(
+            plan.num_prompt, device=plan.segments.device).expand(plan.batch, -1)
+        arguments["attention_mask"] = self._mask(run, want, hidden, queries, arguments.get("attention_mask"), own_slots=True)
+        return (), {**arguments, **extra}
 
-    def _rechoose(self, appended: int) -> None:
-        """rerank=step: this decode step's query chooses the visible image keys again (the cache holds them all)."""
-        pruned = self.pruned
-        if self.step_scores is None:
-            raise compat.refuse(f"layer {self.prune_layer - 1}'s attention kernel did not report FastV's scores")
-        kept = pruned.plan.select(self.step_scores[:, : pruned.prompt_length], self.prune.r)
-        self.last_kept, self.step_scores = kept, None
-        masked = pruned.plan.hidden_images(kept)  # (batch, prompt)
-        self._step_masked = torch.cat((masked, masked.new_zeros(masked.shape[0], appended)), dim=1)
-
-    def _mask(self, mask, kept: P.Kept, queries, kv_length: int):
-        key = (id(mask), kv_length)
-        if key not in self._masks:
-            dtype = mask.dtype if mask is not None else torch.bool
-            self._masks[key] = P.gather_mask(mask, kept, queries, kv_length, dtype)
-        return self._masks[key]
-
-    def _choose(self) -> None:
-        """The positions layers >= K keep (FastV: best-scored image tokens; VTW: no image token)."""
-        prefill = self.prefill
-        plan = prefill.plan
-        if isinstance(self.prune, VTW):
-            fraction, scores = 1.0, torch.zeros(plan.image.shape, dtype=torch.float32, device=plan.image.device)
-        elif self.prune_layer == 0:  # no attention yet: a reproducible random ranking
-            generator = torch.Generator(device="cpu").manual_seed(RANDOM_RANK_SEED)
-            fraction, scores = self.prune.r, torch.rand(plan.image.shape, generator=generator).to(plan.image.device)
+    def _keys(self, run: Run, kept: P.Kept | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch, kv) positions and real flags of a layer's keys this forward: its prompt slots, then every position
+        decoded since and the queries of this forward."""
+        plan = run.plan
+        device = plan.segments.device
+        if kept is None:
+            prompt = torch.arange(plan.num_prompt, device=device).expand(plan.batch, -1)
+            real = plan.segments != 0
         else:
-            if prefill.scores is None:
-                raise compat.refuse(f"layer {self.prune_layer - 1}'s attention kernel did not report FastV's scores")
-            fraction, scores = self.prune.r, prefill.scores
-        prefill.kept = plan.select(scores, fraction)
-        self.last_kept = prefill.kept
-        if self.reranks:
-            prefill.masked = plan.hidden_images(prefill.kept)  # (batch, full)
-        elif plan.vmap is not None:
-            prefill.restricted = V.restrict(plan.vmap, prefill.kept.positions, prefill.kept.filler)
+            prompt, real = kept.positions, ~kept.filler & (plan.segments.gather(1, kept.positions) != 0)
+        if run.prefill:
+            return prompt, real
+        after = plan.num_prompt + torch.arange(plan.generated + plan.queries, device=device).expand(plan.batch, -1)
+        return torch.cat((prompt, after), dim=1), torch.cat((real, real.new_ones(after.shape)), dim=1)
+
+    def _mask(self, run: Run, kept, hidden, queries: torch.Tensor, stock, own_slots: bool = False):
+        key = (id(kept), id(hidden))
+        if key not in run.masks:
+            keys, real = self._keys(run, kept)
+            if hidden is not None:
+                hidden = hidden.gather(1, keys.clamp_max(run.plan.num_prompt - 1)) & (keys < run.plan.num_prompt)
+            dtype = stock.dtype if isinstance(stock, torch.Tensor) and stock.is_floating_point() else torch.bool
+            run.masks[key] = P.layer_mask(queries, keys, real, hidden, own_slots, dtype)
+        return run.masks[key]
+
+    def _shrink(self, run: Run, index: int, want) -> None:
+        """A decode step: layer ``index``'s KV cache keeps only ``want``'s prompt positions (then every decoded one)."""
+        plan = run.plan
+        held = self._held[index]
+        slots = P.slots_in(held, want, plan.num_prompt)  # (batch, new prompt slots)
+        old = self._held_length(index)
+        after = old + torch.arange(plan.generated, device=slots.device).expand(plan.batch, -1)
+        compat.keep_cache_slots(run.cache, index, torch.cat((slots, after), dim=1))
+        self._held[index] = want
+
+    # ------------------------------------------------------------------ scores a policy asked for
+    def scores(self, run: Run, layer: int, kind: str, query, key, scaling: float) -> torch.Tensor:
+        """(batch, prompt + generated + queries) attention each position receives at ``layer``, mean over heads."""
+        plan = run.plan
+        kept = self._held[layer]
+        keys, real = self._keys(run, kept)
+        if kind == "all":
+            if not run.prefill or kept is not None or plan.layers[layer].hidden is not None:
+                raise DymuError("score=all is computed at a prefill on a layer that holds every position")
+            received = P.all_query_scores(query, key, scaling, plan.padding)
+        else:
+            received = P.last_query_scores(query, key, scaling, ~real)
+        total = plan.num_prompt + (0 if run.prefill else plan.generated + plan.queries)
+        out = received.new_zeros(plan.batch, total)
+        return out.scatter_add_(1, keys, received.masked_fill(~real, 0))
 
     # ------------------------------------------------------------------ our attention kernel
     def _use_kernel(self, language_model: nn.Module) -> None:
@@ -320,8 +351,8 @@ class LanguageAdapter:
             config._attn_implementation = compat.register_kernel(base, dymu_attention)
 
         def keep_tables(module, args, output):
-            if self.prefill is not None:
-                self.prefill.rotary = output  # (cos, sin), each (batch, full, head_dim)
+            if self._run is not None and self._run.prefill:
+                self._run.rotary = output  # (cos, sin), each (batch, prompt, head_dim)
 
         if self.vtu == "exact":
             self._handles.append(language_model.rotary_emb.register_forward_hook(keep_tables))
@@ -335,41 +366,30 @@ class LanguageAdapter:
         self._configs = []
         for layer in self.language_model.layers:
             _ADAPTERS.pop(layer.self_attn, None)
-        self.pending = self.prefill = self.pruned = None
+        self.pending = self.plan = self._run = None
 
 
 def dymu_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The attention kernel dymu registers (``dymu_<base>``) when a plan needs more than the stock kernel.
 
-    During a planned prefill: exact VTU scores (C/S decomposition on the merged, un-rotated Q/K) at layers with a
-    VTU map, and, at layer K-1 of FastV, the attention the last query gives every key (``prefill.scores``).
-    Everything else is the base kernel the model was configured with.
+    In a planned forward: the scores a policy asked for at this layer (``plan.scores``), and exact VTU scores (C/S
+    decomposition on the merged, un-rotated Q/K) at the layers of a prefill with a VTU map. Everything else is the
+    base kernel the model was configured with.
     query: (batch, heads, q, head_dim) after RoPE; key / value: (batch, kv_heads, kv, head_dim) after the cache.
     Returns ((batch, q, heads, head_dim), weights or None).
     """
     adapter = _ADAPTERS.get(module)
-    prefill = adapter.prefill if adapter is not None else None
+    run = adapter._run if adapter is not None else None
     base = compat.base_kernel(module)
-    layer = module.layer_idx
-    scores_layer = isinstance(adapter.prune, FastV) and adapter.prune_layer is not None and layer == adapter.prune_layer - 1
-    if prefill is None and scores_layer and adapter.pruned is not None and adapter.pruned.reranks:
-        padding = adapter.pruned.plan.padding  # a decode step re-ranks from its own query
-        if padding is not None:
-            padding = torch.cat((padding, padding.new_zeros(padding.shape[0], key.shape[-2] - padding.shape[1])), dim=1)
-        adapter.step_scores = P.last_query_scores(query, key, _scale(query, scaling), padding)
-    if prefill is None:
+    if run is None:
         return base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    layer = module.layer_idx
     scaling = _scale(query, scaling)
-    if scores_layer:
-        if key.shape[-2] != prefill.plan.num_full:
-            raise DymuError("FastV needs an empty KV cache at prefill")
-        padding = prefill.plan.padding
-        if adapter.prune.score == "all":
-            prefill.scores = P.all_query_scores(query, key, scaling, padding)
-        else:
-            prefill.scores = P.last_query_scores(query, key, scaling, padding)
-    if adapter.vtu == "exact" and prefill.vmap_at(layer, adapter.prune_layer) is not None:
-        return _exact(module, prefill, query, key, value, attention_mask, scaling)
+    kind = run.plan.layers[layer].scores
+    if kind is not None:
+        run.plan.scores[layer] = adapter.scores(run, layer, kind, query, key, scaling)
+    if adapter.vtu == "exact" and run.prefill and run.plan.vmap_at(layer) is not None:
+        return _exact(module, run, query, key, value, attention_mask, scaling)
     return base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
@@ -378,23 +398,24 @@ def _scale(query: torch.Tensor, scaling: float | None) -> float:
     return query.shape[-1] ** -0.5 if scaling is None else scaling
 
 
-def _exact(module, prefill: Prefill, query, key, value, attention_mask, scaling: float):
+def _exact(module, run: Run, query, key, value, attention_mask, scaling: float):
     """Exact VTU attention: scores from the C/S decomposition on the merged, un-rotated Q/K; eager softmax."""
     batch, heads, length, head_dim = query.shape
-    if key.shape[-2] != length or prefill.rotary is None:
+    if key.shape[-2] != length or run.rotary is None:
         raise DymuError("vtu='exact' needs an empty KV cache at prefill")
 
     def unrotated(kind):  # (batch, length, n * head_dim) -> (batch, n, length, head_dim), merged and pre-RoPE
-        states = prefill.stash.pop((module, kind))
+        states = run.stash.pop((module, kind))
         return states.view(batch, length, -1, head_dim).transpose(1, 2)
 
     q, k = unrotated("q"), unrotated("k")
     groups = heads // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)  # (batch, heads, length, head_dim), GQA
     value = value.repeat_interleave(groups, dim=1)
-    cos, sin = prefill.rotary
-    if prefill.kept is not None and cos.shape[1] != length:  # a pruned layer: the kept positions' tables
-        cos, sin = P.gather_rows(cos, prefill.kept), P.gather_rows(sin, prefill.kept)
+    cos, sin = run.rotary
+    kept = run.plan.layout(module.layer_idx)
+    if kept is not None:  # a layer that holds fewer positions: their tables
+        cos, sin = P.gather_rows(cos, kept), P.gather_rows(sin, kept)
     mask = _to_additive(attention_mask, query, length)
     softmax_dtype = accumulation_dtype(query.dtype)
     output = torch.empty_like(query)  # (batch, heads, length, head_dim)
@@ -417,3 +438,4 @@ def _to_additive(mask: torch.Tensor | None, query: torch.Tensor, kv_length: int)
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=dtype, device=query.device).masked_fill(~mask, torch.finfo(dtype).min)
     return mask[..., :kv_length].to(dtype)
+

@@ -26,8 +26,10 @@ from torch import nn
 
 from . import compat
 from . import vtu as V
-from .language import VTU_MODES, LanguageAdapter, TokenPlan
-from .vision import DymuError
+from .errors import DymuError
+from .language import LanguageAdapter
+from .methods import check_vtu  # noqa: F401 (dymu.llava.check_vtu)
+from .plan import TokenPlan
 
 PATCH_ATTRIBUTE = "_dymu_llava_patch"
 
@@ -37,6 +39,7 @@ class LlavaState:
     vtu: str
     language: LanguageAdapter
     last_encoding: object = None  # dymu.Encoding of the last images encoded (token counts, per-layer counts)
+    merges: bool = True  # the vision tower merges in some layer (image features then carry merge groups)
 
 
 @dataclass
@@ -231,8 +234,8 @@ def _vlm_forward(state: LlavaState):
 
 
 def _plan(base, state: LlavaState, arguments: dict, features: list) -> TokenPlan | None:
-    """The prompt's token plan: image placeholder positions, padding, and (VTU) each image's merge groups at its
-    placeholders with padding as one token per row. None when there is nothing to change."""
+    """The prompt's token plan: segments (image placeholders, padding, text around them) and (VTU) each image's
+    merge groups at its placeholders with padding as one token per row. None when there is nothing to change."""
     sources = [getattr(f, "_dymu_source", None) for f in features]
     mask = _image_mask(base, arguments.get("input_ids"), arguments.get("inputs_embeds"))
     visual_tokens = sum(f.shape[0] for f in features)
@@ -241,6 +244,10 @@ def _plan(base, state: LlavaState, arguments: dict, features: list) -> TokenPlan
                 else "each image needs the processor's placeholder run: pass the prompt and images through the processor")
         raise DymuError(f"{len(features)} image(s) give {visual_tokens} visual tokens but the prompt(s) have "
                         f"{int(mask.sum())} image placeholder tokens ({hint})")
+    if state.vtu != "none" and state.merges and any(s is None for s in sources):
+        raise DymuError("image features without their merge groups reached the language model (features copied or "
+                        "split, e.g. by generate(prefill_chunk_size=...), or made outside dymu): pass pixel_values, "
+                        "or the mm_encoder_outputs dymu's get_image_features returned, in one prefill")
     attention_mask = arguments.get("attention_mask")
     padding = attention_mask == 0 if attention_mask is not None and attention_mask.dim() == 2 else None
     padding = padding if padding is not None and bool(padding.any()) else None
@@ -253,22 +260,39 @@ def _plan(base, state: LlavaState, arguments: dict, features: list) -> TokenPlan
         raise DymuError(str(exc)) from None
     if vmap is not None and not vmap.padded and vmap.num_unique == vmap.num_full:
         vmap = None  # every position its own token: the stock computation
-    if vmap is None and state.language.prune_layer is None:
+    if vmap is None and state.language.policy is None:
         return None
-    return TokenPlan(image=mask, padding=padding, vmap=vmap)
+    return TokenPlan.build(mask, padding, vmap, state.language.num_layers)
+
+
+def last_prefill_plan(model: nn.Module) -> TokenPlan | None:
+    """The token plan as the last planned prefill of ``model`` (patched by ``dymu.apply``) ran it, or None."""
+    patch = get_vlm_patch(model)
+    return None if patch is None else patch.state.language.last_prefill_plan
+
+
+#: generate options under which the language model's forward is not one prefill then one token per step
+ASSISTED_OPTIONS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
 
 
 def _generate(self, *args, **kwargs):
-    """Stock generate on a copy of the caller's pre-encoded features (stock expansion edits them in place)."""
+    """Stock generate on a copy of the caller's pre-encoded features (stock expansion edits them in place);
+    refuses the options a plan that prunes cannot follow, with one line."""
+    language = get_vlm_patch(self).state.language
+    if language.policy is not None:
+        config = kwargs.get("generation_config")
+        for option in ASSISTED_OPTIONS:
+            if kwargs.get(option) is not None or getattr(config, option, None) is not None:
+                raise DymuError(f"generate({option}=...) with pruning: assisted decoding crops the KV cache, which "
+                                "the pruned layers hold shorter; pass prune=None or drop the option")
+        beams = kwargs.get("num_beams") or getattr(config, "num_beams", None) or self.generation_config.num_beams or 1
+        if language.decode_edits and beams > 1:
+            raise DymuError(f"{type(language.policy).__name__} edits each row at decode steps; beam search reorders "
+                            "rows: use num_beams=1")
     outputs = kwargs.get("mm_encoder_outputs")
     if isinstance(outputs, dict):
         kwargs["mm_encoder_outputs"] = {key: copy.copy(value) for key, value in outputs.items()}
     return type(self).generate(self, *args, **kwargs)
-
-
-def check_vtu(vtu: str) -> None:
-    if vtu not in VTU_MODES:
-        raise DymuError(f"vtu must be one of {', '.join(VTU_MODES)}, got {vtu!r}")
 
 
 def patch_vlm(model: nn.Module, vtu: str, prune=None) -> LlavaPatch:
@@ -278,7 +302,7 @@ def patch_vlm(model: nn.Module, vtu: str, prune=None) -> LlavaPatch:
         raise DymuError(f"{type(base).__name__}: the language-model side of dymu supports LLaVA-1.5 (LlavaModel) so far")
     compat.check_vlm(base)
     unpatch_vlm(model)
-    state = LlavaState(vtu=vtu, language=LanguageAdapter(language_model, vtu, prune))
+    state = LlavaState(vtu=vtu, language=LanguageAdapter(language_model, vtu, prune), merges=_tower_merges(base))
     patch = LlavaPatch(state=state, modules=[base])
     base.get_image_features = MethodType(_get_image_features(state), base)
     base.forward = MethodType(_vlm_forward(state), base)
@@ -287,6 +311,13 @@ def patch_vlm(model: nn.Module, vtu: str, prune=None) -> LlavaPatch:
         patch.modules.append(model)
     setattr(base, PATCH_ATTRIBUTE, patch)
     return patch
+
+
+def _tower_merges(base: nn.Module) -> bool:
+    from .vision import get_patch, tower_info
+
+    patch = get_patch(base)
+    return patch is not None and any(patch.state.merges_at(layer) for layer in range(tower_info(base).merge_layers))
 
 
 def get_vlm_patch(model: nn.Module) -> LlavaPatch | None:

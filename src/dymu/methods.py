@@ -11,8 +11,16 @@ import dataclasses
 import typing
 from dataclasses import dataclass
 
-from . import merge as M
-from .vision import DymuError, TowerInfo, tower_info
+from .errors import DymuError
+
+
+#: how the language model takes merged tokens: virtual unmerging (fast path / exact decomposition) or compact
+VTU_MODES = ("fast", "exact", "none")
+
+
+def check_vtu(vtu: str) -> None:
+    if vtu not in VTU_MODES:
+        raise DymuError(f"vtu must be one of {', '.join(VTU_MODES)}, got {vtu!r}")
 
 
 @dataclass(frozen=True)
@@ -121,17 +129,14 @@ def parse_merge(spec) -> DToMe | ToMe:
     return parse(spec, MERGE_METHODS, MERGE_SYNTAX, "merge")
 
 
-def parse_prune(spec) -> FastV | VTW | None:
-    return None if spec is None else parse(spec, PRUNE_METHODS, PRUNE_SYNTAX, "prune")
+def is_policy(spec) -> bool:
+    """A decoder-side policy object (``dymu.policies``: ``scores_at``, ``edit``, ``score_layers``) rather than a spec."""
+    return all(hasattr(spec, name) for name in ("scores_at", "edit", "score_layers"))
 
 
-def tome_r_for(tokens: float, model) -> ToMe:
-    """ToMe with the smallest r whose fixed schedule leaves the count nearest ``tokens`` at the read layer.
+def parse_prune(spec):
+    """FastV / VTW from a spec; None; or a policy object as given (``dymu.policies`` says what one has)."""
+    if spec is None or is_policy(spec):
+        return spec
+    return parse(spec, PRUNE_METHODS, PRUNE_SYNTAX, "prune")
 
-    tokens: visual tokens as ``dymu.encode`` counts them (CLS not counted), e.g. the mean of DToMe on a data set.
-    model: a model ``dymu.apply`` takes, or its ``dymu.vision.TowerInfo``.
-    """
-    info = model if isinstance(model, TowerInfo) else tower_info(model)
-    if not 0 <= tokens <= info.num_patches:
-        raise DymuError(f"tokens must be between 0 and {info.num_patches} (the patches of the encoder), got {tokens}")
-    return ToMe(r=M.fixed_r_for(tokens + info.protected, info.num_tokens, info.protected, info.merge_layers))

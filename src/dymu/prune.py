@@ -77,12 +77,13 @@ def kept_count(image_tokens: torch.Tensor, fraction: float) -> torch.Tensor:
     return image_tokens - torch.round(image_tokens.double() * fraction).long()
 
 
-def select(scores: torch.Tensor, image: torch.Tensor, fraction: float, token_of: torch.Tensor | None = None) -> Kept:
-    """Keep every non-image position and the best-scored image tokens; drop the lowest ``fraction`` of them.
+def keep_best(scores: torch.Tensor, image: torch.Tensor, fraction: float,
+              token_of: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which positions stay when the lowest-scored ``fraction`` of image tokens goes (VTU groups whole).
 
     scores: (batch, n) attention received per position (ignored for fraction 1); image: (batch, n) bool.
     token_of: (batch, n) the image token each position belongs to (VTU groups), or None (one per position).
-    Ties keep the earlier token (stable sort).
+    Ties keep the earlier token (stable sort). Returns ((batch, n) bool keep, (batch,) image tokens kept).
     """
     batch, n = image.shape
     device = image.device
@@ -97,17 +98,70 @@ def select(scores: torch.Tensor, image: torch.Tensor, fraction: float, token_of:
     order = torch.sort(token_scores.masked_fill(~is_image_token, float("-inf")), dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(tokens, device=device).expand(batch, tokens))
     kept_token = is_image_token & (rank < keep_tokens[:, None])  # (batch, tokens)
-    keep = ~image | kept_token.gather(1, token_of)  # (batch, n)
+    return ~image | kept_token.gather(1, token_of), keep_tokens
+
+
+def layout(keep: torch.Tensor, image_tokens: torch.Tensor | None = None) -> Kept:
+    """The kept positions of every row, ascending and right-aligned: rows with fewer are front-filled with fillers
+    that repeat the row's first kept position. keep: (batch, n) bool; image_tokens: (batch,) for the record."""
+    batch, n = keep.shape
+    device = keep.device
     lengths = keep.sum(-1)
-    width = int(lengths.max())
+    width = int(lengths.max()) if batch else 0
     slot = width - lengths[:, None] + keep.long().cumsum(-1) - 1  # right-aligned slot of every kept position
     positions = torch.zeros(batch, width, dtype=torch.long, device=device)
     rows, columns = keep.nonzero().unbind(-1)
     positions[rows, slot[rows, columns]] = columns
     filler = torch.arange(width, device=device)[None, :] < (width - lengths)[:, None]
-    first = positions.gather(1, (width - lengths).clamp_max(width - 1)[:, None])  # the row's first kept position
+    first = positions.gather(1, (width - lengths).clamp(0, max(width - 1, 0))[:, None])  # the row's first kept position
     positions = torch.where(filler, first, positions)
-    return Kept(positions=positions, filler=filler, image_tokens=keep_tokens)
+    if image_tokens is None:
+        image_tokens = torch.zeros(batch, dtype=torch.long, device=device)
+    return Kept(positions=positions, filler=filler, image_tokens=image_tokens)
+
+
+def select(scores: torch.Tensor, image: torch.Tensor, fraction: float, token_of: torch.Tensor | None = None) -> Kept:
+    """``layout`` of ``keep_best``: every non-image position and the best-scored image tokens."""
+    keep, image_tokens = keep_best(scores, image, fraction, token_of)
+    return layout(keep, image_tokens)
+
+
+def slots_in(source: Kept | None, target: Kept, n: int) -> torch.Tensor:
+    """(batch, target slots) index of each of ``target``'s positions among ``source``'s slots (None: every position
+    0..n-1 in order). Every real position of ``target`` must be held by ``source``; target fillers repeat a real one."""
+    if source is None:
+        return target.positions
+    batch, width = source.positions.shape
+    columns = torch.where(source.filler, n, source.positions)  # fillers go to a spare column
+    slot = torch.full((batch, n + 1), -1, dtype=torch.long, device=columns.device)
+    slot.scatter_(1, columns, torch.arange(width, device=columns.device).expand(batch, -1))
+    index = slot.gather(1, target.positions)
+    if bool((index < 0).any()):
+        raise ValueError("a kept position is not held by the previous layout (drops must be monotone)")
+    return index
+
+
+def layer_mask(queries: torch.Tensor, keys: torch.Tensor, real_keys: torch.Tensor, hidden: torch.Tensor | None,
+               own_slots: bool, dtype: torch.dtype) -> torch.Tensor:
+    """The attention mask of a layer the plan edits, built from positions (never from the stock mask).
+
+    queries: (batch, q) sequence positions of the query rows; keys: (batch, kv) positions of the key slots;
+    real_keys: (batch, kv) bool, False on padding and fillers; hidden: (batch, kv) bool keys hidden from every query
+    but the one at their own position (FastV's per-step variant), or None. own_slots: query i is key slot i (a
+    prefill), so a query that is itself padding or a filler attends to itself only (a fully masked row gives NaN).
+    Returns (batch, 1, q, kv): bool (True = attend), or additive in a float ``dtype``.
+    """
+    same = keys[:, None, :] == queries[:, :, None]  # (batch, q, kv)
+    allowed = (keys[:, None, :] <= queries[:, :, None]) & real_keys[:, None, :]
+    if hidden is not None:
+        allowed = allowed & (~hidden[:, None, :] | same)
+    if own_slots:
+        q = queries.shape[1]
+        own = torch.eye(q, keys.shape[1], dtype=torch.bool, device=keys.device)[None]
+        allowed = torch.where(real_keys[:, :q, None], allowed, own)
+    if dtype == torch.bool:
+        return allowed[:, None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=keys.device).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 def gather_rows(states: torch.Tensor, kept: Kept) -> torch.Tensor:
@@ -116,63 +170,3 @@ def gather_rows(states: torch.Tensor, kept: Kept) -> torch.Tensor:
     states = states.expand(batch, *states.shape[1:])
     index = kept.positions.view(*kept.positions.shape, *([1] * (states.dim() - 2)))
     return states.gather(1, index.expand(-1, -1, *states.shape[2:]))
-
-
-def gather_mask(mask: torch.Tensor | None, kept: Kept, queries: torch.Tensor | None, kv_length: int,
-                dtype: torch.dtype) -> torch.Tensor | None:
-    """The attention mask of a pruned layer: kept key columns (then every key appended after the prompt) and the
-    given query rows; filler keys masked for every query, filler queries attend to themselves only.
-
-    mask: the stock 4-D mask (batch|1, 1, q, n + extra) as bool (True = attend) or additive float, or None
-    (causal, no padding). queries: (batch, q) full positions of the query rows, or None for the kept rows
-    (prefill). kv_length: key columns of the pruned layer (kept + keys appended since). Returns None when the
-    stock mask is None and no row has fillers (causal order is preserved, so the stock path stays valid).
-    """
-    batch, width = kept.positions.shape
-    device = kept.positions.device
-    has_filler = bool(kept.filler.any())
-    if mask is None and not has_filler:
-        return None
-    appended = kv_length - width  # keys written after the prompt (decode steps)
-    query_positions = kept.positions if queries is None else queries  # (batch, q)
-    n = int(kept.positions.max()) + 1
-    prompt_end = n if mask is None else mask.shape[-1] - appended
-    key_positions = torch.cat((kept.positions, prompt_end + torch.arange(appended, device=device).expand(batch, -1)), dim=1)
-    if mask is None:
-        allowed = key_positions[:, None, :] <= query_positions[:, :, None]  # causal by original position
-        masked = ~allowed
-    else:
-        rows = mask.expand(batch, -1, -1, -1)[:, 0]  # (batch, q_all, keys)
-        if queries is None:
-            rows = rows.gather(1, kept.positions[:, :, None].expand(-1, -1, rows.shape[-1]))
-        columns = rows.gather(2, key_positions[:, None, :].expand(-1, rows.shape[1], -1))
-        masked = ~columns if columns.dtype == torch.bool else columns < 0
-    key_filler = torch.cat((kept.filler, kept.filler.new_zeros(batch, appended)), dim=1)
-    masked = masked | key_filler[:, None, :]
-    if queries is None:  # filler queries attend to themselves only (a fully masked row would give NaN)
-        own = torch.eye(width, kv_length, dtype=torch.bool, device=device)[None]
-        masked = torch.where(kept.filler[:, :, None], ~own, masked)
-    if dtype == torch.bool:
-        return (~masked)[:, None]
-    return torch.zeros(masked.shape, dtype=dtype, device=device).masked_fill(masked, torch.finfo(dtype).min)[:, None]
-
-
-def mask_keys(mask: torch.Tensor | None, masked: torch.Tensor, queries: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The stock attention mask with the key columns ``masked`` hidden from every query but the key's own position
-    (FastV's per-step "attention-mask" variant: the pruned tokens stay in the sequence and the cache).
-
-    mask: (batch|1, 1, q, kv) bool (True = attend) or additive float, or None (causal); masked: (batch, kv) bool;
-    queries: (batch, q) full positions of the query rows. Returns (batch, 1, q, kv) in ``dtype``.
-    """
-    batch, kv = masked.shape
-    keys = torch.arange(kv, device=masked.device)
-    own = keys[None, None, :] == queries[:, :, None]  # (batch, q, kv)
-    if mask is None:
-        hidden = keys[None, None, :] > queries[:, :, None]  # causal
-    else:
-        columns = mask.expand(batch, -1, -1, -1)[:, 0, :, :kv]
-        hidden = ~columns if columns.dtype == torch.bool else columns < 0
-    hidden = hidden | (masked[:, None, :] & ~own)
-    if dtype == torch.bool:
-        return (~hidden)[:, None]
-    return torch.zeros(hidden.shape, dtype=dtype, device=masked.device).masked_fill(hidden, torch.finfo(dtype).min)[:, None]

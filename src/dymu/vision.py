@@ -27,14 +27,11 @@ import torch
 from torch import nn
 
 from . import merge as M
+from .errors import DymuError  # noqa: F401 (re-exported: dymu.vision.DymuError)
 
 #: model_type of the supported vision towers -> number of protected prefix tokens (CLS).
 SUPPORTED_TOWERS = {"clip_vision_model": 1, "siglip_vision_model": 0}
 PATCH_ATTRIBUTE = "_dymu_patch"
-
-
-class DymuError(ValueError):
-    """A user-facing error with a one-line message."""
 
 
 @dataclass

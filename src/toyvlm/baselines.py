@@ -9,7 +9,7 @@ Every setting goes through ``dymu.apply`` and stock ``model.generate`` on the sa
   attends to least are dropped); VTW at the K that ``dymu.calibrate.calibrate_vtw`` chooses on training images
   (and at half depth when that is another K: what withdrawing costs);
 * ToMe with the fixed r whose token count is nearest DToMe-low's and DToMe-mid's measured means
-  (``dymu.methods.tome_r_for``), with VTU, against DToMe-low / mid + VTU (the thresholds ``toyvlm.evaluate`` found);
+  (``dymu.tome_r_for``), with VTU, against DToMe-low / mid + VTU (the thresholds ``toyvlm.evaluate`` found);
 * DToMe-mid + VTU + FastV(2, 0.5).
 
 FLOPs (``dymu.flops``, cache-aware counter): per question, the vision tower and projector at the image's measured
@@ -123,7 +123,7 @@ def run(model_dir, out_dir=None, scenes: int = DEFAULT_TEST_SCENES, seed: int = 
     """Every setting on the test split; writes baselines.json, baselines.md and accuracy_vs_flops.png to ``out_dir``
     (default ``model_dir/eval``). DToMe thresholds are those of ``toyvlm.evaluate`` (found if missing)."""
     import dymu
-    from dymu.methods import tome_r_for
+    from dymu.api import tome_r_for
 
     model_dir, out, model, processor, records, images = open_run(model_dir, out_dir, scenes, seed)
     started = time.time()

@@ -1,0 +1,5 @@
+"""Errors every layer raises (no adapter owns them)."""
+
+
+class DymuError(ValueError):
+    """A user-facing error with a one-line message."""
