@@ -344,12 +344,16 @@ def test_generate_with_merging_and_pruning_counts_the_kept_positions(tiny_llava_
                  "--measure", "0"]) == 0
     capsys.readouterr()
     assert main(["generate", str(tiny_llava_dir), "--image", image_paths[0], "--prompt", "What?", "--max-new-tokens", "2",
-                 "--thresholds", str(out), "--prune", "fastv:k=1,r=0.5"]) == 0
+                 "--thresholds", str(out), "--prune", "fastv:k=1,r=0.5", "--show-plan"]) == 0
     text = capsys.readouterr().out
     assert "[DyMU (vtu=fast) + fastv:k=1,r=0.5]" in text
     line = next(line for line in text.splitlines() if "image tokens in the language model" in line)
     before, after = (int(part.split(" in ")[0]) for part in line.split(": ", 1)[1].split(";")[0].split(", "))
     assert after == before - round(before / 2)
+    plan = text[text.index("TokenPlan:"):].splitlines()
+    assert plan[1] == "    layer 0 (scores: last):" and plan[3].startswith("    layers 1-")  # tiny-llava: layer 0 ranks
+    positions = int(plan[2].split("image ")[1].split(",")[0])
+    assert f"image {positions - 1}" not in plan[2] and "unique " in plan[2]
 
 
 def test_generate_cli_errors(tiny_llava_dir, image_paths, tmp_path, capsys, model_dirs):

@@ -13,7 +13,7 @@ from dymu.plan import Segment, TokenPlan
 from dymu.policies import FastVPolicy
 from dymu.methods import FastV
 
-from .test_llava import IMAGE_TOKEN, MERGING, PATCHES, images, prompt, tiny_llava  # noqa: F401 (images: fixture)
+from .test_llava import IMAGE_TOKEN, MERGING, images, prompt, tiny_llava  # noqa: F401 (images: fixture)
 
 LAYERS = 4
 #: the test policy's edits: (decode step, batch row, from layer, image positions dropped, counted from the first image
@@ -226,7 +226,7 @@ def test_copied_or_chunked_features_raise_instead_of_dropping_vtu(images):
     with pytest.raises(DymuError, match="without their merge groups"):
         with torch.no_grad():
             model(input_ids=ids, mm_encoder_outputs={"image": copied})
-    with pytest.raises(DymuError, match="without their merge groups|prefill"):
+    with pytest.raises(DymuError, match="without their merge groups|no image reached the model"):
         _generate(model, input_ids=ids, mm_encoder_outputs={"image": features}, prefill_chunk_size=128)
     # the features dymu returned, in one prefill, are the pixel_values path
     expected = _generate(model, input_ids=ids, pixel_values=pixels)
@@ -234,17 +234,23 @@ def test_copied_or_chunked_features_raise_instead_of_dropping_vtu(images):
 
 
 def test_chunked_prefill_without_merging_or_pruning_is_the_stock_model(images):
-    """With nothing to change in the language model, chunked prefill is stock generate."""
+    """With nothing to change in the language model, chunked prefill is stock generate where transformers passes each
+    chunk its features (5.24); where it drops them (older releases; the stock model then answers without the image)
+    dymu raises one line."""
     model = _routes_model(thresholds=None)
     ids = prompt(4, 6, seed=33)[None]
     pixels = images[:1].double()
     with torch.no_grad():
         features = model.model.get_image_features(pixel_values=pixels)
     expected = _generate(model, input_ids=ids, pixel_values=pixels)
-    chunked = _generate(model, input_ids=ids, mm_encoder_outputs={"image": features}, prefill_chunk_size=128)
-    assert torch.equal(chunked, expected)
+    try:
+        chunked = _generate(model, input_ids=ids, mm_encoder_outputs={"image": features}, prefill_chunk_size=128)
+    except DymuError as error:
+        assert "no image reached the model" in str(error) and "\n" not in str(error)
+    else:
+        assert torch.equal(chunked, expected)
     pruned = _routes_model("fastv:k=2,r=0.5", thresholds=None)
-    with pytest.raises(DymuError, match="empty KV cache at the prefill"):
+    with pytest.raises(DymuError, match="empty KV cache at the prefill|no image reached the model"):
         _generate(pruned, input_ids=ids, mm_encoder_outputs={"image": features}, prefill_chunk_size=128)
 
 

@@ -390,6 +390,12 @@ def cmd_generate(args) -> None:
         merged = _run_generate(model, processor, images, text, args.max_new_tokens)
         merged["tokens"] = get_vlm_patch(model).state.last_encoding.num_tokens
         merged["report"] = _prefill_report(model, merged["prompt_length"], vtu)
+        if args.show_plan:
+            from .llava import last_prefill_plan
+
+            plan = last_prefill_plan(model)
+            merged["report"] += "\n" + ("  (no plan: the language model ran the stock computation)" if plan is None
+                                        else "\n".join("  " + line for line in str(plan).splitlines()))
         method = [f"ToMe r={merging['merge'].r} (vtu={vtu})" if "merge" in merging else f"DyMU (vtu={vtu})"] * bool(merging)
         runs.append((" + ".join(method + [args.prune] * (args.prune is not None)), merged))
         api.remove(model)
@@ -615,6 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer, in tokens (default: %(default)s)")
     p.add_argument("--prune", metavar="SPEC", help=f"prune image tokens in the language model: {PRUNE_HELP} (default: none)")
     p.add_argument("--compare", action="store_true", help="also run the unmerged model and print both answers")
+    p.add_argument("--show-plan", action="store_true",
+                   help="print the language model's token plan of the prefill: per layer and row, positions per segment, "
+                        "KV-cache length, VTU unique tokens, layers whose attention a policy read")
     p.set_defaults(func=cmd_generate)
 
     from .calibrate import DEFAULT_FIRST_LAYER, DEFAULT_KL_THRESHOLD, DEFAULT_PROMPT, DEFAULT_SAMPLES

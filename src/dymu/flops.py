@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
+from . import vtu as V
+from .errors import DymuError
 from .merge import layer_flops, matching_flops
 from .methods import VTW, FastV, check_vtu, parse_prune
+from .plan import TokenPlan
+from .policies import policy_for
 from .prune import kept_count
-from .errors import DymuError
 
 FASTV_FORMULA = "fastv-formula"
 CACHE_AWARE = "cache-aware"
@@ -125,40 +128,81 @@ class LayerShape:
 
 def language_plan(prompt: Prompt, layers: int, vtu: str = "fast", prune=None,
                   kept_image_positions: int | None = None) -> list[LayerShape]:
-    """The per-layer shapes of a prefill, as ``dymu.language`` runs it.
+    """The per-layer shapes of a prefill from counts alone (a config): ``plan_shapes`` of ``synthetic_plan``.
 
     vtu "fast" / "exact": projections and MLP on the unique tokens, attention over every placeholder position
     (exact: a wider score product) once anything merged; "none" (compact): the merged tokens are the positions.
-    prune (``FastV`` / ``VTW`` or a spec): layers >= K hold the text and the kept image tokens (FastV keeps
-    N − round(R·N) of the N unique tokens, VTU groups whole; VTW none); layer K-1 ranks them (K > 0).
-    kept_image_positions: with VTU, the placeholder positions the kept groups cover (they depend on which groups
-    were kept; the adapter's ``last_kept`` knows); default: the kept groups at the mean group size, rounded.
+    prune (``FastV`` / ``VTW`` or a spec): its policy edits the plan as at a real prefill, ranking every image token
+    equally (FastV keeps N − round(R·N) of the N unique tokens, VTU groups whole; VTW none).
+    kept_image_positions: with VTU, the placeholder positions the kept groups cover (default: the kept groups at the
+    mean group size, rounded).
     """
     check_vtu(vtu)
     prune = parse_prune(prune)
     if isinstance(prune, FastV) and prune.rerank != "prefill":
         raise DymuError(f"FastV rerank={prune.rerank} has no FLOPs count yet (counted: rerank=prefill)")
-    merged = prompt.image_tokens < prompt.image_positions
-    positions = prompt.image_tokens if vtu == "none" else prompt.image_positions  # image positions in the sequence
+    plan = synthetic_plan(prompt, layers, vtu, _kept_image_tokens(prune, prompt.image_tokens), kept_image_positions)
+    if prune is not None:
+        policy = policy_for(prune, layers)
+        for layer, kind in policy.scores_at(plan).items():
+            plan.layers[layer].scores = kind
+            plan.scores[layer] = torch.zeros(plan.segments.shape, dtype=torch.float64)  # every token ranked equal
+        for layer in range(layers):
+            plan.cursor = layer
+            policy.edit(plan, layer)
+    return plan_shapes(plan, 0, vtu)
+
+
+def synthetic_plan(prompt: Prompt, layers: int, vtu: str = "fast", kept_tokens: int | None = None,
+                   kept_image_positions: int | None = None):
+    """A one-row prefill ``TokenPlan`` with ``prompt``'s counts: its text, then its image positions in
+    ``image_tokens`` merge groups (VTU; compact mode: the merged tokens are the positions). Group sizes are as even as
+    possible, and the first ``kept_tokens`` groups (those an equal ranking keeps) cover ``kept_image_positions``
+    positions (default: their share at the mean group size, rounded)."""
+    merged = vtu != "none" and prompt.image_tokens < prompt.image_positions
+    positions = prompt.image_positions if vtu != "none" else prompt.image_tokens
+    image = torch.zeros(1, prompt.text + positions, dtype=torch.bool)
+    image[0, prompt.text:] = True
+    vmap = None
+    if merged:
+        tokens = prompt.image_tokens
+        kept = tokens if kept_tokens is None else kept_tokens
+        covered = round(kept * positions / tokens) if kept_image_positions is None else kept_image_positions
+        sizes = _even(covered, kept) + _even(positions - covered, tokens - kept)
+        source = torch.repeat_interleave(torch.arange(tokens), torch.tensor(sizes, dtype=torch.long))
+        vmap = V.build_map(image, [source])
+    return TokenPlan.build(image, None, vmap, layers)
+
+
+def _even(total: int, parts: int) -> list[int]:
+    """``total`` split into ``parts`` integers as even as possible (larger first)."""
+    if parts <= 0:
+        return []
+    base, extra = divmod(total, parts)
+    return [base + 1] * extra + [base] * (parts - extra)
+
+
+def plan_shapes(plan, row: int = 0, vtu: str = "fast") -> list[LayerShape]:
+    """The per-layer shapes of batch row ``row`` of a prefill ``dymu.plan.TokenPlan`` (the one a model ran,
+    ``dymu.llava.last_prefill_plan``, or ``synthetic_plan``): projections and MLP on the unique tokens of the
+    positions each layer holds (VTU) or on those positions, the attention on those positions (exact VTU: a wider
+    score product), and the layers whose attention a policy read ranked once more (score "last": the last query;
+    "all": every query)."""
+    padding = plan.segments[row] == 0
+    image = plan.image[row]
+    positions = plan.num_prompt - int(padding.sum())
+    token_of = plan.vmap.full_to_unique[row] if plan.vmap is not None else None
+    merged = token_of is not None and int(torch.unique(token_of[image]).numel()) < int(image.sum())
     width = EXACT_SCORE_WIDTH if vtu == "exact" and merged else 1
-    length = prompt.text + positions
-    before = LayerShape(rows=prompt.text + prompt.image_tokens, queries=length, keys=length, score_width=width)
-    k = prune.k if prune is not None else layers
-    if k >= layers:
-        return [before] * layers
-    kept = _kept_image_tokens(prune, prompt.image_tokens)
-    if vtu == "none" or not merged:
-        kept_positions = kept
-    elif kept_image_positions is not None:
-        kept_positions = kept_image_positions
-    else:
-        kept_positions = round(kept * prompt.image_positions / prompt.image_tokens)
-    after = LayerShape(rows=prompt.text + kept, queries=prompt.text + kept_positions,
-                       keys=prompt.text + kept_positions, score_width=width)
-    plan = [before] * k + [after] * (layers - k)
-    if isinstance(prune, FastV) and k > 0:  # k = 0 ranks at random
-        plan[k - 1] = replace(before, ranking_queries=1 if prune.score == "last" else length)
-    return plan
+    shapes = []
+    for layer in range(len(plan.layers)):
+        keep = plan.keep_at(layer)[row] & ~padding  # (prompt,) real positions this layer holds
+        held = int(keep.sum())
+        rows = held if token_of is None else int(torch.unique(token_of[keep]).numel())
+        kind = plan.layers[layer].scores
+        ranking = 0 if kind is None else 1 if kind == "last" else positions
+        shapes.append(LayerShape(rows=rows, queries=held, keys=held, score_width=width, ranking_queries=ranking))
+    return shapes
 
 
 def decoder_layer_flops(decoder: Decoder, shape: LayerShape) -> int:
@@ -261,47 +305,22 @@ class LastPrefill:
 
 
 def merging_layers(model, info) -> list[bool]:
-    """Which executed encoder layers of ``model`` (``info``: its ``TowerInfo``) compute the matching, as patched by
-    ``dymu.apply`` (DToMe thresholds or ToMe's fixed r); none for an unpatched model."""
-    from .vision import get_patch
+    """Which executed encoder layers of ``model`` (``info``: its ``TowerInfo``) compute the matching
+    (``dymu.vision.merging_layers``)."""
+    from .vision import merging_layers as merging
 
-    patch = get_patch(model)
-    return [patch is not None and patch.state.merges_at(layer) for layer in range(info.merge_layers)]
-
-
-def plan_shapes(plan, row: int = 0, vtu: str = "fast") -> list[LayerShape]:
-    """The per-layer shapes of batch row ``row`` of a prefill ``dymu.plan.TokenPlan`` (``language.last_prefill_plan``):
-    projections and MLP on the unique tokens of the positions each layer holds (VTU) or on those positions, the
-    attention on those positions, layers whose attention a policy read ranked once more (score "last": the last
-    query; "all": every query)."""
-    padding = plan.segments[row] == 0
-    positions = plan.num_prompt - int(padding.sum())
-    merged = plan.vmap is not None and vtu != "none" and int(plan.vmap.unique_lengths[row]) < plan.num_prompt - \
-        (int(padding.sum()) - 1 if bool(padding.any()) else 0)
-    width = EXACT_SCORE_WIDTH if vtu == "exact" and merged else 1
-    shapes = []
-    for layer in range(len(plan.layers)):
-        keep = plan.keep_at(layer)[row] & ~padding  # (prompt,) real positions this layer holds
-        held = int(keep.sum())
-        if plan.vmap is not None:
-            rows = int(torch.unique(plan.vmap.full_to_unique[row][keep]).numel())
-        else:
-            rows = held
-        kind = plan.layers[layer].scores
-        ranking = 0 if kind is None else 1 if kind == "last" else positions
-        shapes.append(LayerShape(rows=rows, queries=held, keys=held, score_width=width, ranking_queries=ranking))
-    return shapes
+    return merging(model, info)
 
 
 def last_prefill(model, prompt_length: int, vtu: str) -> LastPrefill:
     """``LastPrefill`` of a model patched by ``dymu.apply`` after a generation or forward of one prompt of
     ``prompt_length`` input ids (as the processor produced them: placeholders unmerged unless ``vtu`` is "none"):
     the plan its language model ran (row 0), counted by ``plan_shapes``."""
-    from .llava import cls_tokens, get_vlm_patch, last_prefill_plan, placeholders_per_image
+    from .llava import cls_tokens, last_encoding, last_prefill_plan, placeholders_per_image
     from .vision import tower_info
 
     info = tower_info(model)
-    encoding = get_vlm_patch(model).state.last_encoding
+    encoding = last_encoding(model)
     decoder = Decoder.from_config(model.config)
     cls = cls_tokens(model.config, info)
     positions = placeholders_per_image(model.config, info) * len(encoding)

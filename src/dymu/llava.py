@@ -79,7 +79,7 @@ def _selected_tokens(encoding, index: int, strategy: str, protected: int):
 def _get_image_features(state: LlavaState):
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    from .api import encode
+    from .encoding import encode
     from .vision import tower_info
 
     def get_image_features(self, pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs):
@@ -225,12 +225,25 @@ def _vlm_forward(state: LlavaState):
         image_outputs = (arguments.get("mm_encoder_outputs") or {}).get("image")
         if image_outputs is not None:
             language.pending = _plan(self, state, arguments, list(image_outputs.pooler_output))
+        elif arguments.get("input_ids") is not None:
+            _check_images_arrive(self, arguments)
         try:
             return type(self).forward(self, **arguments, **extra)
         finally:
             language.pending = None  # the language model took it, or never ran
 
     return forward
+
+
+def _check_images_arrive(base, arguments: dict) -> None:
+    """A prompt (empty cache) with image placeholders but no image features: the stock model would read the
+    placeholder's own embedding as the image (transformers < 5.24 drops pre-encoded features in chunked prefill)."""
+    placeholders = int((arguments["input_ids"] == base.config.image_token_id).sum())
+    cache = compat.find_cache(arguments.values())
+    if placeholders and (cache is None or cache.get_seq_length() == 0):
+        raise DymuError(f"the prompt has {placeholders} image placeholder tokens but no image reached the model (pass "
+                        "pixel_values or mm_encoder_outputs in one prefill; generate(prefill_chunk_size=...) drops them "
+                        "before transformers 5.24)")
 
 
 def _plan(base, state: LlavaState, arguments: dict, features: list) -> TokenPlan | None:
@@ -263,6 +276,12 @@ def _plan(base, state: LlavaState, arguments: dict, features: list) -> TokenPlan
     if vmap is None and state.language.policy is None:
         return None
     return TokenPlan.build(mask, padding, vmap, state.language.num_layers)
+
+
+def last_encoding(model: nn.Module):
+    """The ``dymu.Encoding`` of the images ``model`` (patched by ``dymu.apply``) encoded last, or None."""
+    patch = get_vlm_patch(model)
+    return None if patch is None else patch.state.last_encoding
 
 
 def last_prefill_plan(model: nn.Module) -> TokenPlan | None:
@@ -314,10 +333,9 @@ def patch_vlm(model: nn.Module, vtu: str, prune=None) -> LlavaPatch:
 
 
 def _tower_merges(base: nn.Module) -> bool:
-    from .vision import get_patch, tower_info
+    from .vision import merging_layers, tower_info
 
-    patch = get_patch(base)
-    return patch is not None and any(patch.state.merges_at(layer) for layer in range(tower_info(base).merge_layers))
+    return any(merging_layers(base, tower_info(base)))
 
 
 def get_vlm_patch(model: nn.Module) -> LlavaPatch | None:

@@ -353,3 +353,10 @@ def unpatch_tower(model: nn.Module) -> bool:
         handle.remove()
     delattr(info.tower, PATCH_ATTRIBUTE)
     return True
+
+
+def merging_layers(model: nn.Module, info: TowerInfo) -> list[bool]:
+    """Which executed encoder layers of ``model`` (``info``: its ``TowerInfo``) compute the matching, as patched by
+    ``dymu.apply`` (DToMe thresholds or ToMe's fixed r); none for an unpatched model."""
+    patch = get_patch(model)
+    return [patch is not None and patch.state.merges_at(layer) for layer in range(info.merge_layers)]
