@@ -143,8 +143,9 @@ def test_one_vtu_attention_layer_equals_expand_attend_mean():
             language = get_vlm_patch(model).state.language
             plan = TokenPlan.build(ids == IMAGE_TOKEN, None, vmap, num_layers=2)
             language._run = Run(plan=plan, prefill=True, cache=None, cache_before=[0, 0], rotary=cos_sin)
-            merged = attention(full_hidden, position_embeddings=cos_sin, attention_mask=causal)[0]
-            assert language._run.calls == {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 1}
+            unique = V.to_unique(full_hidden, vmap)  # the residual stream between layers: one row per unique token
+            merged = V.from_unique(attention(unique, position_embeddings=cos_sin, attention_mask=causal)[0], vmap)
+            assert language._run.calls == {"self_attn": 1, "q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 1}
             language._run = None
             torch.testing.assert_close(merged[real], reference[real], rtol=1e-10, atol=1e-10)
             assert not torch.allclose(stock[real], reference[real]), "the per-group mean must change the output"

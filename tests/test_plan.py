@@ -213,6 +213,9 @@ def test_a_plain_forward_and_inputs_embeds_equal_the_generate_path(vtu, spec, im
     torch.testing.assert_close(from_embeds, forward, rtol=1e-10, atol=1e-10)
     tokens = _generate(model, inputs_embeds=embeds, pixel_values=pixels)
     assert torch.equal(tokens[0, -3:], generated.sequences[0, -3:])
+    # hidden states between layers are unique tokens under VTU: asking for them is refused, not answered wrongly
+    with pytest.raises(DymuError, match="output_hidden_states with VTU"), torch.no_grad():
+        model(input_ids=ids, pixel_values=pixels, output_hidden_states=True)
 
 
 def test_copied_or_chunked_features_raise_instead_of_dropping_vtu(images):
@@ -270,3 +273,52 @@ def test_static_cache_and_assisted_decoding(images):
         _generate(pruned, input_ids=ids, pixel_values=pixels, cache_implementation="static")
     with pytest.raises(DymuError, match="prompt_lookup_num_tokens"):
         _generate(pruned, input_ids=ids, pixel_values=pixels, prompt_lookup_num_tokens=2)
+
+
+def full_length_vtu(model, ids, pixels, plan):
+    """VTU computed the long way on the stock modules (one prompt, fp64): every layer runs at full length over the
+    positions the plan holds, each merge group's attention output replaced by its mean before o_proj (the groups
+    restricted to the held positions after a drop)."""
+    base, lm = model.model, model.model.language_model
+    n = ids.shape[1]
+    with torch.no_grad():
+        features = list(base.get_image_features(pixel_values=pixels).pooler_output)
+        hidden = base.get_input_embeddings()(ids).masked_scatter((ids == IMAGE_TOKEN)[..., None], torch.cat(features))
+        positions = torch.arange(n)
+        cos, sin = lm.rotary_emb(hidden, positions[None])
+        groups = V.build_map(ids == IMAGE_TOKEN, [f._dymu_source for f in features])
+        held = positions
+        low = torch.finfo(hidden.dtype).min
+        for index, layer in enumerate(lm.layers):
+            keep = plan.keep_at(index)[0].nonzero()[:, 0]
+            if len(keep) != len(held):
+                hidden = hidden[:, torch.searchsorted(held, keep)]
+                held = keep
+            vmap = groups if len(held) == n else V.restrict(groups, held[None], torch.zeros(1, len(held), dtype=torch.bool))
+            handle = layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, vmap=vmap: (V.expand(V.reduce(a[0], vmap), vmap),))
+            mask = torch.zeros(len(held), len(held), dtype=hidden.dtype).masked_fill(held[None, :] > held[:, None], low)
+            try:
+                hidden = layer(hidden, attention_mask=mask[None, None], position_embeddings=(cos[:, held], sin[:, held]),
+                               position_ids=held[None])
+            finally:
+                handle.remove()
+        return model.lm_head(lm.norm(hidden))
+
+
+@pytest.mark.parametrize("text", ["llama", "qwen2"])
+@pytest.mark.parametrize("spec", [None, "fastv:k=2,r=0.5", "vtw:k=3"])
+def test_unique_token_space_equals_the_full_length_computation(spec, text, images):
+    """Issue 22 test 3: fast VTU with the residual stream, norms and MLP on the unique tokens equals VTU computed at
+    full length (1e-10, fp64), alone and with FastV / VTW on top."""
+    from dymu.llava import last_prefill_plan
+
+    model = tiny_llava(layers=LAYERS, text=text).double()
+    model.set_attn_implementation({"text_config": "eager", "vision_config": "sdpa"})
+    dymu.apply(model, MERGING, vtu="fast", prune=spec)
+    ids = prompt(5, 7, seed=41)[None]
+    pixels = images[1:2].double()
+    with torch.no_grad():
+        logits = model(input_ids=ids, pixel_values=pixels).logits
+    plan = last_prefill_plan(model)
+    assert int(plan.vmap.unique_lengths[0]) < ids.shape[1] // 2, "the image must really be merged"
+    torch.testing.assert_close(logits, full_length_vtu(model, ids, pixels, plan), rtol=1e-10, atol=1e-10)

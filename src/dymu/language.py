@@ -46,7 +46,7 @@ from .policies import policy_for
 #: exact VTU computes its full-length score matrices this many heads at a time (memory bound)
 EXACT_HEADS_PER_CHUNK = 8
 #: hooked modules per decoder layer: each must run once per layer that has a VTU map during a planned prefill
-HOOKED = (*compat.PROJECTIONS, "mlp")
+HOOKED = (*compat.PROJECTIONS, "mlp", "self_attn")
 
 #: attention module -> its adapter, for the attention kernel (which transformers calls with the module only)
 _ADAPTERS: "weakref.WeakKeyDictionary[nn.Module, LanguageAdapter]" = weakref.WeakKeyDictionary()
@@ -67,6 +67,9 @@ class Run:
     tables: tuple | None = None  # the (cos, sin) layer 0 got: gathered for the layers that hold fewer positions
     position_ids: torch.Tensor | None = None  # the position ids layer 0 got (prefill)
     rows: P.Kept | None = None  # the positions of the hidden states in flight (prefill; None: every position)
+    rep_vmap: V.VirtualMap | None = None  # the hidden states in flight are these unique tokens (None: positions)
+    unique_input: torch.Tensor | None = None  # the attention input of the layer in flight, as unique tokens
+    expanded: torch.Tensor | None = None  # the same at full length (what the attention module is given)
     masks: dict = field(default_factory=dict)  # (layout, hidden) -> the mask built for them this forward
 
 
@@ -96,11 +99,14 @@ class LanguageAdapter:
         for index, layer in enumerate(layers):
             attention = layer.self_attn
             for name in ("q_proj", "k_proj", "v_proj"):
-                self._hook(getattr(attention, name), name, index, stash=(attention, name[0]) if vtu == "exact" else None)
-            self._hook(attention.o_proj, "o_proj", index, reduce_mean=True)
-            self._hook(layer.mlp, "mlp", index)
-            if self.policy is not None:
-                self._handles.append(layer.register_forward_pre_hook(self._layer_hook(index), with_kwargs=True))
+                self._projection_hooks(getattr(attention, name), name, index,
+                                       stash=(attention, name[0]) if vtu == "exact" else None)
+            self._handles.append(attention.o_proj.register_forward_pre_hook(self._reduce_hook(index)))
+            self._handles.append(layer.mlp.register_forward_pre_hook(self._unique_check(index, "mlp")))
+            self._handles.append(attention.register_forward_pre_hook(self._attention_hook(index), with_kwargs=True))
+            self._handles.append(attention.register_forward_hook(self._attention_done(index)))
+            self._handles.append(layer.register_forward_pre_hook(self._layer_hook(index), with_kwargs=True))
+        self._handles.append(layers[-1].register_forward_hook(self._leave_unique_space))
         if vtu == "exact" or (self.policy is not None and self.policy.score_layers):
             self._use_kernel(language_model)
 
@@ -115,6 +121,9 @@ class LanguageAdapter:
         cache = compat.find_cache((*args, *kwargs.values()))
         before = [cache.get_seq_length(layer) for layer in range(self.num_layers)] if cache is not None else [0] * self.num_layers
         if plan is not None:
+            if plan.vmap is not None and (kwargs.get("output_hidden_states") or self.language_model.config.output_hidden_states):
+                raise DymuError("output_hidden_states with VTU: the hidden states between layers are one row per unique "
+                                "token, not per position; pass output_hidden_states=False (or vtu=\"none\")")
             self._start_prefill(plan, cache, before)
         elif self.plan is not None and cache is not None and self._cache is not None and self._cache() is cache:
             self._start_step(cache, before, args, kwargs)
@@ -200,30 +209,69 @@ class LanguageAdapter:
             self.last_prefill_plan = plan.snapshot()
             self.plan = plan if self.policy is not None and cache is not None else None
 
-    # ------------------------------------------------------------------ VTU: hooks around token-wise modules
-    def _hook(self, module: nn.Module, name: str, layer: int, reduce_mean: bool = False, stash=None) -> None:
-        def vmap_now():
-            run = self._run
-            return None if run is None or not run.prefill else run.plan.vmap_at(layer)
+    # ------------------------------------------------------------------ VTU in unique-token space
+    # At a prefill with a VTU map the residual stream between layers holds one row per unique token (packed over the
+    # batch when rows have different counts): norms, the MLP, o_proj and the residual adds run on it. Only attention
+    # works at full length: its input is expanded (the q/k/v projections still run on the unique rows), q/k/v are
+    # expanded after their projection (RoPE at the original positions, full-length KV cache), and its output is
+    # reduced to the mean over each token's positions before o_proj.
+    def _vmap_now(self, layer: int):
+        run = self._run
+        return None if run is None or not run.prefill else run.plan.vmap_at(layer)
 
-        def before(module, args):
-            vmap = vmap_now()
+    def _count(self, name: str) -> None:
+        self._run.calls[name] = self._run.calls.get(name, 0) + 1
+
+    def _check_unique(self, hidden, vmap, name: str) -> None:
+        rows = int(vmap.unique_lengths.sum()) if vmap.padded else vmap.num_unique
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[-2] != rows:
+            shape = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+            raise compat.refuse(f"{name} was called with {shape}, expected the {rows} unique tokens")
+
+    def _attention_hook(self, layer: int):
+        def hook(module, args, kwargs):
+            vmap = self._vmap_now(layer)
             if vmap is None:
                 return None
             run = self._run
-            run.calls[name] = run.calls.get(name, 0) + 1
-            if len(args) != 1 or args[0].dim() != 3 or args[0].shape[1] != vmap.num_full:
-                shape = tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else "no positional tensor"
-                raise compat.refuse(f"{name} was called with {shape}, expected (batch, {vmap.num_full}, features)")
-            hidden = args[0]  # (batch, positions, features)
-            if reduce_mean:
-                return (V.to_unique(hidden, vmap, reduce_mean=True),)
-            if run.compressed is None or run.compressed[0] is not hidden:
-                run.compressed = (hidden, V.to_unique(hidden, vmap))
-            return (run.compressed[1],)
+            self._count("self_attn")
+            positional = "hidden_states" not in kwargs
+            hidden = args[0] if positional and args else kwargs.get("hidden_states")
+            self._check_unique(hidden, vmap, "self_attn")
+            run.unique_input = hidden
+            run.expanded = V.from_unique(hidden, vmap)  # (batch, positions, hidden): the shape attention reads
+            if positional:
+                return (run.expanded, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": run.expanded}
+
+        return hook
+
+    def _attention_done(self, layer: int):
+        def hook(module, args, output):
+            vmap = self._vmap_now(layer)
+            if vmap is None:
+                return None
+            calls = self._run.calls
+            if calls.get("o_proj", 0) != calls["self_attn"]:  # the output would not be unique tokens
+                raise compat.refuse(f"o_proj ran {calls.get('o_proj', 0)} time(s) in {calls['self_attn']} attention "
+                                    f"call(s) of a prefill with a VTU map (layer {layer})")
+            return None
+
+        return hook
+
+    def _projection_hooks(self, module: nn.Module, name: str, layer: int, stash=None) -> None:
+        def before(module, args):
+            vmap = self._vmap_now(layer)
+            if vmap is None:
+                return None
+            run = self._run
+            self._count(name)
+            if len(args) != 1 or args[0] is not run.expanded:
+                raise compat.refuse(f"{name} was not called on its attention's input")
+            return (run.unique_input,)
 
         def after(module, args, output):
-            vmap = vmap_now()
+            vmap = self._vmap_now(layer)
             if vmap is None:
                 return None
             full = V.from_unique(output, vmap)  # (batch, positions, out features)
@@ -234,6 +282,37 @@ class LanguageAdapter:
         self._handles.append(module.register_forward_pre_hook(before))
         self._handles.append(module.register_forward_hook(after))
 
+    def _reduce_hook(self, layer: int):
+        def hook(module, args):
+            vmap = self._vmap_now(layer)
+            if vmap is None:
+                return None
+            self._count("o_proj")
+            if len(args) != 1 or args[0].dim() != 3 or args[0].shape[1] != vmap.num_full:
+                shape = tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else "no positional tensor"
+                raise compat.refuse(f"o_proj was called with {shape}, expected (batch, {vmap.num_full}, features)")
+            return (V.to_unique(args[0], vmap, reduce_mean=True),)  # (MᵀM)⁻¹Mᵀ: the mean over each token's positions
+
+        return hook
+
+    def _unique_check(self, layer: int, name: str):
+        def hook(module, args):
+            vmap = self._vmap_now(layer)
+            if vmap is None:
+                return None
+            self._count(name)
+            self._check_unique(args[0] if args else None, vmap, name)
+            return None
+
+        return hook
+
+    def _leave_unique_space(self, module, args, output):
+        """After the last layer: every position it holds gets its token's hidden state back."""
+        run = self._run
+        if run is None or not run.prefill or run.rep_vmap is None:
+            return None
+        return V.from_unique(output, run.rep_vmap)
+
     # ------------------------------------------------------------------ plan edits: every decoder layer
     def _layer_hook(self, index: int):
         def hook(module, args, kwargs):
@@ -242,7 +321,8 @@ class LanguageAdapter:
                 return None
             plan = run.plan
             plan.cursor = index
-            self.policy.edit(plan, index)
+            if self.policy is not None:
+                self.policy.edit(plan, index)
             want = plan.layout(index)
             hidden = plan.layers[index].hidden
             if run.prefill:
@@ -263,30 +343,43 @@ class LanguageAdapter:
     def _prefill_layer(self, run: Run, index: int, want, hidden, module, args, kwargs):
         plan = run.plan
         self._held[index] = want
+        vmap = plan.vmap_at(index)
         first = index == 0
-        if want is None and hidden is None and not first:
+        moves = want is not run.rows or vmap is not run.rep_vmap  # the hidden states change representation here
+        edited = want is not None or hidden is not None
+        if not (first or moves or edited):
             return None
         arguments, extra = compat.bind_arguments(type(module).forward, module, *args, **kwargs)
         arguments.pop("self")
         if first:
             run.tables = arguments["position_embeddings"]
             run.position_ids = arguments.get("position_ids")
-            if want is None and hidden is None:
-                return None
-        if want is not run.rows:  # the layer holds fewer positions than the one before: gather the hidden states
-            index_rows = P.slots_in(run.rows, want, plan.num_prompt)
-            states = arguments["hidden_states"]  # (batch, rows, hidden)
-            arguments["hidden_states"] = states.expand(plan.batch, -1, -1).gather(
-                1, index_rows[..., None].expand(-1, -1, states.shape[-1]))
-            run.rows = want
-        if want is not None:
-            arguments["position_embeddings"] = tuple(P.gather_rows(t, want) for t in run.tables)
-            if run.position_ids is not None:
-                arguments["position_ids"] = P.gather_rows(run.position_ids.expand(plan.batch, -1), want)
-        queries = want.positions if want is not None else torch.arange(
-            plan.num_prompt, device=plan.segments.device).expand(plan.batch, -1)
-        arguments["attention_mask"] = self._mask(run, want, hidden, queries, arguments.get("attention_mask"), own_slots=True)
+        if moves:
+            arguments["hidden_states"] = self._represent(run, arguments["hidden_states"], want, vmap)
+        if edited:
+            if want is not None:
+                arguments["position_embeddings"] = tuple(P.gather_rows(t, want) for t in run.tables)
+                if run.position_ids is not None:
+                    arguments["position_ids"] = P.gather_rows(run.position_ids.expand(plan.batch, -1), want)
+            queries = want.positions if want is not None else torch.arange(
+                plan.num_prompt, device=plan.segments.device).expand(plan.batch, -1)
+            arguments["attention_mask"] = self._mask(run, want, hidden, queries, arguments.get("attention_mask"),
+                                                     own_slots=True)
         return (), {**arguments, **extra}
+
+    def _represent(self, run: Run, states: torch.Tensor, want, vmap) -> torch.Tensor:
+        """The hidden states in flight as layer ``want`` / ``vmap`` takes them: back to positions, gathered to the
+        positions the layer holds (monotone: a subset), then one row per unique token when it has a VTU map."""
+        plan = run.plan
+        if run.rep_vmap is not None:
+            states = V.from_unique(states, run.rep_vmap)  # (batch, positions of run.rows, hidden)
+        if want is not run.rows:
+            index_rows = P.slots_in(run.rows, want, plan.num_prompt)  # (batch, positions of want)
+            states = states.expand(plan.batch, -1, -1).gather(1, index_rows[..., None].expand(-1, -1, states.shape[-1]))
+        if vmap is not None:
+            states = V.to_unique(states, vmap)  # (batch, unique, hidden) or packed (1, real unique, hidden)
+        run.rows, run.rep_vmap = want, vmap
+        return states
 
     def _keys(self, run: Run, kept: P.Kept | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(batch, kv) positions and real flags of a layer's keys this forward: its prompt slots, then every position
