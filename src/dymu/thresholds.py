@@ -86,14 +86,12 @@ class Thresholds:
         }
 
     def save(self, path) -> None:
+        """Write the thresholds file (through a temporary file: a failed write leaves the old one whole)."""
+        from .files import atomic_write_json
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            tmp.write_text(json.dumps(self.to_json(), indent=1, allow_nan=True) + "\n")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)  # left only when writing failed
+        atomic_write_json(path, self.to_json())
 
     @classmethod
     def from_json(cls, data, origin: str = "thresholds") -> "Thresholds":
