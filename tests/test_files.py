@@ -447,3 +447,22 @@ def test_every_image_unreadable_leaves_no_output(capsys, model_dirs, thresholds,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.png"], "no OUT, OUT.partial nor lock left"
     assert "removed" in _one_line_error(*encoded[::2], "no readable images")
     _one_line_error(*searched[::2], "no readable images")
+
+
+def test_viz_never_draws_over_an_input_and_replaces_pictures_only_with_overwrite(capsys, model_dirs, image_dir,
+                                                                                thresholds, tmp_path):
+    import shutil
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("coins.png", "moon.png"):
+        shutil.copy(image_dir / name, images / name)
+    before = _snapshot(images)
+    command = ("encode", model_dirs["tiny-clip"], images, "--thresholds", thresholds)
+    for extra in ((), ("--overwrite",)):  # the merge map of coins.png would be images/coins.png
+        result = run(capsys, *command, "--viz", images, *extra)
+        assert _snapshot(images) == before
+        _one_line_error(*result[::2], "--viz", "one of this run's inputs")
+    assert run(capsys, *command, "--viz", tmp_path / "maps")[0] == 0
+    _one_line_error(*run(capsys, *command, "--viz", tmp_path / "maps")[::2], "--viz", "exists", "--overwrite")
+    assert run(capsys, *command, "--viz", tmp_path / "maps", "--overwrite")[0] == 0

@@ -103,8 +103,9 @@ def _out_folder(path: str | None, option: str) -> Path | None:
     return folder
 
 
-def _add_overwrite(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file (never one of the inputs)")
+def _add_overwrite(parser: argparse.ArgumentParser, what: str = "an existing --out file") -> None:
+    parser.add_argument("--overwrite", action="store_true", help=f"replace {what} (never one of the inputs; without it an "
+                        "existing output is refused)")
 
 
 def _add_workers(parser: argparse.ArgumentParser) -> None:
@@ -251,7 +252,13 @@ def cmd_encode(args) -> None:
     merging, _ = _encoder_merging(args)
     if not merging:
         raise DymuError(f"no thresholds: pass --thresholds FILE or --merge SPEC, or store thresholds in {args.model} with `dymu enable`")
-    out = _encode_output(args, [*image_set.paths, *_model_files(args), getattr(merging.get("thresholds"), "path", None)])
+    inputs = [*image_set.paths, *_model_files(args), getattr(merging.get("thresholds"), "path", None)]
+    out = _encode_output(args, inputs)
+    if viz_dir is not None:
+        from .files import check_outputs
+
+        pictures = [viz_dir / f"{name}.png" for name in (*_viz_names(image_set.paths).values(), OVERVIEW)]
+        check_outputs(pictures, "--viz", args.overwrite, inputs)
     with _lock(out) if out is not None else contextlib.nullcontext():
         try:
             _encode(args, image_set, merging, out, viz_dir)
@@ -692,7 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted --out FILE: images it has a line for are "
                    "not encoded again, a line cut short by the kill is dropped (refused when FILE was made with another "
                    "model, merging or image list)")
-    _add_overwrite(p)
+    _add_overwrite(p, "an existing --out file and --viz pictures")
     p.add_argument("--batch-size", type=int, default=8, help="images encoded together (default: %(default)s)")
     _add_workers(p)
     p.set_defaults(func=cmd_encode)

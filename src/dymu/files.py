@@ -154,17 +154,29 @@ def check_output(path, option: str, overwrite: bool, inputs=(), resume: bool | N
     """An output file, checked before any work: not one of ``inputs`` (paths; the same file by any name, links
     followed), and absent unless ``overwrite`` (or ``resume``: continuing it is the caller's business; None: the
     command cannot continue an output). Returns it as a Path."""
-    out = Path(path)
-    target = _file_id(out)
-    if target is None:  # no file yet, so none of the inputs
-        return out
+    return check_outputs([path], option, overwrite, inputs, resume)[0]
+
+
+def check_outputs(paths, option: str, overwrite: bool, inputs=(), resume: bool | None = None) -> list[Path]:
+    """``check_output`` of several files written by one option (``--viz DIR``'s pictures); the inputs are looked
+    at once, and only when one of the files exists."""
+    outs = [Path(path) for path in paths]
+    existing = [(out, _file_id(out)) for out in outs]
+    existing = [(out, target) for out, target in existing if target is not None]  # no file yet: none of the inputs
+    if not existing:
+        return outs
+    ids = {}
     for item in inputs:
-        if item is not None and _file_id(item) == target:
-            raise DymuError(f"{option} {out} is one of this run's inputs ({item}): choose another file")
+        if item is not None:
+            ids.setdefault(_file_id(item), item)
+    for out, target in existing:
+        if target in ids:
+            raise DymuError(f"{option} {out} is one of this run's inputs ({ids[target]}): choose another file")
     if not (overwrite or resume):
+        out = existing[0][0]
         options = "--resume to continue it, --overwrite to replace it" if resume is False else "--overwrite to replace it"
         raise DymuError(f"{option} {out} exists: pass {options}, or choose another file")
-    return out
+    return outs
 
 
 def folder_files(folder) -> list[Path]:
