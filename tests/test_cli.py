@@ -419,7 +419,10 @@ def test_api_builds_the_standard_processor_of_a_siglip_without_one(model_dirs, i
 
 
 def _json_lines(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+    """The rows of a dymu encode --out file (after its header line)."""
+    lines = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    assert lines[0]["format"] == "dymu-encode" and lines[0]["model"]["fingerprint"]["weights"]
+    return lines[1:]
 
 
 def test_encode_out_killed_and_resumed_writes_every_image_exactly_once(capsys, monkeypatch, model_dirs, image_paths,
@@ -455,7 +458,7 @@ def test_encode_out_killed_and_resumed_writes_every_image_exactly_once(capsys, m
     part = tmp_path / "part.jsonl"
     assert run(capsys, *common, "--out", part, "--workers", "2")[0] == 130
     monkeypatch.undo()
-    assert part.read_text().count("\n") == 4, "four whole rows and a cut one"
+    assert part.read_text().count("\n") == 5, "the header, four whole rows and a cut one"
     _one_line_error(*run(capsys, *common, "--out", part, "--workers", "2")[::2], "--out", "exists", "--resume")
     code, out, err = run(capsys, *common, "--out", part, "--resume", "--workers", "2")
     assert code == 0, err
@@ -472,6 +475,12 @@ def test_encode_out_and_resume_errors(capsys, model_dirs, image_paths, clip_thre
     common = ("encode", model_dirs["tiny-clip"], image_paths[0], "--thresholds", clip_thresholds)
     _one_line_error(*run(capsys, *common, "--resume")[::2], "--resume", "--out FILE")
     _one_line_error(*run(capsys, *common, "--out", tmp_path / "r.jsonl", "--resume", "--viz", tmp_path / "v")[::2], "--viz", "--resume")
-    (tmp_path / "other.jsonl").write_text('{"image": "a.png", "tokens": 3}\n[1, 2]\n')
-    _one_line_error(*run(capsys, *common, "--out", tmp_path / "other.jsonl", "--resume")[::2], "other.jsonl", "line 2")
+    (tmp_path / "other.jsonl").write_text('{"image": "a.png", "tokens": 3}\n[1, 2]\n{"cut')  # rows without a header
+    _one_line_error(*run(capsys, *common, "--out", tmp_path / "other.jsonl", "--resume")[::2], "other.jsonl",
+                    "not a file of dymu encode", "left unchanged")
+    assert (tmp_path / "other.jsonl").read_text() == '{"image": "a.png", "tokens": 3}\n[1, 2]\n{"cut'
+    out = tmp_path / "rows.jsonl"
+    assert run(capsys, *common, "--out", out)[0] == 0
+    out.write_text(out.read_text() + '[1, 2]\n')
+    _one_line_error(*run(capsys, *common, "--out", out, "--resume")[::2], "rows.jsonl", "line 3")
     _one_line_error(*run(capsys, *common, "--workers", "-1")[::2], "--workers must be >= 0")

@@ -295,16 +295,51 @@ def test_skipped_images_are_reported_and_all_failing_says_why(clip, image_paths,
 
 
 def test_a_last_line_cut_by_a_kill_is_dropped_a_whole_one_kept(tmp_path):
-    from dymu.journal import read_lines
+    from dymu.journal import read_journal
+
+    def read(path):
+        return read_journal(path, "x", lambda header: None)
 
     path = tmp_path / "rows.jsonl"
-    path.write_text('{"a": 1}\n{"b": 2}')  # killed just before the newline: the row is whole
-    assert read_lines(path, "x") == [{"a": 1}, {"b": 2}] and path.read_text() == '{"a": 1}\n{"b": 2}\n'
-    path.write_text('{"a": 1}\n{"b": ')
-    assert read_lines(path, "x") == [{"a": 1}] and path.read_text() == '{"a": 1}\n'
-    path.write_text('{"a": 1}\n[2]\n{"c": 3}\n')
-    with pytest.raises(dymu.DymuError, match=r"^x .*rows\.jsonl line 2 is not a JSON object; delete the file"):
-        read_lines(path, "x")
+    path.write_text('{"h": 0}\n{"a": 1}\n{"b": 2}')  # killed just before the newline: the row is whole
+    assert read(path) == ({"h": 0}, [{"a": 1}, {"b": 2}]) and path.read_text() == '{"h": 0}\n{"a": 1}\n{"b": 2}\n'
+    path.write_text('{"h": 0}\n{"a": 1}\n{"b": ')
+    assert read(path) == ({"h": 0}, [{"a": 1}]) and path.read_text() == '{"h": 0}\n{"a": 1}\n'
+    path.write_text('{"h": 0}\n{"a": 1}\n[2]\n{"c": 3}\n')
+    with pytest.raises(dymu.DymuError, match=r"^x .*rows\.jsonl line 3 is not a JSON object; delete the file"):
+        read(path)
+
+
+@pytest.mark.parametrize("content", [
+    b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR binary tail without newline",  # an image
+    b'{"format": "dymu-thresholds", "thresholds": [0.9, 0.8]}',  # a whole JSON document, no trailing newline
+    b'{"format": "dymu-thresholds"}\n{"a": 1}\n{"cut',  # JSON lines of another tool, last line cut
+    b"plain text\nwithout a final newline",
+])
+def test_reading_a_file_that_is_not_our_journal_changes_nothing(tmp_path, content):
+    """Issue 23 item 1: the header is checked before the tail is repaired; a foreign file is refused unchanged."""
+    from dymu.journal import read_journal
+
+    def ours(header):
+        if header.get("format") != "dymu-threshold-search":
+            raise dymu.DymuError("not ours")
+
+    path = tmp_path / "file"
+    path.write_bytes(content)
+    with pytest.raises(dymu.DymuError):
+        read_journal(path, "x", ours)
+    assert path.read_bytes() == content
+
+
+def test_resume_on_a_file_that_is_not_a_checkpoint_leaves_it_whole(clip, image_paths, tmp_path):
+    """Issue 23 item 1, through find_thresholds: a thresholds JSON without a trailing newline is not cut."""
+    model, processor = clip
+    checkpoint = tmp_path / "thresholds.json"
+    content = b'{"format": "dymu-thresholds", "version": 1, "thresholds": [0.9, 0.8, 0.7, null]}'
+    checkpoint.write_bytes(content)
+    with pytest.raises(dymu.DymuError, match="left unchanged"):
+        find_thresholds(model, image_paths[:4], processor=processor, checkpoint=checkpoint, resume=True, **QUICK)
+    assert checkpoint.read_bytes() == content
 
 
 def test_resume_refuses_a_checkpoint_of_the_old_format_and_keeps_it(clip, image_paths, tmp_path):
@@ -312,6 +347,68 @@ def test_resume_refuses_a_checkpoint_of_the_old_format_and_keeps_it(clip, image_
     checkpoint = tmp_path / "run.partial"
     old = {"format": "dymu-threshold-search", "version": 1, "config": {}, "statistics": {"0": [0.5] * 4}, "skipped": []}
     checkpoint.write_text(json.dumps(old))  # version 1: one JSON document, no newline
-    with pytest.raises(dymu.DymuError, match="not a dymu threshold-search checkpoint of version 2"):
+    with pytest.raises(dymu.DymuError, match="not a dymu threshold-search checkpoint of version 3"):
         find_thresholds(model, image_paths[:4], processor=processor, checkpoint=checkpoint, resume=True, **QUICK)
     assert json.loads(checkpoint.read_text()) == old
+
+
+def _interrupted_search(model, processor, images, checkpoint):
+    with pytest.raises(Interrupt):
+        find_thresholds(model, images, processor=processor, checkpoint=checkpoint, on_batch=_interrupt_after(0), **QUICK)
+
+
+def test_resume_with_another_model_of_the_same_shape_or_another_image_list_is_refused(clip, image_paths, tmp_path):
+    """Issue 23 item 7: a seed-1 model of the same shape, another image list: one line naming what differs."""
+    from dymu.files import model_fingerprint
+    from dymu.models import build_preset
+
+    model, processor = clip
+    checkpoint = tmp_path / "run.partial"
+    _interrupted_search(model, processor, image_paths[:6], checkpoint)
+    before = checkpoint.read_bytes()
+    other, _ = build_preset("tiny-clip", seed=1)
+    with pytest.raises(dymu.DymuError, match=r"run\.partial: the model's weights differ") as error:
+        find_thresholds(other, image_paths[:6], processor=processor, checkpoint=checkpoint, resume=True, **QUICK)
+    assert "\n" not in str(error.value)
+    with pytest.raises(dymu.DymuError, match=r"the image list differs \(6 images now, 6 then\)"):
+        find_thresholds(model, image_paths[1:7], processor=processor, checkpoint=checkpoint, resume=True, **QUICK)
+    assert checkpoint.read_bytes() == before, "a refused resume changes nothing"
+    done = find_thresholds(model, image_paths[:6], processor=processor, checkpoint=checkpoint, resume=True, **QUICK)
+    assert done.model["fingerprint"] == model_fingerprint(model) and done.images["fingerprint"]
+    assert done.model["fingerprint"]["weights"] != model_fingerprint(other)["weights"]
+
+
+def test_an_existing_checkpoint_is_never_replaced_without_resume(clip, image_paths, tmp_path):
+    """Issue 23 item 5 (API side): a run without resume that finds a checkpoint refuses instead of starting over."""
+    model, processor = clip
+    checkpoint = tmp_path / "run.partial"
+    _interrupted_search(model, processor, image_paths[:6], checkpoint)
+    before = checkpoint.read_bytes()
+    with pytest.raises(dymu.DymuError, match="holds an interrupted run: resume it"):
+        find_thresholds(model, image_paths[:6], processor=processor, checkpoint=checkpoint, **QUICK)
+    assert checkpoint.read_bytes() == before
+
+
+def test_a_checkpoint_in_use_is_refused_naming_the_holder(clip, image_paths, tmp_path):
+    """Issue 23 item 6: the checkpoint is locked while a search runs."""
+    from dymu.files import Lock
+
+    model, processor = clip
+    checkpoint = tmp_path / "run.partial"
+    with Lock(checkpoint):
+        with pytest.raises(dymu.DymuError, match=rf"checkpoint .*run\.partial is in use by process {os.getpid()}"):
+            find_thresholds(model, image_paths[:2], processor=processor, checkpoint=checkpoint, **QUICK)
+    assert not checkpoint.exists()
+    find_thresholds(model, image_paths[:2], processor=processor, checkpoint=checkpoint, **QUICK)
+    assert sorted(tmp_path.iterdir()) == [], "no checkpoint nor lock file left"
+
+
+def test_every_image_unreadable_leaves_no_checkpoint(clip, tmp_path):
+    """Issue 23 item 8."""
+    model, processor = clip
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    checkpoint = tmp_path / "run.partial"
+    with pytest.raises(dymu.DymuError, match="no readable images"):
+        find_thresholds(model, [str(bad)], processor=processor, checkpoint=checkpoint, **QUICK)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.png"]

@@ -294,7 +294,9 @@ def test_config_section_and_enable(tiny_llava_dir, image_paths, tmp_path, capsys
     assert main(["find-thresholds", str(folder), *image_paths[:6], "--target-tokens", "200", "--out", str(thresholds), "--measure", "0"]) == 0
     assert main(["enable", str(folder), "--thresholds", str(thresholds), "--vtu", "exact"]) == 0
     section = json.loads((folder / "config.json").read_text())["dymu"]
-    assert section == {"thresholds": "dymu_thresholds.json", "vtu": "exact"}
+    stored = json.loads(thresholds.read_text())
+    assert section["vtu"] == "exact" and section["thresholds"] == stored["thresholds"] and section["model"] == stored["model"]
+    assert "used" not in section["images"] and not (folder / "dymu_thresholds.json").exists(), "all inside config.json"
     model = dymu.from_pretrained(folder)
     assert get_vlm_patch(model).state.vtu == "exact" and dymu.is_applied(model)
     reference = load_model(folder)

@@ -6,13 +6,13 @@ samples. K is the *first* candidate whose mean KL is at most the threshold (not 
 layer qualifies and K = the number of layers (never withdraw). The model keeps whatever merging (DToMe + VTU)
 it was applied with: p_full is that model without pruning.
 
-Result file (JSON): ``{"format": "dymu-vtw-calibration", "version": 1, "model": {...}, "k": 16,
+Result file (JSON): ``{"format": "dymu-vtw-calibration", "version": 1, "model": {..., "fingerprint": {"config",
+"weights"}}, "k": 16,
 "kl": {"5": 0.8, ...}, "threshold": 0.003, "samples": 20, "prompt": "..."}``.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,8 +44,11 @@ class VtwCalibration:
         return f"vtw:k={self.k}"
 
     def save(self, path) -> None:
+        """Write the result file (through a temporary file: a failed write leaves the old one whole)."""
+        from .files import atomic_write_json
+
         data = {"format": FORMAT, "version": VERSION, **asdict(self), "kl": {str(k): v for k, v in self.kl.items()}}
-        Path(path).write_text(json.dumps(data, indent=2) + "\n")
+        atomic_write_json(Path(path), data, indent=2)
 
 
 def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
@@ -61,9 +64,13 @@ def choose_layer(kl: dict, threshold: float, num_layers: int) -> int:
 
 
 def language_identity(model) -> dict:
+    """The language model's shape, where it was loaded from, and the whole VLM's fingerprint (config, weights)."""
+    from .files import model_fingerprint
+
     text = model.config.text_config
     return {"model_type": text.model_type, "num_layers": text.num_hidden_layers, "hidden_size": text.hidden_size,
-            "vocab_size": text.vocab_size, "name_or_path": str(getattr(model.config, "_name_or_path", "") or "")}
+            "vocab_size": text.vocab_size, "name_or_path": str(getattr(model.config, "_name_or_path", "") or ""),
+            "fingerprint": model_fingerprint(model)}
 
 
 def calibrate_vtw(model, processor, images, prompt: str = DEFAULT_PROMPT, threshold: float = DEFAULT_KL_THRESHOLD,

@@ -60,14 +60,33 @@ def _open(model_name: str, processor_path: str | None):
     return model, processor
 
 
-def _out_file(path: str) -> Path:
-    """--out: a file in an existing folder, checked before any work so a typo does not cost a whole run."""
+def _out_file(path: str, overwrite: bool = False, inputs=(), resume: bool | None = None) -> Path:
+    """--out: a file in an existing folder, checked before any work so a typo does not cost a whole run: never one
+    of ``inputs``, and absent unless --overwrite (or --resume)."""
+    from .files import check_output
+
     out = Path(path)
     if out.is_dir():
         raise DymuError(f"--out {out} is a folder: name the file to write in it")
     if not out.parent.is_dir():
         raise DymuError(f"--out {out}: folder {out.parent} does not exist")
-    return out
+    return check_output(out, "--out", overwrite, inputs, resume)
+
+
+def _model_files(args) -> list[Path]:
+    """The files a command reads from the model's folder (and --processor's), which no output may replace."""
+    from .files import folder_files
+
+    return folder_files(args.model) + folder_files(getattr(args, "processor", None) or "")
+
+
+def _lock(path: Path):
+    """The advisory lock of an output (torchrun: rank 0's; the other ranks lock their own checkpoints)."""
+    import contextlib
+
+    from .files import Lock
+
+    return Lock(path, f"--out {path}") if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
 
 
 def _out_folder(path: str | None, option: str) -> Path | None:
@@ -82,6 +101,11 @@ def _out_folder(path: str | None, option: str) -> Path | None:
     if not existing.is_dir() or not os.access(existing, os.W_OK):
         raise DymuError(f"{option} {folder}: cannot create a folder inside {existing}")
     return folder
+
+
+def _add_overwrite(parser: argparse.ArgumentParser, what: str = "an existing --out file") -> None:
+    parser.add_argument("--overwrite", action="store_true", help=f"replace {what} (never one of the inputs; without it an "
+                        "existing output is refused)")
 
 
 def _add_workers(parser: argparse.ArgumentParser) -> None:
@@ -133,22 +157,49 @@ def cmd_make_model(args) -> None:
 
 
 def cmd_find_thresholds(args) -> None:
+    from .finder import checkpoint_file
+
+    image_set = _image_set(args)
+    out = _out_file(args.out, args.overwrite, [*image_set.paths, *_model_files(args)])
+    checkpoint = out.with_name(out.name + ".partial")
+    partial = checkpoint_file(checkpoint)  # this process's (torchrun: one per rank)
+    _out_file(partial, True, [*image_set.paths, *_model_files(args)])
+    if args.resume and args.restart:
+        raise DymuError("--resume continues OUT.partial, --restart discards it: give one")
+    with _lock(out):
+        if partial.exists() and args.restart:
+            partial.unlink()
+            print(f"note: discarded the interrupted run in {partial} (--restart)", file=sys.stderr)
+        elif partial.exists() and not args.resume:
+            raise DymuError(f"{partial} holds an interrupted run: pass --resume to continue it, or --restart to discard "
+                            "it and start over")
+        try:
+            _find_thresholds(args, image_set, out, checkpoint)
+        except KeyboardInterrupt:
+            saved = (f"the finished batches are saved in {partial}: run the same command with --resume to continue"
+                     if partial.exists() else "nothing was saved")
+            raise KeyboardInterrupt(f"interrupted; {saved}") from None
+
+
+def _image_set(args):
+    from .images import collect_images
+
+    return collect_images(args.images, args.image_root)
+
+
+def _find_thresholds(args, image_set, out: Path, checkpoint: Path) -> None:
     import warnings
 
     from .finder import find_thresholds
-    from .images import SkippedImagesWarning, collect_images
+    from .images import SkippedImagesWarning
 
-    out = _out_file(args.out)
-    image_set = collect_images(args.images, args.image_root)
     model, processor = _open(args.model, args.processor)
-    partial = out.with_name(out.name + ".partial")
-    if partial.exists() and not args.resume:
-        print(f"note: {partial} holds an interrupted run; starting over (pass --resume to continue it)", file=sys.stderr)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SkippedImagesWarning)  # the full list is printed below
         result = find_thresholds(
             model, image_set, target_tokens=args.target_tokens, schedule=args.schedule, batch_size=args.batch_size,
-            processor=processor, checkpoint=partial, resume=args.resume, measure=args.measure, num_workers=args.workers,
+            processor=processor, checkpoint=checkpoint, resume=args.resume,
+            measure=args.measure, num_workers=args.workers,
         )
     import torch.distributed as dist
 
@@ -165,26 +216,22 @@ def cmd_find_thresholds(args) -> None:
     print(f"wrote {out}: {result.describe()}")
 
 
-def _encode_output(args) -> tuple[Path | None, list[dict]]:
-    """encode --out / --resume, checked before any work: the JSON-lines file and the rows it holds already."""
-    from .journal import read_lines
+def _encode_output(args, inputs: list) -> Path | None:
+    """encode --out / --resume, checked before any work (a file to resume must be one of dymu encode)."""
+    from .rows import check_is_ours
 
     if args.out is None:
         if args.resume:
             raise DymuError("--resume continues the rows of --out FILE: name the file")
-        return None, []
-    out = _out_file(args.out)
+        return None
     if args.resume and args.viz:
         raise DymuError("--viz cannot be combined with --resume (the overview needs every image): run without --resume")
-    if not out.exists() or out.stat().st_size == 0:
-        return out, []
-    if not args.resume:
-        raise DymuError(f"--out {out} exists: pass --resume to continue it, or delete it to start over")
-    rows = read_lines(out, "--out file")
-    for number, row in enumerate(rows, start=1):
-        if not isinstance(row.get("image"), str) or not ("tokens" in row or "error" in row):
-            raise DymuError(f"--out file {out} line {number} is not a row of dymu encode; delete the file to start over")
-    return out, rows
+    if args.resume and args.overwrite:
+        raise DymuError("--resume continues --out FILE, --overwrite replaces it: give one")
+    out = _out_file(args.out, args.overwrite, inputs, resume=args.resume)
+    if args.resume and out.exists() and out.stat().st_size > 0:
+        check_is_ours(out)
+    return out
 
 
 def _still_missing(missing, name: str) -> bool:
@@ -198,33 +245,57 @@ def _still_missing(missing, name: str) -> bool:
 
 
 def cmd_encode(args) -> None:
-    import torch
-    from tqdm.auto import tqdm
-
-    from . import api
-    from .images import collect_images, summarize_failures
-    from .journal import Appender
-    from .loader import ImageBatches, LoadClock, load_batches, on_gpu, remaining_batches
+    import contextlib
 
     viz_dir = _out_folder(args.viz, "--viz")
-    out, written = _encode_output(args)
-    image_set = collect_images(args.images, args.image_root)
+    image_set = _image_set(args)
     merging, _ = _encoder_merging(args)
     if not merging:
         raise DymuError(f"no thresholds: pass --thresholds FILE or --merge SPEC, or store thresholds in {args.model} with `dymu enable`")
+    inputs = [*image_set.paths, *_model_files(args), getattr(merging.get("thresholds"), "path", None)]
+    out = _encode_output(args, inputs)
+    if viz_dir is not None:
+        from .files import check_outputs
+
+        pictures = [viz_dir / f"{name}.png" for name in (*_viz_names(image_set.paths).values(), OVERVIEW)]
+        check_outputs(pictures, "--viz", args.overwrite, inputs)
+    with _lock(out) if out is not None else contextlib.nullcontext():
+        try:
+            _encode(args, image_set, merging, out, viz_dir)
+        except KeyboardInterrupt:
+            if out is None or not out.exists():
+                raise
+            raise KeyboardInterrupt(f"interrupted; the rows written so far are in {out}: run the same command with "
+                                    "--resume to continue") from None
+
+
+def _encode(args, image_set, merging: dict, out: Path | None, viz_dir: Path | None) -> None:
+    import torch
+    from tqdm.auto import tqdm
+
+    from . import api, rows as R
+    from .images import summarize_failures
+    from .journal import Appender
+    from .loader import ImageBatches, LoadClock, load_batches, on_gpu, remaining_batches
+    from .vision import tower_info
+
     model, processor = _open(args.model, args.processor)
     api.apply(model, **merging)
+    info = tower_info(model)
+    header = R.header(info.tower, info.identity(), merging, image_set.paths) if out is not None else None
+    resumed = args.resume and out.exists() and out.stat().st_size > 0
+    written = R.resume_rows(out, header, image_set.paths) if resumed else []
     rows = [row for row in written if "tokens" in row]
     skipped = list(image_set.skipped) + [row for row in written if "tokens" not in row]
     figures = []
     viz_names = _viz_names(image_set.paths)
     dataset = ImageBatches(image_set.paths, args.batch_size, processor)
     todo, partial = remaining_batches(image_set.paths, args.batch_size, [row["image"] for row in written])
-    if written:
+    if resumed:
         print(f"resuming {out}: {len(written)} image(s) done, {len(todo)} batch(es) to go", file=sys.stderr)
     to_stdout = args.json and out is None
     clock = LoadClock()
-    sink = Appender(out, fresh=not written) if out is not None else None
+    sink = Appender(out, None if resumed else header) if out is not None else None
     bar = tqdm(total=sum(map(dataset.size, todo)), desc="encoding", unit="img", disable=to_stdout)
     try:
         for batch in clock.batches(load_batches(dataset, todo, args.workers, pin_memory=on_gpu(model))):
@@ -254,7 +325,11 @@ def cmd_encode(args) -> None:
         if sink is not None:
             sink.close()
     if not rows:
-        raise DymuError(f"no readable images: every image failed ({summarize_failures(skipped)})")
+        removed = ""
+        if out is not None:  # it lists failures only, which a rerun meets again
+            out.unlink()
+            removed = f"; removed {out}, which held no encoded image"
+        raise DymuError(f"no readable images: every image failed ({summarize_failures(skipped)}){removed}")
     if viz_dir:
         from .viz import save_overview
 
@@ -266,8 +341,8 @@ def cmd_encode(args) -> None:
         print(f"mean {counts.mean():.1f} ± {counts.std(unbiased=False):.1f} tokens over {len(rows)} images "
               f"({100 * counts.mean() / rows[0]['patches']:.1f}% of {rows[0]['patches']} patches)")
     if out is not None:
-        print(f"wrote {out}: a JSON line per image ({len(rows)} encoded, {len(skipped) - len(image_set.skipped)} unreadable)",
-              file=sys.stderr)
+        print(f"wrote {out}: a header line, then a JSON line per image ({len(rows)} encoded, "
+              f"{len(skipped) - len(image_set.skipped)} unreadable)", file=sys.stderr)
     if viz_dir:
         print(f"merge maps: {viz_dir}/", file=sys.stderr)
     print(f"encode: {clock.summary()} ({args.workers} workers)", file=sys.stderr)
@@ -315,9 +390,10 @@ def _save_viz(out: Path, name: str, pixels, source, row: dict, processor):
 def cmd_import_thresholds(args) -> None:
     from .reference import import_reference
 
-    out = _out_file(args.out)
-    result = import_reference(args.checkpoint, num_layers=args.num_layers)
-    result.save(out)
+    out = _out_file(args.out, args.overwrite, [args.checkpoint])
+    with _lock(out):
+        result = import_reference(args.checkpoint, num_layers=args.num_layers)
+        result.save(out)
     print(f"wrote {args.out}: {result.describe()} ({result.model.get('model_type')}, {len(result)} layers)")
 
 
@@ -423,21 +499,23 @@ def cmd_calibrate_vtw(args) -> None:
     from .images import collect_images, load_images
     from .models import load_model, load_processor
 
-    out = _out_file(args.out)
     merging, vtu = _encoder_merging(args)
     image_set = collect_images(args.images, args.image_root)
-    images, skipped = load_images(image_set.paths[: args.limit])
-    _report_skipped(image_set.skipped + skipped)
-    model = load_model(args.model)
-    processor = load_processor(args.model, full=True)
-    api.apply(model, **merging, vtu=vtu)
-    result = calibrate_vtw(model, processor, images, prompt=args.prompt, threshold=args.kl, first_layer=args.first_layer,
-                           batch_size=args.batch_size)
-    for k, value in result.kl.items():
-        print(f"withdraw before layer {k:>3}: mean KL {value:.5f}{'  <= threshold' if value <= result.threshold else ''}")
-    chosen = "no layer qualifies: never withdraw" if result.k == result.model["num_layers"] else f"prune=\"{result.spec}\""
-    print(f"K = {result.k} (first layer with mean KL <= {result.threshold} on {result.samples} images): {chosen}")
-    result.save(out)
+    out = _out_file(args.out, args.overwrite, [*image_set.paths, *_model_files(args),
+                                               getattr(merging.get("thresholds"), "path", None)])
+    with _lock(out):  # held from the start: a second run on the same --out fails before its work
+        images, skipped = load_images(image_set.paths[: args.limit])
+        _report_skipped(image_set.skipped + skipped)
+        model = load_model(args.model)
+        processor = load_processor(args.model, full=True)
+        api.apply(model, **merging, vtu=vtu)
+        result = calibrate_vtw(model, processor, images, prompt=args.prompt, threshold=args.kl, first_layer=args.first_layer,
+                               batch_size=args.batch_size)
+        for k, value in result.kl.items():
+            print(f"withdraw before layer {k:>3}: mean KL {value:.5f}{'  <= threshold' if value <= result.threshold else ''}")
+        chosen = "no layer qualifies: never withdraw" if result.k == result.model["num_layers"] else f"prune=\"{result.spec}\""
+        print(f"K = {result.k} (first layer with mean KL <= {result.threshold} on {result.samples} images): {chosen}")
+        result.save(out)
     print(f"wrote {out}")
 
 
@@ -542,8 +620,22 @@ def cmd_flops(args) -> None:
 def cmd_enable(args) -> None:
     from .models import enable
 
-    path = enable(args.checkpoint, args.thresholds, vtu=args.vtu)
+    path, notes = enable(args.checkpoint, args.thresholds, vtu=args.vtu)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     print(f"wrote the \"dymu\" section of {path}: dymu.from_pretrained and every dymu command now apply these thresholds")
+
+
+def cmd_disable(args) -> None:
+    from .models import disable
+
+    path, notes = disable(args.checkpoint)
+    if notes is None:
+        print(f"{path} has no \"dymu\" section: nothing to remove")
+        return
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"removed the \"dymu\" section of {path}: the checkpoint loads unmerged again")
 
 
 def cmd_convert_llava(args) -> None:
@@ -579,7 +671,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default: %(default)s)")
     p.add_argument("--layers", type=int, help="encoder layers (vision presets) or language-model layers (LLaVA presets) (default: the real architecture's depth)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weight dtype (llava-1.5-7b at full depth needs bfloat16 on 24 GiB) (default: float32)")
-    p.add_argument("--overwrite", action="store_true", help="delete the contents of a non-empty OUT_DIR first")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR that holds a model checkpoint "
+                   "(a config.json; not the current folder): the new one is built beside it and swapped in once complete")
     p.set_defaults(func=cmd_make_model)
 
     p = sub.add_parser("find-thresholds", help="learn per-layer merge thresholds from a set of images")
@@ -591,7 +684,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32,
                    help="images per calibration batch; each batch yields one statistic per layer (default: %(default)s)")
     p.add_argument("--out", required=True, help="thresholds file to write (JSON)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.partial")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.partial (made with the same "
+                   "model, images and settings, else refused)")
+    p.add_argument("--restart", action="store_true", help="discard an interrupted run's OUT.partial and start over (without "
+                   "--resume or --restart an existing OUT.partial is refused)")
+    _add_overwrite(p)
     p.add_argument("--measure", type=int, default=256, help="encode this many images with the result to report mean±std tokens, 0 to skip (default: %(default)s)")
     _add_workers(p)
     p.set_defaults(func=cmd_find_thresholds)
@@ -606,7 +703,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help="write the JSON lines to FILE as each batch is done, with a line "
                    "{\"image\", \"error\"} for an unreadable image, instead of printing (default: none)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted --out FILE: images it has a line for are "
-                   "not encoded again, a line cut short by the kill is dropped")
+                   "not encoded again, a line cut short by the kill is dropped (refused when FILE was made with another "
+                   "model, merging or image list)")
+    _add_overwrite(p, "an existing --out file and --viz pictures")
     p.add_argument("--batch-size", type=int, default=8, help="images encoded together (default: %(default)s)")
     _add_workers(p)
     p.set_defaults(func=cmd_encode)
@@ -632,6 +731,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="local LLaVA checkpoint folder or hub id")
     _add_images(p)
     p.add_argument("--out", required=True, help="calibration result to write (JSON)")
+    _add_overwrite(p)
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="question asked about every image (default: %(default)r)")
     p.add_argument("--limit", type=int, default=DEFAULT_SAMPLES, help="images used, the first N (default: %(default)s)")
     p.add_argument("--kl", type=float, default=DEFAULT_KL_THRESHOLD,
@@ -657,12 +757,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode steps the per-step decode FLOPs are averaged over (default: %(default)s)")
     p.set_defaults(func=cmd_flops)
 
-    p = sub.add_parser("enable", help="store thresholds in a checkpoint's config.json so loading applies DyMU")
-    p.add_argument("checkpoint", help="local checkpoint folder whose config.json gets the \"dymu\" section")
+    p = sub.add_parser("enable", help="store thresholds in a checkpoint's config.json so loading applies DyMU (a copy "
+                       "saved with save_pretrained keeps them)")
+    p.add_argument("checkpoint", help="local checkpoint folder whose config.json gets the \"dymu\" section (a config.json "
+                   "that is a link is replaced by a file; the link's target is not written)")
     p.add_argument("--thresholds", required=True, help="thresholds file to copy into the checkpoint")
     p.add_argument("--vtu", default="fast", choices=["fast", "exact", "none"],
                    help="virtual token unmerging mode stored with them: %(choices)s (default: %(default)s)")
     p.set_defaults(func=cmd_enable)
+
+    p = sub.add_parser("disable", help="remove the thresholds `dymu enable` stored in a checkpoint's config.json")
+    p.add_argument("checkpoint", help="local checkpoint folder whose config.json loses its \"dymu\" section")
+    p.set_defaults(func=cmd_disable)
 
     p = sub.add_parser("convert-llava", help="convert an original LLaVA checkpoint (liuhaotian layout) to transformers format")
     p.add_argument("src", help="original LLaVA checkpoint folder (liuhaotian layout)")
@@ -673,6 +779,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import-thresholds", help="convert a DyMU reference threshold checkpoint to a dymu thresholds file")
     p.add_argument("checkpoint", help="reference threshold checkpoint (.pt, torch.save of a state dict)")
     p.add_argument("--out", required=True, help="thresholds file to write (JSON)")
+    _add_overwrite(p)
     p.add_argument("--num-layers", type=int, help="keep only the first N layers (LLaVA-OneVision towers drop the last SigLIP layer) (default: all)")
     p.set_defaults(func=cmd_import_thresholds)
 
@@ -710,8 +817,8 @@ def main(argv=None) -> int:
         print(f"dymu {args.command}: error: {message} (DYMU_DEBUG=1 shows the traceback)"
               if not isinstance(exc, DymuError) else f"dymu {args.command}: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"dymu {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # a command may say what was saved and how to continue
+        print(f"dymu {args.command}: {exc or 'interrupted'}", file=sys.stderr)
         return 130
     return 0
 

@@ -67,7 +67,10 @@ def run_clip_demo(out_dir: Path, layers: int | None = None, target_tokens: int |
     print("=" * 78)
     if not (checkpoint / "config.json").is_file():
         print(f"[1/4] building a random-weight {DEMO_PRESET} ({layers} layers) -> {checkpoint}")
-        make_model(DEMO_PRESET, checkpoint, seed=0, layers=layers, overwrite=True)  # our cache: leftovers of an interrupted build go
+        import shutil
+
+        shutil.rmtree(checkpoint, ignore_errors=True)  # our cache: what a build interrupted by an older dymu left
+        make_model(DEMO_PRESET, checkpoint, seed=0, layers=layers)  # built beside it, swapped in once complete
     else:
         print(f"[1/4] using cached random-weight checkpoint {checkpoint}")
     model = load_model(checkpoint)

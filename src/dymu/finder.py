@@ -11,14 +11,15 @@ decode is dropped from its batch and reported, it never shifts other batches. Im
 processes (``num_workers``, see ``dymu.loader``) that deliver the same batches in the same order, so the
 thresholds do not depend on the number of workers.
 
-The checkpoint is a JSON-lines file (``dymu.journal``): a header with the run's configuration, then one line per
-finished batch (its index, statistics and unreadable images), so saving progress costs one short write per
-batch however long the run.
+The checkpoint is a JSON-lines file (``dymu.journal``): a header with the run's configuration (the encoder's
+geometry and fingerprint, the image list's fingerprint, the search settings), then one line per finished batch
+(its index, statistics and unreadable images), so saving progress costs one short write per batch however long
+the run. Resuming with another model, image list or setting is refused, naming what differs.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import itertools
 import math
 import os
@@ -31,13 +32,14 @@ import torch
 from . import merge as M
 from .api import run_encoder, _check_pixels
 from .images import ImageSet, SkippedImagesWarning, collect_images, summarize_failures
-from .journal import Appender, read_lines, remove
+from .files import Lock, fingerprint_mismatch, list_fingerprint, model_fingerprint
+from .journal import Appender, read_journal, remove
 from .loader import ImageBatches, LoadClock, load_batches, on_gpu
 from .thresholds import Thresholds
 from .vision import DymuError, get_patch, patch_tower, tower_info, unpatch_tower
 
 CHECKPOINT_FORMAT = "dymu-threshold-search"
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3
 DEFAULT_MEASURE_IMAGES = 256
 
 
@@ -53,8 +55,13 @@ def _distributed():
     return dist.get_rank(), dist.get_world_size()
 
 
-def _fingerprint(names: list[str]) -> str:
-    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+def checkpoint_file(checkpoint, rank: int | None = None, world: int | None = None) -> Path:
+    """The file this process keeps its progress in: ``checkpoint``, or one per rank under torchrun
+    (``NAME.rank{r}-of-{w}``; rank and world size from torchrun's environment when not given)."""
+    path = Path(checkpoint)
+    if world is None:
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    return path.with_name(f"{path.name}.rank{rank}-of-{world}") if world > 1 else path
 
 
 def _image_items(images) -> tuple[list, list[dict]]:
@@ -133,35 +140,42 @@ class _Checkpoint:
         self._out: Appender | None = None
 
     def load(self) -> tuple[dict, list] | None:
-        """(statistics by batch index, skipped images) of the batches done, None when there is nothing to resume."""
+        """(statistics by batch index, skipped images) of the batches done, None when there is nothing to resume.
+        A file that is not a checkpoint of this run is refused unchanged."""
         if self.path is None or not self.path.is_file():
             return None
-        rows = read_lines(self.path, "cannot resume: checkpoint")
-        if not rows:  # killed while writing the header
-            return None
-        header = rows[0]
-        if header.get("format") != CHECKPOINT_FORMAT or header.get("version") != CHECKPOINT_VERSION:
-            raise DymuError(f"cannot resume: {self.path} is not a dymu threshold-search checkpoint of version {CHECKPOINT_VERSION}")
-        for key, value in self.config.items():
-            if header["config"].get(key) != value:
-                raise DymuError(
-                    f"cannot resume from {self.path}: it was made with {key}={header['config'].get(key)!r}, this run has {key}={value!r}"
-                )
+        header, rows = read_journal(self.path, "cannot resume: checkpoint", self._check_header)
         statistics, skipped = {}, []
-        for number, row in enumerate(rows[1:], start=2):
+        for number, row in enumerate(rows, start=2):
             if not isinstance(row.get("batch"), int) or not isinstance(row.get("skipped"), list):
                 raise DymuError(f"cannot resume: checkpoint {self.path} line {number} is not a batch record; delete it to start over")
             statistics[str(row["batch"])] = row.get("statistics")
             skipped += row["skipped"]
         return statistics, skipped
 
+    def _check_header(self, header: dict) -> None:
+        """Refuse a header of another format or version, or of another run: one line naming what differs."""
+        if header.get("format") != CHECKPOINT_FORMAT or header.get("version") != CHECKPOINT_VERSION:
+            raise DymuError(f"cannot resume: {self.path} is not a dymu threshold-search checkpoint of version "
+                            f"{CHECKPOINT_VERSION}; it was left unchanged")
+        stored = header.get("config") if isinstance(header.get("config"), dict) else {}
+        for key, value in self.config.items():
+            if stored.get(key) == value:
+                continue
+            if key == "fingerprint":
+                what = fingerprint_mismatch(stored.get(key), value)
+            elif key == "images":
+                what = f"the image list differs ({self.config['num_images']} images now, {stored.get('num_images')} then)"
+            else:
+                what = f"it was made with {key}={stored.get(key)!r}, this run has {key}={value!r}"
+            raise DymuError(f"cannot resume from {self.path}: {what}")
+
     def open(self, fresh: bool) -> None:
         """Start writing: a new file with its header (fresh), else appending to the loaded one."""
         if self.path is None:
             return
-        self._out = Appender(self.path, fresh=fresh)
-        if fresh:
-            self._out.write({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": self.config})
+        header = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": self.config} if fresh else None
+        self._out = Appender(self.path, header)
 
     def save(self, index: int, statistics: list[float] | None, skipped: list[dict]) -> None:
         if self._out is not None:
@@ -175,6 +189,19 @@ class _Checkpoint:
     def delete(self) -> None:
         self.close()
         remove(self.path)
+
+    @contextlib.contextmanager
+    def locked(self, resume: bool):
+        """Hold the checkpoint's lock for the run; an existing checkpoint is continued (resume) or refused, never
+        replaced."""
+        if self.path is None:
+            yield self
+            return
+        with Lock(self.path, f"checkpoint {self.path}"):
+            if self.path.exists() and not resume:
+                raise DymuError(f"checkpoint {self.path} holds an interrupted run: resume it (resume=True, --resume) "
+                                "or delete it (--restart) to start over")
+            yield self
 
 
 def calibration_statistics(model, pixel_values: torch.Tensor, budgets: list[int]) -> dict[int, float]:
@@ -206,15 +233,15 @@ def find_thresholds(
     list, or a ``dymu.images.ImageSet`` listed already), PIL images, or a pixel tensor (N, 3, H, W). Images that
     cannot be used are skipped, recorded in ``images["skipped"]`` and reported with a ``SkippedImagesWarning``.
     target_tokens: tokens out of the last merging layer, CLS not counted (the reference's "Xout").
-    schedule: constant | linear | reverse-linear. checkpoint: a file to save progress to after every batch;
-    resume=True continues from it. measure: encode up to this many images with the result to record the
+    schedule: constant | linear | reverse-linear. checkpoint: a file to save progress to after every batch, locked
+    while the run goes on and removed when it ends; resume=True continues from it (refused, naming what differs,
+    when it was made with another model, image list or setting); an existing one without resume=True is refused,
+    never replaced. measure: encode up to this many images with the result to record the
     achieved token count (0 = skip). on_batch(k) is called after batch k is done (tests use it to interrupt).
     num_workers: processes decoding images while the model runs (None: ``dymu.loader.default_workers()``, 0: in
     this process); the thresholds are the same whatever the number. The result's ``timing`` (a
     ``dymu.loader.LoadClock``, not saved) tells how long the search waited for data and ran the model.
     """
-    from tqdm.auto import tqdm
-
     info = tower_info(model)
     if batch_size < 1:
         raise DymuError(f"--batch-size must be >= 1, got {batch_size}")
@@ -233,31 +260,62 @@ def find_thresholds(
         raise DymuError("no images to find thresholds on")
     rank, world = _distributed()
     num_batches = math.ceil(len(names) / batch_size)
-    config = {"identity": info.identity() | {"name_or_path": ""}, "target_tokens": target_tokens, "schedule": schedule,
-              "batch_size": batch_size, "images": _fingerprint(names), "num_images": len(names), "world_size": world, "rank": rank}
-    ckpt_path = None
-    if checkpoint is not None:
-        ckpt_path = Path(checkpoint)
+    config = {"identity": info.identity() | {"name_or_path": ""}, "fingerprint": model_fingerprint(info.tower),
+              "target_tokens": target_tokens, "schedule": schedule, "batch_size": batch_size, "images": list_fingerprint(names), "num_images": len(names), "world_size": world, "rank": rank}
+    ckpt = _Checkpoint(None if checkpoint is None else checkpoint_file(checkpoint, rank, world), config)
+    with ckpt.locked(resume):
+        done = ckpt.load() if resume else None
+        dataset = ImageBatches(pixels if is_tensor else images, batch_size, processor, names=names)
+        mine = [k for k in range(num_batches) if k % world == rank]
+        statistics, skipped, clock = _search(model, info, dataset, mine, budgets, ckpt, done, num_workers,
+                                             progress and rank == 0, on_batch)
         if world > 1:
-            ckpt_path = ckpt_path.with_name(f"{ckpt_path.name}.rank{rank}-of-{world}")
-    ckpt = _Checkpoint(ckpt_path, config)
-    statistics: dict[str, list[float] | None] = {}  # batch index -> per-layer statistics (None: no readable image)
-    skipped: list[dict] = []
-    done = ckpt.load() if resume else None
-    if done is not None:
-        statistics, skipped = done
+            statistics, skipped = _gather(statistics, skipped, world)
+        skipped = unlisted + skipped
+        rows = [statistics[str(k)] for k in range(num_batches) if statistics.get(str(k)) is not None]
+        if not rows:
+            ckpt.delete()  # it holds nothing but the failures, which a rerun meets again
+            raise DymuError(f"no readable images: every image failed ({summarize_failures(skipped)})")
+        if skipped:
+            warnings.warn(f"dymu.find_thresholds: skipped {len(skipped)} image(s): {summarize_failures(skipped)}",
+                          SkippedImagesWarning, stacklevel=2)
+        failed = {s["image"] for s in skipped}
+        result = Thresholds(
+            values=_mean_statistics(rows, budgets),
+            model=info.identity() | {"fingerprint": config["fingerprint"]},
+            schedule=schedule,
+            target_tokens=target_tokens,
+            budgets=budgets,
+            batch_size=batch_size,
+            images={"count": len(names) - len(failed), "batches": len(rows), "used": [n for n in names if n not in failed],
+                    "skipped": skipped, "fingerprint": config["images"]},
+            source="dymu find-thresholds",
+        )
+        result.timing = clock
+        if measure and rank == 0:
+            subset = pixels[:measure] if is_tensor else list(itertools.islice((im for im, n in zip(images, names) if n not in failed), measure))
+            result.achieved_tokens = measure_tokens(model, subset, result, processor=processor, batch_size=batch_size,
+                                                    progress=progress, num_workers=num_workers)
+        ckpt.delete()
+        return result
 
-    dataset = ImageBatches(pixels if is_tensor else images, batch_size, processor, names=names)
-    mine = [k for k in range(num_batches) if k % world == rank]
+
+def _search(model, info, dataset: ImageBatches, mine: list[int], budgets: list[int], ckpt: _Checkpoint, done,
+            num_workers, progress: bool, on_batch) -> tuple[dict, list, LoadClock]:
+    """Run this process's batches ``mine`` not yet ``done`` (the checkpoint's (statistics, skipped), or None),
+    saving each to the checkpoint. Returns (statistics by batch index, unreadable images, the clock)."""
+    from tqdm.auto import tqdm
+
+    statistics, skipped = done if done is not None else ({}, [])  # index -> per-layer statistics (None: no readable image)
     todo = [k for k in mine if str(k) not in statistics]
     clock = LoadClock()
     owned = get_patch(model) is None
     if owned:
         patch_tower(model, [math.inf] * info.num_layers)
     ckpt.open(fresh=done is None)
+    bar = tqdm(total=sum(map(dataset.size, mine)), initial=sum(dataset.size(k) for k in mine if str(k) in statistics),
+               desc="finding thresholds", unit="img", disable=not progress)
     try:
-        bar = tqdm(total=sum(map(dataset.size, mine)), initial=sum(dataset.size(k) for k in mine if str(k) in statistics),
-                   desc="finding thresholds", unit="img", disable=not progress or rank != 0)
         batches = load_batches(dataset, todo, num_workers, pin_memory=on_gpu(info.tower))
         for batch in clock.batches(batches):
             skipped += batch.failures
@@ -271,45 +329,22 @@ def find_thresholds(
             bar.update(batch.size)
             if on_batch is not None:
                 on_batch(batch.index)
-        bar.close()
     finally:
+        bar.close()  # also when interrupted: a message printed next starts on a line of its own
         ckpt.close()
         if owned:
             unpatch_tower(model)
+    return statistics, skipped, clock
 
-    if world > 1:
-        statistics, skipped = _gather(statistics, skipped, world)
-    skipped = unlisted + skipped
-    rows = [statistics[str(k)] for k in range(num_batches) if statistics.get(str(k)) is not None]
-    if not rows:
-        raise DymuError(f"no readable images: every image failed ({summarize_failures(skipped)})")
-    if skipped:
-        warnings.warn(f"dymu.find_thresholds: skipped {len(skipped)} image(s): {summarize_failures(skipped)}",
-                      SkippedImagesWarning, stacklevel=2)
-    table = torch.tensor(rows, dtype=torch.float64)  # (batches, layers), summed in batch order
-    sums = torch.zeros(info.num_layers, dtype=torch.float64)
+
+def _mean_statistics(rows: list[list[float]], budgets: list[int]) -> list[float]:
+    """The thresholds: each merging layer's statistic averaged over the batches (summed in batch order, fp64;
+    NaN, a layer a batch did not reach, counts as 0), inf for the layers that do not merge."""
+    table = torch.tensor(rows, dtype=torch.float64)  # (batches, layers)
+    sums = torch.zeros(table.shape[1], dtype=torch.float64)
     for row in table:
         sums += torch.nan_to_num(row, nan=0.0)
-    values = [float(sums[i] / len(rows)) if budgets[i] > 0 else math.inf for i in range(info.num_layers)]
-
-    failed = {s["image"] for s in skipped}
-    result = Thresholds(
-        values=values,
-        model=info.identity(),
-        schedule=schedule,
-        target_tokens=target_tokens,
-        budgets=budgets,
-        batch_size=batch_size,
-        images={"count": len(names) - len(failed), "batches": len(rows), "used": [n for n in names if n not in failed], "skipped": skipped},
-        source="dymu find-thresholds",
-    )
-    result.timing = clock
-    if measure and rank == 0:
-        subset = pixels[:measure] if is_tensor else list(itertools.islice((im for im, n in zip(images, names) if n not in failed), measure))
-        result.achieved_tokens = measure_tokens(model, subset, result, processor=processor, batch_size=batch_size,
-                                                progress=progress, num_workers=num_workers)
-    ckpt.delete()
-    return result
+    return [float(sums[i] / len(rows)) if budgets[i] > 0 else math.inf for i in range(len(budgets))]
 
 
 
@@ -338,9 +373,9 @@ def measure_tokens(model, images, thresholds: Thresholds, processor=None, batch_
     counts: list[int] = []
     dataset = ImageBatches(images, batch_size, processor)
     batches = load_batches(dataset, list(range(len(dataset))), num_workers, pin_memory=on_gpu(info.tower))
-    with _temporarily_patched(model) as patch, patch.state.using(thresholds.values):  # the model's own settings come back
-        for batch in tqdm(LoadClock().batches(batches), total=len(dataset), desc="measuring tokens", unit="batch",
-                          disable=not progress):
+    bar = tqdm(LoadClock().batches(batches), total=len(dataset), desc="measuring tokens", unit="batch", disable=not progress)
+    with _temporarily_patched(model) as patch, patch.state.using(thresholds.values), bar:  # the model's own settings come back
+        for batch in bar:
             if batch.pixel_values is not None:
                 counts += encode(model, batch.pixel_values).num_tokens
     if not counts:

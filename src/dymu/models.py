@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -148,29 +151,92 @@ def make_image_processor(family: str, image_size: int):
 
 
 def _check_out_dir(out: Path, overwrite: bool) -> None:
-    """Files of another checkpoint (processor, tokenizer) must not mix with a new one: ``out`` must be empty or go."""
+    """Files of another checkpoint (processor, tokenizer) must not mix with a new one: ``out`` must be empty, or
+    (``overwrite``) a model checkpoint (it has a config.json) that is not the current folder nor holds it."""
     if out.exists() and not out.is_dir():
         raise DymuError(f"{out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
         raise DymuError(f"{out} is not empty: pass --overwrite to replace its contents, or choose another folder")
+    here = Path.cwd().resolve()
+    if out.resolve() == here or out.resolve() in here.parents:
+        raise DymuError(f"{out} is the current folder or holds it: --overwrite replaces only a model folder elsewhere; "
+                        "choose another folder")
+    if not (out / "config.json").is_file():
+        raise DymuError(f"{out} has no config.json, so it is no model checkpoint: --overwrite replaces only a model "
+                        "folder; choose another folder")
 
 
 def make_model(name: str, out_dir, seed: int = 0, layers: int | None = None, dtype: torch.dtype | None = None,
                overwrite: bool = False) -> Path:
-    """Write a preset checkpoint into ``out_dir``, which must be empty or absent (``overwrite``: cleared first)."""
+    """Write a preset checkpoint into ``out_dir``, which must be empty or absent (``overwrite``: a model folder,
+    replaced). The checkpoint is built in a temporary folder beside it and put in place only once complete, so a
+    failure leaves ``out_dir`` as it was."""
+    from .files import Lock
+
     out = Path(out_dir)
     _check_out_dir(out, overwrite)
-    model, processor = build_preset(name, seed=seed, layers=layers, dtype=dtype)
-    if out.is_dir():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    (out / "README.md").write_text(
-        f"# Random-weight {name} checkpoint (dymu make-model, seed {seed})\n\n"
-        "Weights are random: merge behaviour and speed are representative, features are not.\n"
-    )
+    Path(os.path.abspath(out)).parent.mkdir(parents=True, exist_ok=True)
+    with Lock(out, f"folder {out}"):
+        model, processor = build_preset(name, seed=seed, layers=layers, dtype=dtype)
+        with _built_beside(out) as build:
+            model.save_pretrained(build)
+            processor.save_pretrained(build)
+            (build / "README.md").write_text(
+                f"# Random-weight {name} checkpoint (dymu make-model, seed {seed})\n\n"
+                "Weights are random: merge behaviour and speed are representative, features are not.\n"
+            )
     return out
+
+
+@contextlib.contextmanager
+def _built_beside(out: Path):
+    """A temporary folder beside ``out`` to build in; on success its files replace ``out`` (an absent or empty
+    folder gets them moved in; a non-empty one is swapped for the new folder, then deleted); on failure it goes."""
+    from .files import default_mode
+
+    out = Path(os.path.abspath(out))  # "." has no name of its own
+    build = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".new", dir=out.parent))
+    try:
+        yield build
+        os.chmod(build, default_mode() | 0o111)  # mkdtemp's folder is private (0700); a model folder is not
+        if not out.exists():
+            os.rename(build, out)
+        elif not any(out.iterdir()):
+            _move_into(build, out)
+        else:
+            _swap(build, out)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+
+
+def _move_into(build: Path, out: Path) -> None:
+    """Move the files of ``build`` into the empty folder ``out`` (the current folder, say); undone on failure."""
+    moved = []
+    try:
+        for item in sorted(build.iterdir()):
+            os.rename(item, out / item.name)
+            moved.append(item.name)
+    except BaseException:
+        for item in moved:
+            os.rename(out / item, build / item)
+        raise
+
+
+def _swap(build: Path, out: Path) -> None:
+    """Put the folder ``build`` in the place of ``out``, then delete the old one (only a link, if ``out`` is one)."""
+    old = build.with_suffix(".old")
+    os.rename(out, old)
+    try:
+        os.rename(build, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    if old.is_symlink():
+        old.unlink()
+    else:
+        shutil.rmtree(old)
 
 
 def _looks_local(name: str) -> bool:
@@ -304,8 +370,18 @@ def describe(model) -> str:
 
 #: key of the DyMU settings inside a checkpoint's config.json
 CONFIG_SECTION = "dymu"
-#: file name the thresholds get inside a checkpoint folder (``dymu enable``)
+#: file name the thresholds got inside a checkpoint folder from ``dymu enable`` before they moved into config.json
 THRESHOLDS_IN_CHECKPOINT = "dymu_thresholds.json"
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise DymuError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise DymuError(f"{path}: a config.json must hold a JSON object, found a {type(config).__name__}")
+    return config
 
 
 def config_section(name_or_path) -> dict | None:
@@ -313,10 +389,7 @@ def config_section(name_or_path) -> dict | None:
     path = Path(str(name_or_path)).expanduser() / "config.json"
     if not path.is_file():
         return None
-    try:
-        section = json.loads(path.read_text()).get(CONFIG_SECTION)
-    except json.JSONDecodeError as exc:
-        raise DymuError(f"{path}: not valid JSON ({exc})") from None
+    section = _read_config(path).get(CONFIG_SECTION)
     if section is not None and (not isinstance(section, dict) or "thresholds" not in section):
         raise DymuError(f"{path}: the \"{CONFIG_SECTION}\" section needs a \"thresholds\" entry (a file name or a list)")
     return section
@@ -325,13 +398,20 @@ def config_section(name_or_path) -> dict | None:
 def settings_from_config(name_or_path, thresholds=None, vtu: str | None = None):
     """(thresholds, vtu): the explicit ones, else the checkpoint's ``"dymu"`` section, else (None, "fast").
 
-    A thresholds file named in the section is relative to the checkpoint folder; a list is used inline.
+    The section holds the thresholds inline: a thresholds file's content (``dymu enable``, a ``dymu.Thresholds``
+    is returned) or a plain list; or, as ``dymu enable`` wrote them before, the name of a file in the folder.
     """
+    from .thresholds import Thresholds
+
     section = config_section(name_or_path) or {}
     if thresholds is None and section:
         thresholds = section["thresholds"]
         if isinstance(thresholds, str):
             thresholds = str(Path(str(name_or_path)).expanduser() / thresholds)
+        elif "format" in section:
+            origin = f"the \"{CONFIG_SECTION}\" section of {Path(str(name_or_path)) / 'config.json'}"
+            thresholds = Thresholds.from_json(section, origin=origin)
+            thresholds.path = origin
         else:
             thresholds = [float("inf") if t is None else float(t) for t in thresholds]
     return thresholds, vtu or section.get("vtu", "fast")
@@ -348,23 +428,62 @@ def from_pretrained(name_or_path, dtype: torch.dtype | None = None, thresholds=N
     return model
 
 
-def enable(checkpoint, thresholds, vtu: str = "fast") -> Path:
-    """Write a ``"dymu"`` section into a checkpoint folder's config.json (the thresholds file is copied in)."""
-    from .llava import check_vtu
-    from .thresholds import Thresholds
-
+def _checkpoint_config(checkpoint) -> Path:
     folder = Path(str(checkpoint)).expanduser()
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise DymuError(f"not a checkpoint folder (no config.json): {folder}")
-    check_vtu(vtu)
-    loaded = Thresholds.load(thresholds)
-    model = load_model(folder)  # checks the thresholds against the real encoder, as dymu.apply will
+    return config_path
+
+
+def enable(checkpoint, thresholds, vtu: str = "fast") -> tuple[Path, list[str]]:
+    """Write a ``"dymu"`` section into a checkpoint folder's config.json: the thresholds file's content (its
+    per-layer values, the encoder identity and fingerprint, how they were found; not its image lists) and ``vtu``.
+    A copy of the checkpoint made by ``from_pretrained`` + ``save_pretrained`` carries it. Returns (config.json,
+    notes on what else changed)."""
+    from .files import Lock
+    from .llava import check_vtu
+    from .thresholds import Thresholds
     from .vision import tower_info
 
-    loaded.check(tower_info(model).identity(), origin=str(thresholds))
-    loaded.save(folder / THRESHOLDS_IN_CHECKPOINT)
-    config = json.loads(config_path.read_text())
-    config[CONFIG_SECTION] = {"thresholds": THRESHOLDS_IN_CHECKPOINT, "vtu": vtu}
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return config_path
+    config_path = _checkpoint_config(checkpoint)
+    check_vtu(vtu)
+    with Lock(config_path):
+        loaded = Thresholds.load(thresholds)
+        model = load_model(config_path.parent)  # checks the thresholds against the real encoder, as dymu.apply will
+        loaded.check(tower_info(model).identity(), origin=str(thresholds))
+        section = loaded.to_json()
+        section["images"] = {k: v for k, v in section["images"].items() if k not in ("used", "skipped")}
+        return config_path, _write_section(config_path, section | {"vtu": vtu})
+
+
+def disable(checkpoint) -> tuple[Path, list[str] | None]:
+    """Remove the ``"dymu"`` section from a checkpoint folder's config.json (and the thresholds file an older
+    ``dymu enable`` put beside it). Returns (config.json, notes on what else changed; None: there was no section)."""
+    from .files import Lock
+
+    config_path = _checkpoint_config(checkpoint)
+    with Lock(config_path):
+        if CONFIG_SECTION not in _read_config(config_path):
+            return config_path, None
+        return config_path, _write_section(config_path, None)
+
+
+def _write_section(config_path: Path, section: dict | None) -> list[str]:
+    """Replace (None: remove) the ``"dymu"`` section of config.json through a temporary file; a linked config.json
+    becomes a regular file (the link's target is not written). Returns notes on what else changed."""
+    from .files import atomic_write
+
+    config = _read_config(config_path)
+    previous = config.pop(CONFIG_SECTION, None)
+    if section is not None:
+        config[CONFIG_SECTION] = section
+    target = os.path.realpath(config_path)
+    notes = []
+    if atomic_write(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n"):
+        notes.append(f"{config_path} was a link to {target}: it is now a file of its own (the link's target is unchanged)")
+    old_file = config_path.parent / THRESHOLDS_IN_CHECKPOINT
+    if isinstance(previous, dict) and previous.get("thresholds") == THRESHOLDS_IN_CHECKPOINT and old_file.is_file():
+        old_file.unlink()
+        notes.append(f"removed {old_file} (the thresholds an older dymu enable kept beside config.json)")
+    return notes

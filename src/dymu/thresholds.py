@@ -6,7 +6,7 @@ File format (JSON, ``format: "dymu-thresholds"``, ``version: 1``)::
       "format": "dymu-thresholds", "version": 1,
       "model": {"model_type": "clip_vision_model", "num_layers": 24, "hidden_size": 1024,
                 "image_size": 336, "patch_size": 14, "has_cls": true, "read_layer": 22,
-                "name_or_path": "..."},
+                "name_or_path": "...", "fingerprint": {"config": "...", "weights": "..."}},
       "thresholds": [0.93, ..., null],          # one per encoder layer; null = never merge
       "schedule": "constant", "target_tokens": 195, "budgets": [16, ...],
       "batch_size": 32, "images": {"count": 25, "used": [...], "skipped": [{"image": ..., "error": ...}]},
@@ -18,7 +18,9 @@ File format (JSON, ``format: "dymu-thresholds"``, ``version: 1``)::
 patch grid fails with a one-line message, and so does another ``read_layer`` (a bare CLIP read at its last
 layer vs the tower of a LLaVA that reads layer -2): the merge budgets were spread over the layers up to the
 read layer, so the same thresholds give another token count there. Files without ``read_layer`` (imported
-reference thresholds) are checked on the other fields.
+reference thresholds) are checked on the other fields. ``fingerprint`` (``dymu.files.model_fingerprint`` of the
+encoder searched) is recorded, not checked: thresholds found on one checkpoint are meant to be applied to others
+of its architecture.
 """
 
 from __future__ import annotations
@@ -86,14 +88,12 @@ class Thresholds:
         }
 
     def save(self, path) -> None:
+        """Write the thresholds file (through a temporary file: a failed write leaves the old one whole)."""
+        from .files import atomic_write_json
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            tmp.write_text(json.dumps(self.to_json(), indent=1, allow_nan=True) + "\n")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)  # left only when writing failed
+        atomic_write_json(path, self.to_json())
 
     @classmethod
     def from_json(cls, data, origin: str = "thresholds") -> "Thresholds":
