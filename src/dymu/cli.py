@@ -37,6 +37,23 @@ def _add_images(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", metavar="IMAGES",
                         help="image files, folders (searched recursively) or JSON manifests [{\"image\": \"rel/path\"}, ...]")
     parser.add_argument("--image-root", help="folder that manifest paths are relative to (default: the manifest's folder)")
+    _add_limits(parser)
+
+
+def _add_limits(parser: argparse.ArgumentParser) -> None:
+    from .images import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_PIXELS
+
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                        help="skip (and list) images of more pixels, read from the file header before decoding (default: %(default)s)")
+    parser.add_argument("--max-aspect-ratio", type=float, default=DEFAULT_MAX_ASPECT_RATIO, metavar="R",
+                        help="skip (and list) images whose long side is more than R times the short one: the processor "
+                        "scales the short side to the model's size (default: %(default)s)")
+
+
+def _limits(args):
+    from .images import ImageLimits
+
+    return ImageLimits(args.max_pixels, args.max_aspect_ratio)
 
 
 def _add_merge(parser: argparse.ArgumentParser) -> None:
@@ -140,6 +157,7 @@ def cmd_find_thresholds(args) -> None:
 
     out = _out_file(args.out)
     image_set = collect_images(args.images, args.image_root)
+    _limits(args)  # checked before the model loads
     model, processor = _open(args.model, args.processor)
     partial = out.with_name(out.name + ".partial")
     if partial.exists() and not args.resume:
@@ -149,6 +167,7 @@ def cmd_find_thresholds(args) -> None:
         result = find_thresholds(
             model, image_set, target_tokens=args.target_tokens, schedule=args.schedule, batch_size=args.batch_size,
             processor=processor, checkpoint=partial, resume=args.resume, measure=args.measure, num_workers=args.workers,
+            max_pixels=args.max_pixels, max_aspect_ratio=args.max_aspect_ratio,
         )
     import torch.distributed as dist
 
@@ -209,6 +228,7 @@ def cmd_encode(args) -> None:
     viz_dir = _out_folder(args.viz, "--viz")
     out, written = _encode_output(args)
     image_set = collect_images(args.images, args.image_root)
+    limits = _limits(args)
     merging, _ = _encoder_merging(args)
     if not merging:
         raise DymuError(f"no thresholds: pass --thresholds FILE or --merge SPEC, or store thresholds in {args.model} with `dymu enable`")
@@ -218,7 +238,7 @@ def cmd_encode(args) -> None:
     skipped = list(image_set.skipped) + [row for row in written if "tokens" not in row]
     figures = []
     viz_names = _viz_names(image_set.paths)
-    dataset = ImageBatches(image_set.paths, args.batch_size, processor)
+    dataset = ImageBatches(image_set.paths, args.batch_size, processor, limits=limits)
     todo, partial = remaining_batches(image_set.paths, args.batch_size, [row["image"] for row in written])
     if written:
         print(f"resuming {out}: {len(written)} image(s) done, {len(todo)} batch(es) to go", file=sys.stderr)
@@ -375,7 +395,7 @@ def cmd_generate(args) -> None:
 
     parse_prune(args.prune)  # a bad spec fails before any loading
     merging, vtu = _encoder_merging(args)
-    images = [open_image(path) for path in args.image]
+    images = [open_image(path, _limits(args)) for path in args.image]
     model = load_model(args.model)
     if not (is_vlm(model) and supports_language_side(model)):
         raise DymuError(f"{args.model} is a {type(model).__name__}: dymu generate needs a LLaVA-1.5 checkpoint "
@@ -420,7 +440,7 @@ def cmd_calibrate_vtw(args) -> None:
     out = _out_file(args.out)
     merging, vtu = _encoder_merging(args)
     image_set = collect_images(args.images, args.image_root)
-    images, skipped = load_images(image_set.paths[: args.limit])
+    images, skipped = load_images(image_set.paths[: args.limit], _limits(args))
     _report_skipped(image_set.skipped + skipped)
     model = load_model(args.model)
     processor = load_processor(args.model, full=True)
@@ -615,6 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer, in tokens (default: %(default)s)")
     p.add_argument("--prune", metavar="SPEC", help=f"prune image tokens in the language model: {PRUNE_HELP} (default: none)")
     p.add_argument("--compare", action="store_true", help="also run the unmerged model and print both answers")
+    _add_limits(p)
     p.set_defaults(func=cmd_generate)
 
     from .calibrate import DEFAULT_FIRST_LAYER, DEFAULT_KL_THRESHOLD, DEFAULT_PROMPT, DEFAULT_SAMPLES

@@ -30,7 +30,8 @@ import torch
 
 from . import merge as M
 from .api import run_encoder, _check_pixels
-from .images import ImageSet, SkippedImagesWarning, collect_images, summarize_failures
+from .images import (DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_PIXELS, ImageLimits, ImageSet, SkippedImagesWarning,
+                     collect_images, summarize_failures)
 from .journal import Appender, read_lines, remove
 from .loader import ImageBatches, LoadClock, load_batches, on_gpu
 from .thresholds import Thresholds
@@ -198,6 +199,8 @@ def find_thresholds(
     measure: int = DEFAULT_MEASURE_IMAGES,
     on_batch: Callable[[int], None] | None = None,
     num_workers: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
 ) -> Thresholds:
     """Learn per-layer thresholds so that the images merge to about ``target_tokens`` tokens on average.
 
@@ -212,12 +215,15 @@ def find_thresholds(
     num_workers: processes decoding images while the model runs (None: ``dymu.loader.default_workers()``, 0: in
     this process); the thresholds are the same whatever the number. The result's ``timing`` (a
     ``dymu.loader.LoadClock``, not saved) tells how long the search waited for data and ran the model.
+    max_pixels, max_aspect_ratio: images beyond these (``dymu.images.ImageLimits``, checked from the file's header
+    before decoding) are skipped like unreadable ones, so that one huge or extreme image cannot exhaust memory.
     """
     from tqdm.auto import tqdm
 
     info = tower_info(model)
     if batch_size < 1:
         raise DymuError(f"--batch-size must be >= 1, got {batch_size}")
+    limits = ImageLimits(max_pixels, max_aspect_ratio)
     budgets = budgets_for(info, target_tokens, schedule)
     is_tensor = isinstance(images, torch.Tensor)
     unlisted: list[dict] = []  # manifest entries that named no image
@@ -247,7 +253,7 @@ def find_thresholds(
     if done is not None:
         statistics, skipped = done
 
-    dataset = ImageBatches(pixels if is_tensor else images, batch_size, processor, names=names)
+    dataset = ImageBatches(pixels if is_tensor else images, batch_size, processor, names=names, limits=limits)
     mine = [k for k in range(num_batches) if k % world == rank]
     todo = [k for k in mine if str(k) not in statistics]
     clock = LoadClock()
@@ -307,7 +313,8 @@ def find_thresholds(
     if measure and rank == 0:
         subset = pixels[:measure] if is_tensor else list(itertools.islice((im for im, n in zip(images, names) if n not in failed), measure))
         result.achieved_tokens = measure_tokens(model, subset, result, processor=processor, batch_size=batch_size,
-                                                progress=progress, num_workers=num_workers)
+                                                progress=progress, num_workers=num_workers, max_pixels=max_pixels,
+                                                max_aspect_ratio=max_aspect_ratio)
     ckpt.delete()
     return result
 
@@ -326,9 +333,11 @@ def _gather(statistics: dict, skipped: list, world: int):
 
 
 def measure_tokens(model, images, thresholds: Thresholds, processor=None, batch_size: int = 32, progress: bool = False,
-                   num_workers: int | None = None) -> dict:
+                   num_workers: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                   max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO) -> dict:
     """Encode images (a list of files / PIL images, or a pixel tensor) with the thresholds; mean / std of the token
-    counts (CLS not counted). The model keeps its own merging settings."""
+    counts (CLS not counted; images beyond max_pixels / max_aspect_ratio skipped). The model keeps its own merging
+    settings."""
     from tqdm.auto import tqdm
 
     from .api import _temporarily_patched, encode
@@ -336,7 +345,7 @@ def measure_tokens(model, images, thresholds: Thresholds, processor=None, batch_
     info = tower_info(model)
     thresholds.check(info.identity())
     counts: list[int] = []
-    dataset = ImageBatches(images, batch_size, processor)
+    dataset = ImageBatches(images, batch_size, processor, limits=ImageLimits(max_pixels, max_aspect_ratio))
     batches = load_batches(dataset, list(range(len(dataset))), num_workers, pin_memory=on_gpu(info.tower))
     with _temporarily_patched(model) as patch, patch.state.using(thresholds.values):  # the model's own settings come back
         for batch in tqdm(LoadClock().batches(batches), total=len(dataset), desc="measuring tokens", unit="batch",

@@ -1,0 +1,198 @@
+"""Inputs a user has (issue 23): bounded images, the stock pipeline's pixels, malformed files, manifests."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dymu.cli import main
+from dymu.images import load_batch, open_image
+
+#: a PNG bigger than PIL's decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS): 225 megapixels
+BOMB_SIDE = 15000
+#: a 1 x 20000 PNG: the CLIP processor would scale it to 336 x 6720000
+SLIVER = (1, 20000)
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(code, err, *fragments):
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "error" in lines[0] and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def huge_images(tmp_path_factory):
+    """(bomb, sliver): a 15000x15000 1-bit PNG (28 MB to build, 30 kB on disk) and a 1x20000 one."""
+    folder = tmp_path_factory.mktemp("huge")
+    Image.new("1", (BOMB_SIDE, BOMB_SIDE)).save(folder / "bomb.png")
+    Image.new("L", SLIVER).save(folder / "sliver.png")
+    return folder / "bomb.png", folder / "sliver.png"
+
+
+class RecordingProcessor:
+    """A processor stand-in that records the sizes it is handed (a real one would need gigabytes for the sliver)."""
+
+    do_convert_rgb = True
+
+    def __init__(self):
+        self.sizes = []
+
+    def __call__(self, images, return_tensors):
+        self.sizes += [image.size for image in images]
+        return {"pixel_values": torch.zeros(len(images), 3, 2, 2)}
+
+
+# --- 9. bounded images ---------------------------------------------------------------------------------------------
+
+def test_huge_and_extreme_images_are_skipped_from_the_header_with_the_reason(huge_images, image_paths):
+    bomb, sliver = huge_images
+    assert sliver.stat().st_size < 200
+    processor = RecordingProcessor()
+    pixels, names, failures = load_batch([bomb, image_paths[0], sliver], processor)
+    assert names == [image_paths[0]] and processor.sizes == [Image.open(image_paths[0]).size]
+    reasons = {Path(f["image"]).name: f["error"] for f in failures}
+    assert "15000x15000" in reasons["bomb.png"] and "--max-pixels" in reasons["bomb.png"]
+    assert "1x20000" in reasons["sliver.png"] and "--max-aspect-ratio" in reasons["sliver.png"]
+    from dymu.images import ImageLimits
+
+    # the limits are the user's: raised, the sliver reaches the processor (the bomb is refused by its size alone)
+    processor = RecordingProcessor()
+    load_batch([sliver], processor, ImageLimits(max_aspect_ratio=SLIVER[1]))
+    assert processor.sizes == [SLIVER]
+    with pytest.raises(ValueError, match="max-aspect-ratio"):
+        ImageLimits(max_aspect_ratio=0.5)
+
+
+def test_in_memory_images_are_bounded_too():
+    processor = RecordingProcessor()
+    _, names, failures = load_batch([Image.new("RGB", SLIVER)], processor)
+    assert names == [] and processor.sizes == [] and "aspect ratio" in failures[0]["error"]
+
+
+def test_commands_skip_huge_images_and_resume_past_them(capsys, huge_images, model_dirs, image_paths, tmp_path):
+    bomb, sliver = huge_images
+    images = [image_paths[0], bomb, image_paths[1], sliver, image_paths[2]]
+    model = model_dirs["tiny-clip"]
+    thresholds = tmp_path / "t.json"
+    code, _, err = run(capsys, "find-thresholds", model, *images, "--target-tokens", "300", "--batch-size", "2",
+                       "--out", thresholds, "--workers", "0", "--measure", "0")
+    assert code == 0 and "Traceback" not in err, err
+    assert "skipped 2 image(s)" in err and "15000x15000" in err and "1x20000" in err
+    out_file = tmp_path / "rows.jsonl"
+    code, _, err = run(capsys, "encode", model, *images, "--thresholds", thresholds, "--batch-size", "2",
+                       "--out", out_file, "--workers", "0")
+    assert code == 0, err
+    rows = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert [Path(r["image"]).name for r in rows if "error" in r] == ["bomb.png", "sliver.png"]
+    # killed after the first batch: the resumed run passes the bomb's batch
+    out_file.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    code, _, err = run(capsys, "encode", model, *images, "--thresholds", thresholds, "--batch-size", "2",
+                       "--out", out_file, "--resume", "--workers", "0")
+    assert code == 0, err
+    assert [json.loads(line) for line in out_file.read_text().splitlines()] == rows
+    # the limits are the user's (a 10x300 image, ratio 30: the processor makes it 336x10080)
+    Image.new("RGB", (10, 300)).save(tmp_path / "wide.png")
+    code, _, err = run(capsys, "encode", model, image_paths[0], tmp_path / "wide.png", "--thresholds", thresholds, "--json")
+    assert code == 0 and "aspect ratio 30.0" in err
+    code, out, err = run(capsys, "encode", model, tmp_path / "wide.png", "--thresholds", thresholds, "--json",
+                         "--max-aspect-ratio", "30")
+    assert code == 0 and json.loads(out)["patches"] == 576, err
+
+
+def test_generate_names_a_huge_image_in_one_line(capsys, huge_images, tiny_llava_dir):
+    one_line_error(*run(capsys, "generate", tiny_llava_dir, "--image", huge_images[0], "--prompt", "What?")[::2],
+                   "bomb.png", "--max-pixels")
+
+
+# --- 11. the stock pipeline's pixels -------------------------------------------------------------------------------
+
+def _unusual_images(folder: Path) -> list[Path]:
+    """Files of modes that RGB conversion treats differently, each with transparent or out-of-8-bit pixels."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)
+    alpha = rng.integers(0, 256, (40, 52), dtype=np.uint8)
+    files = {
+        "rgba.png": Image.fromarray(np.dstack([rgb, alpha]), "RGBA"),
+        "la.png": Image.fromarray(np.dstack([rgb[..., 0], alpha]), "LA"),
+        "i16.png": Image.fromarray(rgb[..., 0].astype(np.uint16) * 257),
+        "cmyk.tif": Image.fromarray(rgb).convert("CMYK"),
+        "one.png": Image.fromarray(alpha > 128),
+        "one.tif": Image.fromarray(alpha > 128),
+    }
+    for name, image in files.items():
+        image.save(folder / name)
+    palette = Image.fromarray(rgb).quantize(16)
+    palette.save(folder / "palette.png", transparency=int(np.asarray(palette)[0, 0]))
+    paths = [folder / name for name in (*files, "palette.png")]
+    assert {Image.open(p).mode for p in paths} == {"RGBA", "LA", "I;16", "CMYK", "1", "P"}
+    assert "transparency" in Image.open(folder / "palette.png").info
+    return paths
+
+
+@pytest.fixture(scope="module")
+def unusual_images(tmp_path_factory):
+    return _unusual_images(tmp_path_factory.mktemp("modes"))
+
+
+def _stock(processor, path):
+    return processor(images=Image.open(path), return_tensors="pt")["pixel_values"]
+
+
+@pytest.mark.parametrize("family", ["tiny-clip", "tiny-siglip"])
+def test_images_reach_the_processor_as_in_the_stock_pipeline(family, model_dirs, unusual_images):
+    from dymu.models import load_processor
+
+    processor = load_processor(model_dirs[family])
+    pixels, names, failures = load_batch(unusual_images, processor)
+    assert not failures and names == [str(p) for p in unusual_images]
+    for row, path in zip(pixels, unusual_images):
+        assert torch.equal(row, _stock(processor, path)[0]), path.name
+    in_memory, _, _ = load_batch([Image.open(p) for p in unusual_images], processor)
+    assert torch.equal(in_memory, pixels)
+
+
+def test_a_processor_that_does_not_convert_gets_the_stock_conversion(model_dirs, unusual_images):
+    from dymu.models import load_processor
+
+    processor = load_processor(model_dirs["tiny-clip"])
+    plain = load_processor(model_dirs["tiny-clip"])
+    plain.do_convert_rgb = False
+    pixels, _, failures = load_batch(unusual_images, plain)
+    assert not failures and torch.equal(pixels, load_batch(unusual_images, processor)[0])
+
+
+def test_generate_and_calibrate_see_the_stock_pixels(monkeypatch, capsys, tiny_llava_dir, unusual_images, tmp_path):
+    """generate and calibrate-vtw hand the processor the image as opened: the full processor's pixel_values are the
+    stock ones."""
+    from dymu.models import load_processor
+
+    processor = load_processor(tiny_llava_dir, full=True)
+    rgba = unusual_images[0]
+    seen = []
+    real = type(processor).__call__
+
+    def spy(self, *args, **kwargs):
+        result = real(self, *args, **kwargs)
+        if "pixel_values" in result:
+            seen.append(result["pixel_values"])
+        return result
+
+    monkeypatch.setattr(type(processor), "__call__", spy)
+    stock = processor.image_processor(images=Image.open(rgba), return_tensors="pt")["pixel_values"]
+    code, _, err = run(capsys, "generate", tiny_llava_dir, "--image", rgba, "--prompt", "What?", "--max-new-tokens", "1")
+    assert code == 0, err
+    code, _, err = run(capsys, "calibrate-vtw", tiny_llava_dir, rgba, "--out", tmp_path / "k.json", "--first-layer", "1")
+    assert code == 0, err
+    assert len(seen) >= 2 and all(torch.equal(values, stock) for values in seen)
+    assert open_image(rgba).mode == "RGBA", "the image keeps its mode: the processor converts it"
