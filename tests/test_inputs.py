@@ -25,8 +25,8 @@ def run(capsys, *argv):
 
 def one_line_error(code, err, *fragments):
     assert code == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "error" in lines[0] and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
 
@@ -196,3 +196,29 @@ def test_generate_and_calibrate_see_the_stock_pixels(monkeypatch, capsys, tiny_l
     assert code == 0, err
     assert len(seen) >= 2 and all(torch.equal(values, stock) for values in seen)
     assert open_image(rgba).mode == "RGBA", "the image keeps its mode: the processor converts it"
+
+
+# --- 10. --max-new-tokens ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", ["0", "-3", "many"])
+def test_max_new_tokens_below_one_is_refused_before_the_model_loads(monkeypatch, capsys, tiny_llava_dir, image_paths, value):
+    import dymu.models
+
+    monkeypatch.setattr(dymu.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as exit:
+        main(["generate", str(tiny_llava_dir), "--image", image_paths[0], "--prompt", "What?", "--max-new-tokens", value])
+    assert exit.value.code == 2 and "--max-new-tokens" in capsys.readouterr().err
+
+
+def test_max_new_tokens_beyond_the_context_is_refused(monkeypatch, capsys, tiny_llava_dir, image_paths):
+    import dymu.models
+
+    context = dymu.models.load_config(tiny_llava_dir)[1].text_config.max_position_embeddings
+    real_load = dymu.models.load_model
+    monkeypatch.setattr(dymu.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    common = ("generate", tiny_llava_dir, "--image", image_paths[0], "--prompt", "What?", "--max-new-tokens")
+    one_line_error(*run(capsys, *common, context + 1)[::2], f"--max-new-tokens {context + 1}", f"{context} positions",
+                   "max_position_embeddings")
+    monkeypatch.setattr(dymu.models, "load_model", real_load)  # fits alone, not after the 600-token prompt
+    one_line_error(*run(capsys, *common, context - 10)[::2], f"--max-new-tokens {context - 10}", "-token prompt",
+                   f"{context} positions")

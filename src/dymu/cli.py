@@ -101,6 +101,33 @@ def _out_folder(path: str | None, option: str) -> Path | None:
     return folder
 
 
+def _positive_int(text: str) -> int:
+    """argparse type of counts that must be at least 1 (checked before any model loads)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _text_context(model_name: str) -> int | None:
+    """Positions the language model of a checkpoint can attend over (its text config's max_position_embeddings)."""
+    from .models import load_config
+
+    config = load_config(model_name)[1]
+    return getattr(config.get_text_config(), "max_position_embeddings", None)
+
+
+def _check_context(model_name: str, context: int | None, new_tokens: int, prompt_length: int = 0) -> None:
+    """--max-new-tokens must fit in the model's context after the prompt."""
+    if context is not None and prompt_length + new_tokens > context:
+        prompt = f" after the {prompt_length}-token prompt" if prompt_length else ""
+        raise DymuError(f"--max-new-tokens {new_tokens} does not fit{prompt} in the context of {model_name}: "
+                        f"{context} positions (max_position_embeddings of its text config)")
+
+
 def _add_workers(parser: argparse.ArgumentParser) -> None:
     from .loader import MAX_DEFAULT_WORKERS, default_workers
 
@@ -341,7 +368,7 @@ def cmd_import_thresholds(args) -> None:
     print(f"wrote {args.out}: {result.describe()} ({result.model.get('model_type')}, {len(result)} layers)")
 
 
-def _run_generate(model, processor, images, text, max_new_tokens: int) -> dict:
+def _run_generate(model, processor, images, text, max_new_tokens: int, model_name: str = "the model") -> dict:
     import time
 
     import torch
@@ -361,6 +388,8 @@ def _run_generate(model, processor, images, text, max_new_tokens: int) -> dict:
             return scores
 
     inputs = model_inputs(model, processor, images, [text])  # compact inputs when the model is in compact mode
+    _check_context(model_name, getattr(model.config.get_text_config(), "max_position_embeddings", None), max_new_tokens,
+                   inputs["input_ids"].shape[1])
     clock = FirstStep()
     start = time.perf_counter()
     with torch.no_grad():
@@ -395,6 +424,7 @@ def cmd_generate(args) -> None:
 
     parse_prune(args.prune)  # a bad spec fails before any loading
     merging, vtu = _encoder_merging(args)
+    _check_context(args.model, _text_context(args.model), args.max_new_tokens)
     images = [open_image(path, _limits(args)) for path in args.image]
     model = load_model(args.model)
     if not (is_vlm(model) and supports_language_side(model)):
@@ -407,14 +437,14 @@ def cmd_generate(args) -> None:
     runs = []
     if reduced:
         api.apply(model, **merging, vtu=vtu, prune=args.prune)
-        merged = _run_generate(model, processor, images, text, args.max_new_tokens)
+        merged = _run_generate(model, processor, images, text, args.max_new_tokens, args.model)
         merged["tokens"] = get_vlm_patch(model).state.last_encoding.num_tokens
         merged["report"] = _prefill_report(model, merged["prompt_length"], vtu)
         method = [f"ToMe r={merging['merge'].r} (vtu={vtu})" if "merge" in merging else f"DyMU (vtu={vtu})"] * bool(merging)
         runs.append((" + ".join(method + [args.prune] * (args.prune is not None)), merged))
         api.remove(model)
     if not reduced or args.compare:
-        runs.append(("unmerged", _run_generate(model, processor, images, text, args.max_new_tokens)))
+        runs.append(("unmerged", _run_generate(model, processor, images, text, args.max_new_tokens, args.model)))
     from .vision import tower_info
 
     patches = tower_info(model).num_patches
@@ -632,7 +662,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thresholds", help="thresholds file (default: the checkpoint's \"dymu\" config section)")
     _add_merge(p)
     p.add_argument("--vtu", choices=["fast", "exact", "none"], help="virtual token unmerging mode (default: fast)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer, in tokens (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=32,
+                   help="longest answer, in tokens, at least 1 and within the model's context (default: %(default)s)")
     p.add_argument("--prune", metavar="SPEC", help=f"prune image tokens in the language model: {PRUNE_HELP} (default: none)")
     p.add_argument("--compare", action="store_true", help="also run the unmerged model and print both answers")
     _add_limits(p)
