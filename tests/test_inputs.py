@@ -222,3 +222,164 @@ def test_max_new_tokens_beyond_the_context_is_refused(monkeypatch, capsys, tiny_
     monkeypatch.setattr(dymu.models, "load_model", real_load)  # fits alone, not after the 600-token prompt
     one_line_error(*run(capsys, *common, context - 10)[::2], f"--max-new-tokens {context - 10}", "-token prompt",
                    f"{context} positions")
+
+
+# --- 12. malformed files -------------------------------------------------------------------------------------------
+
+def _thresholds_json(**changes) -> str:
+    data = {"format": "dymu-thresholds", "version": 1, "model": {"model_type": "clip_vision_model", "num_layers": 4},
+            "thresholds": [0.9, 0.8, 0.7, None]}
+    return json.dumps(data | changes)
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("text,fragments", [
+    (_thresholds_json(model="clip"), ['"model"', "an object"]),
+    (_thresholds_json(thresholds=["0.9", "0.8", "0.7", None]), ['"thresholds"[0]', "a string"]),
+    (_thresholds_json(thresholds=[0.9, 1.5, 0.7, None]), ['"thresholds"[1]', "between -1 and 1"]),
+    (_thresholds_json(thresholds=[0.9, -2, 0.7, None]), ['"thresholds"[1]', "between -1 and 1"]),
+    (_thresholds_json(thresholds=[0.9, True, 0.7, None]), ['"thresholds"[1]', "true/false"]),
+    (_thresholds_json(thresholds=[0.9, [0.8], 0.7, None]), ['"thresholds"[1]', "a list"]),
+    (_thresholds_json(achieved_tokens={"mean": "many", "std": 1}), ['"achieved_tokens"']),
+    (_thresholds_json(budgets="all"), ['"budgets"']),
+    (_thresholds_json(images={"skipped": 3}), ['"skipped"']),
+    (DEEP, ["nested too deeply"]),
+])
+def test_malformed_thresholds_files_give_one_line_naming_the_file_and_field(capsys, model_dirs, image_paths, tmp_path,
+                                                                          text, fragments):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    one_line_error(*run(capsys, "encode", model_dirs["tiny-clip"], image_paths[0], "--thresholds", path)[::2],
+                   str(path), *fragments)
+
+
+def test_thresholds_in_range_and_never_merge_are_accepted(tmp_path):
+    import math
+
+    from dymu.thresholds import Thresholds
+
+    path = tmp_path / "ok.json"
+    path.write_text(_thresholds_json(thresholds=[1, -1, 1.00001, None]))
+    assert Thresholds.load(path).values == [1.0, -1.0, 1.00001, math.inf], "rounding of a cosine above 1 is tolerated"
+    with pytest.raises(ValueError, match="between -1 and 1"):
+        Thresholds(values=[0.5, 3.0])
+    with pytest.raises(ValueError, match="a string"):
+        Thresholds(values=["0.9"])
+
+
+def _copy_model(model_dirs, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(model_dirs["tiny-clip"], tmp_path / "model"))
+
+
+def test_malformed_config_json_gives_one_line(capsys, model_dirs, image_paths, tmp_path):
+    model = _copy_model(model_dirs, tmp_path)
+    config = json.loads((model / "config.json").read_text())
+    common = ("encode", model, image_paths[0], "--merge", "tome:r=2")
+    (model / "config.json").write_text(json.dumps([config]))
+    one_line_error(*run(capsys, *common)[::2], str(model / "config.json"), "JSON object", "a list")
+    (model / "config.json").write_text(DEEP)
+    one_line_error(*run(capsys, *common)[::2], str(model / "config.json"), "nested too deeply")
+    (model / "config.json").write_text(json.dumps(config | {"dymu": {"thresholds": ["0.9", 0.8, 0.7, None]}}))
+    one_line_error(*run(capsys, "encode", model, image_paths[0])[::2], str(model / "config.json"),
+                   '"dymu.thresholds"[0]', "a string")
+
+
+def test_pickle_bearing_weights_are_refused_in_one_line(capsys, model_dirs, image_paths, tmp_path):
+    model = _copy_model(model_dirs, tmp_path)
+    (model / "model.safetensors").unlink()
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this ran",))
+
+    torch.save({"weight": Payload()}, model / "pytorch_model.bin")
+    code, out, err = run(capsys, "encode", model, image_paths[0], "--merge", "tome:r=2")
+    one_line_error(code, err, "pytorch_model.bin", "refused")
+    assert "this ran" not in out + err
+
+
+def test_malformed_search_checkpoints_give_one_line(clip, image_paths, tmp_path):
+    from dymu.finder import find_thresholds
+    from dymu.vision import DymuError
+
+    model, processor = clip
+    checkpoint = tmp_path / "search.partial"
+
+    def interrupt(index):
+        raise KeyboardInterrupt
+
+    common = dict(target_tokens=300, batch_size=2, processor=processor, checkpoint=checkpoint, num_workers=0, measure=0,
+                  progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        find_thresholds(model, image_paths[:4], on_batch=interrupt, **common)
+    header, batch = [json.loads(line) for line in checkpoint.read_text().splitlines()]
+    broken = {
+        "no config": [{k: v for k, v in header.items() if k != "config"}, batch],
+        "statistics": [header, batch | {"statistics": "fast"}],
+        "layers": [header, batch | {"statistics": [0.5]}],
+        "skipped": [header, batch | {"skipped": [3]}],
+    }
+    for what, lines in broken.items():
+        checkpoint.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        with pytest.raises(DymuError) as error:
+            find_thresholds(model, image_paths[:4], resume=True, **common)
+        assert str(checkpoint) in str(error.value) and "\n" not in str(error.value), what
+    checkpoint.write_text(json.dumps(header) + "\n" + DEEP + "\n")
+    with pytest.raises(DymuError, match="line 2 is not a JSON object"):
+        find_thresholds(model, image_paths[:4], resume=True, **common)
+
+
+def test_nested_garbage_manifest_gives_one_line(capsys, model_dirs, tmp_path):
+    manifest = tmp_path / "set.json"
+    manifest.write_text(DEEP)
+    one_line_error(*run(capsys, "encode", model_dirs["tiny-clip"], manifest, "--merge", "tome:r=2")[::2],
+                   str(manifest), "nested too deeply")
+
+
+# --- 14. remove on other models, manifests, symlinked folders ------------------------------------------------------
+
+def test_remove_on_a_model_dymu_does_not_support_is_a_no_op():
+    from transformers import BertConfig, BertModel
+
+    import dymu
+
+    bert = BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                vocab_size=50))
+    state = {k: v.clone() for k, v in bert.state_dict().items()}
+    assert dymu.remove(bert) is bert
+    assert all(torch.equal(v, state[k]) for k, v in bert.state_dict().items())
+
+
+def test_manifest_paths_outside_the_image_root_are_refused_unless_allowed(capsys, model_dirs, image_dir, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "in.png").write_bytes((image_dir / "coins.png").read_bytes())
+    (tmp_path / "outside.png").write_bytes((image_dir / "moon.png").read_bytes())
+    manifest = root / "set.json"
+    entries = ["in.png", "../outside.png", str(tmp_path / "outside.png"), "./in.png"]
+    manifest.write_text(json.dumps([{"image": e} for e in entries]))
+    common = ("encode", model_dirs["tiny-clip"], manifest, "--merge", "tome:r=2", "--json")
+    code, out, err = run(capsys, *common)
+    assert code == 0, err
+    assert [Path(json.loads(line)["image"]).name for line in out.splitlines()] == ["in.png", "in.png"]
+    assert "skipped 2 image(s)" in err and err.count("outside the image root") == 2 and "--allow-outside-root" in err
+    code, out, err = run(capsys, *common, "--allow-outside-root")
+    assert code == 0 and len(out.splitlines()) == 4, err
+
+
+def test_folders_are_walked_through_symlinked_sub_folders_without_looping(image_dir, tmp_path):
+    from dymu.images import collect_images
+
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    (data / "a").mkdir(parents=True)
+    elsewhere.mkdir()
+    (data / "a" / "x.png").write_bytes((image_dir / "coins.png").read_bytes())
+    (elsewhere / "y.png").write_bytes((image_dir / "moon.png").read_bytes())
+    (data / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (data / "a" / "loop").symlink_to(data, target_is_directory=True)  # a link back to a parent
+    found = collect_images(data).paths
+    assert found == [str(data / "a" / "x.png"), str(data / "linked" / "y.png")]

@@ -37,6 +37,8 @@ def _add_images(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", metavar="IMAGES",
                         help="image files, folders (searched recursively) or JSON manifests [{\"image\": \"rel/path\"}, ...]")
     parser.add_argument("--image-root", help="folder that manifest paths are relative to (default: the manifest's folder)")
+    parser.add_argument("--allow-outside-root", action="store_true",
+                        help="read manifest entries outside the image root (../, absolute paths), skipped otherwise")
     _add_limits(parser)
 
 
@@ -183,7 +185,7 @@ def cmd_find_thresholds(args) -> None:
     from .images import SkippedImagesWarning, collect_images
 
     out = _out_file(args.out)
-    image_set = collect_images(args.images, args.image_root)
+    image_set = collect_images(args.images, args.image_root, args.allow_outside_root)
     _limits(args)  # checked before the model loads
     model, processor = _open(args.model, args.processor)
     partial = out.with_name(out.name + ".partial")
@@ -254,7 +256,7 @@ def cmd_encode(args) -> None:
 
     viz_dir = _out_folder(args.viz, "--viz")
     out, written = _encode_output(args)
-    image_set = collect_images(args.images, args.image_root)
+    image_set = collect_images(args.images, args.image_root, args.allow_outside_root)
     limits = _limits(args)
     merging, _ = _encoder_merging(args)
     if not merging:
@@ -469,7 +471,7 @@ def cmd_calibrate_vtw(args) -> None:
 
     out = _out_file(args.out)
     merging, vtu = _encoder_merging(args)
-    image_set = collect_images(args.images, args.image_root)
+    image_set = collect_images(args.images, args.image_root, args.allow_outside_root)
     images, skipped = load_images(image_set.paths[: args.limit], _limits(args))
     _report_skipped(image_set.skipped + skipped)
     model = load_model(args.model)

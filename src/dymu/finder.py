@@ -143,6 +143,8 @@ class _Checkpoint:
         header = rows[0]
         if header.get("format") != CHECKPOINT_FORMAT or header.get("version") != CHECKPOINT_VERSION:
             raise DymuError(f"cannot resume: {self.path} is not a dymu threshold-search checkpoint of version {CHECKPOINT_VERSION}")
+        if not isinstance(header.get("config"), dict):
+            raise DymuError(f"cannot resume: checkpoint {self.path} line 1 has no \"config\" object; delete it to start over")
         for key, value in self.config.items():
             if header["config"].get(key) != value:
                 raise DymuError(
@@ -150,11 +152,27 @@ class _Checkpoint:
                 )
         statistics, skipped = {}, []
         for number, row in enumerate(rows[1:], start=2):
-            if not isinstance(row.get("batch"), int) or not isinstance(row.get("skipped"), list):
-                raise DymuError(f"cannot resume: checkpoint {self.path} line {number} is not a batch record; delete it to start over")
+            problem = self._batch_problem(row)
+            if problem is not None:
+                raise DymuError(f"cannot resume: checkpoint {self.path} line {number} is not a batch record ({problem}); "
+                                "delete it to start over")
             statistics[str(row["batch"])] = row.get("statistics")
             skipped += row["skipped"]
         return statistics, skipped
+
+    def _batch_problem(self, row: dict) -> str | None:
+        """What is wrong with a batch line of this checkpoint, None when nothing is."""
+        layers = self.config["identity"]["num_layers"]
+        statistics = row.get("statistics")
+        if not isinstance(row.get("batch"), int) or isinstance(row.get("batch"), bool):
+            return "\"batch\" must be a whole number"
+        if statistics is not None and not (isinstance(statistics, list) and len(statistics) == layers and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in statistics)):
+            return f"\"statistics\" must be null or a list of {layers} numbers"
+        if not isinstance(row.get("skipped"), list) or not all(
+                isinstance(s, dict) and isinstance(s.get("image"), str) and isinstance(s.get("error"), str) for s in row["skipped"]):
+            return "\"skipped\" must be a list of {\"image\", \"error\"} objects"
+        return None
 
     def open(self, fresh: bool) -> None:
         """Start writing: a new file with its header (fresh), else appending to the loaded one."""

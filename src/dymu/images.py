@@ -8,10 +8,11 @@ run is going (cannot be decoded) are returned as failures so long runs skip and 
 from __future__ import annotations
 
 import contextlib
-import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .jsonfile import read_json
 from .vision import DymuError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -39,11 +40,11 @@ class ImageSet:
     skipped: list[dict]  # manifest entries that named no image: {"image": ..., "error": ...}
 
 
-def _manifest(path: Path, image_root: Path | None) -> tuple[list[str], list[dict]]:
+def _manifest(path: Path, image_root: Path | None, allow_outside_root: bool = False) -> tuple[list[str], list[dict]]:
     try:
-        entries = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ImageError(f"{path}: not a valid JSON manifest ({exc})") from None
+        entries = read_json(path, "manifest")
+    except DymuError as exc:
+        raise ImageError(str(exc)) from None
     if not isinstance(entries, list):
         raise ImageError(f"{path}: a manifest must be a JSON list of {{\"image\": \"relative/path\"}} objects")
     root = image_root if image_root is not None else path.parent
@@ -52,13 +53,45 @@ def _manifest(path: Path, image_root: Path | None) -> tuple[list[str], list[dict
         if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
             skipped.append({"image": f"{path}[{i}]", "error": "entry has no \"image\" path"})
             continue
-        paths.append(str(root / entry["image"]))
+        image = root / entry["image"]
+        if not allow_outside_root and not _inside(image, root):
+            skipped.append({"image": entry["image"], "error": f"{path}[{i}]: {entry['image']!r} is outside the image root "
+                            f"{root} (pass --allow-outside-root, allow_outside_root=True, to read it)"})
+            continue
+        paths.append(str(image))
     return paths, skipped
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether ``path`` names a file under ``root`` as written (``..`` resolved, symlinks not followed: a link the
+    user put in the image folder is theirs)."""
+    root = os.path.abspath(root)
+    return os.path.commonpath([root, os.path.abspath(path)]) == root
+
+
+def _walk(folder: Path) -> list[str]:
+    """Image files under ``folder``, recursively and sorted, symlinked sub-folders included; each real folder is
+    walked once, so a link back to a parent cannot loop."""
+    seen, found = set(), []
+    for parent, folders, files in os.walk(folder, followlinks=True):
+        status = os.stat(parent)
+        if (status.st_dev, status.st_ino) in seen:
+            folders[:] = []
+            continue
+        seen.add((status.st_dev, status.st_ino))
+        found += [os.path.join(parent, name) for name in files
+                  if Path(name).suffix.lower() in IMAGE_EXTENSIONS and os.path.isfile(os.path.join(parent, name))]
+    return sorted(found)
 
 
 def failure_line(entry: dict) -> str:
     """One skipped image, {"image": ..., "error": ...}, as a line that names it once."""
     return entry["error"] if entry["image"] in entry["error"] else f"{entry['image']}: {entry['error']}"
+
+
+def plural(count: int, noun: str) -> str:
+    """"1 image", "2 images"."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def summarize_failures(failures: list[dict]) -> str:
@@ -68,8 +101,10 @@ def summarize_failures(failures: list[dict]) -> str:
     return text + (f"; and {more} more" if more > 0 else "")
 
 
-def collect_images(inputs, image_root=None) -> ImageSet:
-    """Expand folders (recursively, sorted) and manifests into a list of image paths."""
+def collect_images(inputs, image_root=None, allow_outside_root: bool = False) -> ImageSet:
+    """Expand folders (recursively, sorted, symlinked sub-folders included) and manifests into a list of image paths.
+    A manifest entry outside the image root (``../``, an absolute path elsewhere) is skipped with the reason unless
+    ``allow_outside_root``."""
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
     root = Path(image_root) if image_root is not None else None
@@ -80,14 +115,14 @@ def collect_images(inputs, image_root=None) -> ImageSet:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            found = _walk(path)
             if not found:
                 raise ImageError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in folder {path}")
             paths += found
         elif path.suffix.lower() == ".json":
             if not path.is_file():
                 raise ImageError(f"manifest not found: {path}")
-            found, bad = _manifest(path, root)
+            found, bad = _manifest(path, root, allow_outside_root)
             paths += found
             skipped += bad
         elif not path.exists():

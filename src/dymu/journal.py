@@ -42,7 +42,7 @@ def read_lines(path: Path, what: str) -> list[dict]:
 def _parse(line: bytes) -> dict | None:
     try:
         row = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # RecursionError: nested too deeply
         return None
     return row if isinstance(row, dict) else None
 

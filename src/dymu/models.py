@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -215,7 +216,12 @@ def load_model(name_or_path, dtype: torch.dtype | None = None):
     name, config = load_config(name_or_path)
     model_class = _model_class(config.model_type, name)
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    model = model_class.from_pretrained(name, **kwargs)
+    try:
+        model = model_class.from_pretrained(name, **kwargs)
+    except pickle.UnpicklingError:
+        files = ", ".join(sorted(p.name for p in Path(name).glob("*.bin"))) or "its .bin weights"
+        raise DymuError(f"{name}: refused to load {files}: the pickle holds Python objects besides tensors, which could "
+                        "run code (torch.load weights_only); convert it to safetensors from a trusted copy") from None
     model.eval()
     return model
 
@@ -229,6 +235,7 @@ def load_config(name_or_path):
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise DymuError(f"not a Hugging Face checkpoint folder (no config.json): {name}")
+        _config_json(path / "config.json")  # a clear line for a file that is no JSON object
         name = str(path)
     try:
         return name, AutoConfig.from_pretrained(name)
@@ -308,15 +315,22 @@ CONFIG_SECTION = "dymu"
 THRESHOLDS_IN_CHECKPOINT = "dymu_thresholds.json"
 
 
+def _config_json(path: Path) -> dict:
+    """A checkpoint's config.json, which must be a JSON object."""
+    from .jsonfile import json_type, read_json
+
+    config = read_json(path, "config.json")
+    if not isinstance(config, dict):
+        raise DymuError(f"{path}: a config.json must be a JSON object, got {json_type(config)}")
+    return config
+
+
 def config_section(name_or_path) -> dict | None:
     """The ``"dymu"`` section of a local checkpoint's config.json, if any."""
     path = Path(str(name_or_path)).expanduser() / "config.json"
     if not path.is_file():
         return None
-    try:
-        section = json.loads(path.read_text()).get(CONFIG_SECTION)
-    except json.JSONDecodeError as exc:
-        raise DymuError(f"{path}: not valid JSON ({exc})") from None
+    section = _config_json(path).get(CONFIG_SECTION)
     if section is not None and (not isinstance(section, dict) or "thresholds" not in section):
         raise DymuError(f"{path}: the \"{CONFIG_SECTION}\" section needs a \"thresholds\" entry (a file name or a list)")
     return section
@@ -327,13 +341,16 @@ def settings_from_config(name_or_path, thresholds=None, vtu: str | None = None):
 
     A thresholds file named in the section is relative to the checkpoint folder; a list is used inline.
     """
+    from .thresholds import values_from_json
+
     section = config_section(name_or_path) or {}
     if thresholds is None and section:
         thresholds = section["thresholds"]
         if isinstance(thresholds, str):
             thresholds = str(Path(str(name_or_path)).expanduser() / thresholds)
         else:
-            thresholds = [float("inf") if t is None else float(t) for t in thresholds]
+            origin = str(Path(str(name_or_path)).expanduser() / "config.json")
+            thresholds = values_from_json(thresholds, origin, f"{CONFIG_SECTION}.thresholds")
     return thresholds, vtu or section.get("vtu", "fast")
 
 
