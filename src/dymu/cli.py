@@ -10,6 +10,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from .images import plural
 from .vision import DymuError
 
 SCHEDULES = ("constant", "linear", "reverse-linear")
@@ -22,6 +23,11 @@ DEFAULT_PROMPT_TOKENS = 48
 #: dymu flops: decode steps averaged by default
 DEFAULT_NEW_TOKENS = 32
 SI_PREFIXES = ("", "k", "M", "G", "T", "P")
+#: dymu generate: untimed runs first (allocations, caches), then timed runs whose median is shown
+GENERATE_WARMUPS = 1
+GENERATE_REPEATS = 3
+#: dymu generate: a prefill faster than this is mostly fixed per-call cost, where fewer tokens cannot show
+SMALL_PREFILL_SECONDS = 0.1
 #: dymu flops: the table's columns and their widths
 FLOPS_COLUMNS = ("vision", "language", "prefill", "", "decode/step", "", "KV cache", "")
 FLOPS_WIDTHS = (13, 13, 13, 6, 13, 6, 10, 6)
@@ -149,6 +155,10 @@ def _encoder_merging(args) -> tuple[dict, str]:
     if args.merge is not None and args.thresholds is not None:
         raise DymuError("--merge and --thresholds are alternatives: give one")
     thresholds, vtu = settings_from_config(args.model, args.thresholds, getattr(args, "vtu", None))
+    if args.merge is None and args.thresholds is None and thresholds is not None:
+        print(f"thresholds: the \"dymu\" section of {Path(args.model).expanduser() / 'config.json'}"
+              f"{f' ({thresholds})' if isinstance(thresholds, str) else ''} (pass --thresholds or --merge for others)",
+              file=sys.stderr)
     if args.merge is not None:
         method = parse_merge(args.merge)
         if isinstance(method, ToMe):
@@ -207,7 +217,7 @@ def cmd_find_thresholds(args) -> None:
             return
     result.save(out)
     _report_skipped(result.images["skipped"])
-    print(f"search: {result.timing.summary()} ({args.workers} workers)", file=sys.stderr)
+    print(f"search: {result.timing.summary()} ({plural(args.workers, 'worker')})", file=sys.stderr)
     shown = ", ".join("never" if math.isinf(v) else f"{v:.4f}" for v in result.values)
     print(f"thresholds per layer: {shown}")
     print(f"wrote {out}: {result.describe()}")
@@ -295,6 +305,8 @@ def cmd_encode(args) -> None:
             for failure in batch.failures:
                 if _still_missing(missing, failure["image"]):
                     skipped.append(failure)
+                    if to_stdout:  # the same line --out writes
+                        print(json.dumps(failure), flush=True)
                     if sink is not None:
                         sink.write(failure)
             bar.update(batch.size)
@@ -312,22 +324,30 @@ def cmd_encode(args) -> None:
     if not args.json and out is None:
         _print_table(rows)
     if not to_stdout:
-        print(f"mean {counts.mean():.1f} ± {counts.std(unbiased=False):.1f} tokens over {len(rows)} images "
+        print(f"mean {counts.mean():.1f} ± {counts.std(unbiased=False):.1f} tokens over {plural(len(rows), 'image')} "
               f"({100 * counts.mean() / rows[0]['patches']:.1f}% of {rows[0]['patches']} patches)")
     if out is not None:
         print(f"wrote {out}: a JSON line per image ({len(rows)} encoded, {len(skipped) - len(image_set.skipped)} unreadable)",
               file=sys.stderr)
     if viz_dir:
         print(f"merge maps: {viz_dir}/", file=sys.stderr)
-    print(f"encode: {clock.summary()} ({args.workers} workers)", file=sys.stderr)
+    print(f"encode: {clock.summary()} ({plural(args.workers, 'worker')})", file=sys.stderr)
     _report_skipped(skipped)
 
 
+def _common_folder(paths: list[str]) -> str:
+    """The deepest folder holding every one of ``paths`` (absolute)."""
+    return os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+
+
 def _print_table(rows: list[dict]) -> None:
-    width = max(12, *(len(Path(r["image"]).name) for r in rows))
+    """Rows named by their path from the images' common folder: two x.jpg of a/ and b/ show as a/x.jpg, b/x.jpg."""
+    root = _common_folder([r["image"] for r in rows])
+    names = [os.path.relpath(os.path.abspath(r["image"]), root) for r in rows]
+    width = max(12, *map(len, names))
     print(f"{'image':<{width}}  {'tokens':>6}  {'patches':>7}  {'kept':>6}")
-    for r in rows:
-        print(f"{Path(r['image']).name:<{width}}  {r['tokens']:>6}  {r['patches']:>7}  {100 * r['tokens'] / r['patches']:>5.1f}%")
+    for name, r in zip(names, rows):
+        print(f"{name:<{width}}  {r['tokens']:>6}  {r['patches']:>7}  {100 * r['tokens'] / r['patches']:>5.1f}%")
 
 
 def _viz_names(paths: list[str]) -> dict[str, str]:
@@ -336,7 +356,7 @@ def _viz_names(paths: list[str]) -> dict[str, str]:
     numbered if that clashes too. No image takes the overview's name."""
     paths = list(dict.fromkeys(paths))
     clashes = Counter(Path(p).stem.lower() for p in paths) + Counter([OVERVIEW])
-    root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+    root = _common_folder(paths)
     names, used = {}, {OVERVIEW}
     for path in paths:
         name = base = Path(path).stem
@@ -371,6 +391,7 @@ def cmd_import_thresholds(args) -> None:
 
 
 def _run_generate(model, processor, images, text, max_new_tokens: int, model_name: str = "the model") -> dict:
+    import statistics
     import time
 
     import torch
@@ -392,15 +413,20 @@ def _run_generate(model, processor, images, text, max_new_tokens: int, model_nam
     inputs = model_inputs(model, processor, images, [text])  # compact inputs when the model is in compact mode
     _check_context(model_name, getattr(model.config.get_text_config(), "max_position_embeddings", None), max_new_tokens,
                    inputs["input_ids"].shape[1])
-    clock = FirstStep()
-    start = time.perf_counter()
+    timings = []  # (prefill, decode) seconds of the timed runs
     with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                logits_processor=LogitsProcessorList([clock]))
-    end = time.perf_counter()
+        for run in range(GENERATE_WARMUPS + GENERATE_REPEATS):
+            clock = FirstStep()
+            start = time.perf_counter()
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                    logits_processor=LogitsProcessorList([clock]))
+            end = time.perf_counter()
+            if run >= GENERATE_WARMUPS:
+                timings.append((clock.first - start, end - clock.first))
     new_tokens = output[0, inputs["input_ids"].shape[1]:]
-    return {"answer": processor.decode(new_tokens, skip_special_tokens=True).strip(), "prefill": clock.first - start,
-            "decode": end - clock.first, "new_tokens": len(new_tokens), "prompt_length": inputs["input_ids"].shape[1]}
+    return {"answer": processor.decode(new_tokens, skip_special_tokens=True).strip(),
+            "prefill": statistics.median(t[0] for t in timings), "decode": statistics.median(t[1] for t in timings),
+            "new_tokens": len(new_tokens), "prompt_length": inputs["input_ids"].shape[1]}
 
 
 def _prefill_report(model, prompt_length: int, vtu: str) -> str:
@@ -455,9 +481,12 @@ def cmd_generate(args) -> None:
         counts = run.get("tokens", [patches] * len(images))
         per_image = ", ".join(f"{Path(p).name}: {n}/{patches}" for p, n in zip(args.image, counts))
         print(f"  visual tokens {per_image}; prefill {run['prefill'] * 1000:.0f} ms, decode {run['decode'] * 1000:.0f} ms "
-              f"for {run['new_tokens']} tokens")
+              f"for {run['new_tokens']} tokens (median of {GENERATE_REPEATS} runs after {plural(GENERATE_WARMUPS, 'warm-up')})")
         if "report" in run:
             print(run["report"])
+    if reduced and max(run["prefill"] for _, run in runs) < SMALL_PREFILL_SECONDS:
+        print(f"note: the prefill takes under {SMALL_PREFILL_SECONDS * 1000:.0f} ms on this model: fixed per-call costs "
+              "dominate, so the times do not show the saving (the FLOPs line does); a full-size model shows it")
     if not reduced:
         print("(no merging: pass --thresholds FILE or --merge SPEC (or enable thresholds with `dymu enable`), or --prune SPEC)",
               file=sys.stderr)
@@ -544,17 +573,29 @@ def _print_flops_table(rows: dict) -> None:
         print(f"{label:<{width}}  " + "  ".join(f"{cell:>{w}}" for cell, w in zip(cells, FLOPS_WIDTHS)))
 
 
+def _flops_config(name: str):
+    """dymu flops: the config of a checkpoint folder or hub id, or of a LLaVA preset (``dymu make-model``'s names)
+    when no folder of that name exists."""
+    from .models import LLAVA_PRESETS, llava_preset_config, load_config
+
+    if name in LLAVA_PRESETS and not Path(name).exists():
+        from .tokenizer import build_tokenizer
+
+        return llava_preset_config(name, build_tokenizer())
+    return load_config(name)[1]
+
+
 def cmd_flops(args) -> None:
     from . import flops as F
     from .llava import cls_tokens, placeholders_per_image
     from .methods import parse_prune
-    from .models import load_config, settings_from_config
+    from .models import settings_from_config
     from .vision import config_tower_info
 
     prune = parse_prune(args.prune)
     if args.prompt_tokens < 0 or args.new_tokens < 1:
         raise DymuError(f"--prompt-tokens must be >= 0 and --new-tokens >= 1, got {args.prompt_tokens} and {args.new_tokens}")
-    _, config = load_config(args.model)
+    config = _flops_config(args.model)
     if config.model_type != "llava":
         raise DymuError(f"{args.model}: dymu flops needs a LLaVA-1.5 config (model_type 'llava'), got {config.model_type!r}")
     info = config_tower_info(config)
@@ -690,7 +731,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_calibrate_vtw)
 
     p = sub.add_parser("flops", help="FLOPs and KV cache of a LLaVA plan (merging, VTU, pruning) vs unmerged, from the config alone")
-    p.add_argument("model", help="local LLaVA checkpoint folder or hub id (only its config is read)")
+    p.add_argument("model", help="local LLaVA checkpoint folder, hub id (only its config is read), or a LLaVA preset name: "
+                   "llava-1.5-7b, tiny-llava")
     p.add_argument("--thresholds", help="thresholds file whose measured mean tokens per image to count (default: the "
                    "checkpoint's \"dymu\" config section, else unmerged)")
     p.add_argument("--image-tokens", type=int, metavar="N", help="visual tokens per image instead, merged on a constant schedule (default: none)")

@@ -143,6 +143,8 @@ def run_demo(out_dir: Path, model_dir: Path | None = None, scenes: int | None = 
     print("=" * 78)
     print("dymu demo: DToMe + virtual token unmerging on a small LLaVA trained here (assets/toy-llava)")
     print("=" * 78)
+    for line in _glossary(E.DYMU_LEVELS):
+        print(line)
     model, processor = E.load(model_dir)
     patches = model.config.image_seq_length
     vision, text = model.config.vision_config, model.config.text_config
@@ -186,13 +188,16 @@ def run_demo(out_dir: Path, model_dir: Path | None = None, scenes: int | None = 
             print(f"    {record['question']:<58} {got:<24} (truth: {record['answer']})")
 
     print(f"[3/5] the same scenes described (greedy, at most {MAX_DESCRIPTION_TOKENS} tokens) beside the first of "
-          "their five references:")
+          "their five references, with each description's CIDEr-D against all five (a description that gets the scene "
+          f"wrong scores low; document frequencies from these {len(described)} scenes):")
+    scores = {name: _scene_cider(descriptions[name][0], described) for name, _ in settings}
     for k, record in enumerate(described):
         print(f"  {record['image']} ({record['background']}), asked {record['question']!r}:")
-        print(f"    {'reference':<14}{record['references'][0]}")
+        print(f"    {'reference':<14}{'':<13}{record['references'][0]}")
         for name, _ in settings:
             text, done = descriptions[name][0][k], descriptions[name][1][k]
-            print(f"    {name:<14}{text.strip() or '-'}{'' if done else f' [no </s> within {MAX_DESCRIPTION_TOKENS} tokens]'}")
+            print(f"    {name:<14}CIDEr-D {scores[name][k]:5.2f} {text.strip() or '-'}"
+                  f"{'' if done else f' [no </s> within {MAX_DESCRIPTION_TOKENS} tokens]'}")
 
     print(f"[4/5] accuracy on {len(records)} test questions ({scenes} scenes), VTU on:")
     for name, level in settings:
@@ -272,6 +277,27 @@ def self_check(model, processor, records, images, answers: dict, ended: dict, ne
     return (f"never-merge == unmerged on {len(subset)} questions and {len(described)} descriptions; all "
             f"{sum(map(len, answers.values()))} answers well formed; {' and '.join(DESCRIPTIONS_MUST_END)} descriptions "
             "end with </s>")
+
+
+def _glossary(levels: dict) -> list[str]:
+    """One line each for the terms the demo prints (``levels``: toyvlm.evaluate.DYMU_LEVELS, share of the patches)."""
+    shares = " / ".join(f"{100 * share:.0f}%" for share in levels.values())
+    return [
+        "DToMe: each vision-encoder layer merges tokens more similar than a threshold learned from images, so plain "
+        "images keep few tokens and busy ones many.",
+        "VTU: the language model treats each merged token as the tokens it replaced (same positions), so it runs "
+        "unchanged on fewer distinct tokens.",
+        f"{' / '.join(levels)}: thresholds that keep {shares} of the image's patches on average (DyMU's published "
+        "token levels).",
+    ]
+
+
+def _scene_cider(texts: list[str], described: list[dict]) -> list[float]:
+    """CIDEr-D of each description against its scene's references (document frequencies from these scenes)."""
+    from toyvlm.cider import cider_d
+
+    per_scene = cider_d(dict(enumerate(texts)), {k: record["references"] for k, record in enumerate(described)})[1]
+    return [per_scene[k] for k in range(len(texts))]
 
 
 def _describe_records(shown: list[str], scenes: int, image_size: int) -> list[dict]:

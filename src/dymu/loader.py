@@ -22,7 +22,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from .images import ImageLimits, load_batch
+from .images import ImageLimits, load_batch, plural
 from .vision import DymuError
 
 #: most workers chosen by default: beyond this decoding outpaces any encoder we run, and each worker holds
@@ -139,7 +139,7 @@ class LoadClock:
         total = self.waiting + self.running
         rate = self.images / total if total > 0 else math.nan
         share = (lambda t: 100 * t / total) if total > 0 else (lambda t: math.nan)
-        return (f"{self.images} images in {total:.1f} s ({rate:.1f} images/s): waiting for data {self.waiting:.1f} s "
+        return (f"{plural(self.images, 'image')} in {total:.1f} s ({rate:.1f} images/s): waiting for data {self.waiting:.1f} s "
                 f"({share(self.waiting):.0f}%), model {self.running:.1f} s ({share(self.running):.0f}%)")
 
 

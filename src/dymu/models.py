@@ -171,7 +171,17 @@ def make_model(name: str, out_dir, seed: int = 0, layers: int | None = None, dty
         f"# Random-weight {name} checkpoint (dymu make-model, seed {seed})\n\n"
         "Weights are random: merge behaviour and speed are representative, features are not.\n"
     )
+    _same_mode_as(out, out / "README.md")
     return out
+
+
+def _same_mode_as(folder: Path, reference: Path) -> None:
+    """Give every file of ``folder`` the permissions of ``reference`` (a file written the ordinary way, so the user's
+    umask applies): safetensors writes its weights 0600, where the user's other files are, e.g., 0644."""
+    mode = reference.stat().st_mode & 0o777
+    for path in folder.iterdir():
+        if path.is_file() and path.stat().st_mode & 0o777 != mode:
+            path.chmod(mode)
 
 
 def _looks_local(name: str) -> bool:
