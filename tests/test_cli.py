@@ -73,7 +73,8 @@ def test_corrupt_image_in_folder_is_skipped_and_reported(capsys, model_dirs, ima
     (folder / "notes.txt").write_text("ignored: not an image type")
     code, out, err = run(capsys, "encode", model_dirs["tiny-clip"], folder, "--thresholds", clip_thresholds, "--json")
     assert code == 0
-    assert [Path(json.loads(line)["image"]).name for line in out.splitlines()] == ["a.png"]
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [(Path(r["image"]).name, "error" in r) for r in rows] == [("a.png", False), ("b.jpg", True)], "as --out writes"
     assert "skipped 1 image" in err and "b.jpg" in err
     code, _, err = run(capsys, "find-thresholds", model_dirs["tiny-clip"], folder, "--target-tokens", "300",
                        "--out", tmp_path / "t.json")

@@ -188,7 +188,14 @@ def test_demo_checks_itself_and_exits_non_zero_on_wrong_answers(tmp_path, capsys
     monkeypatch.setattr(demo, "TOY_SCORED_SCENES", 4)
     monkeypatch.setattr(demo, "TOY_THRESHOLD_SCENES", 32)
     assert main(["demo", "--out", str(tmp_path / "ok")]) == 0
-    assert "self-check passed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "self-check passed" in out
+    # a line for each term, and a CIDEr-D beside each description of each setting
+    assert all(any(line.startswith(term) for line in out.splitlines()) for term in ("DToMe: ", "VTU: ", "low / mid / high: "))
+    described = out.split("[3/5]")[1].split("[4/5]")[0]
+    scenes = described.count(", asked ")
+    assert scenes >= 1 and sum(line.lstrip().startswith(("unmerged ", "DToMe-")) and " CIDEr-D " in line
+                               for line in described.splitlines()) == 3 * scenes  # 3 settings
     monkeypatch.setattr(V, "reduce", lambda hidden, vmap: torch.zeros_like(V.compress(hidden, vmap)))
     assert main(["demo", "--out", str(tmp_path / "broken")]) == 2
     captured = capsys.readouterr()

@@ -10,6 +10,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from .images import plural
 from .vision import DymuError
 
 SCHEDULES = ("constant", "linear", "reverse-linear")
@@ -22,6 +23,11 @@ DEFAULT_PROMPT_TOKENS = 48
 #: dymu flops: decode steps averaged by default
 DEFAULT_NEW_TOKENS = 32
 SI_PREFIXES = ("", "k", "M", "G", "T", "P")
+#: dymu generate: untimed runs first (allocations, caches), then timed runs whose median is shown
+GENERATE_WARMUPS = 1
+GENERATE_REPEATS = 3
+#: dymu generate: a prefill faster than this is mostly fixed per-call cost, where fewer tokens cannot show
+SMALL_PREFILL_SECONDS = 0.1
 #: dymu flops: the table's columns and their widths
 FLOPS_COLUMNS = ("vision", "language", "prefill", "", "decode/step", "", "KV cache", "")
 FLOPS_WIDTHS = (13, 13, 13, 6, 13, 6, 10, 6)
@@ -37,6 +43,25 @@ def _add_images(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", metavar="IMAGES",
                         help="image files, folders (searched recursively) or JSON manifests [{\"image\": \"rel/path\"}, ...]")
     parser.add_argument("--image-root", help="folder that manifest paths are relative to (default: the manifest's folder)")
+    parser.add_argument("--allow-outside-root", action="store_true",
+                        help="read manifest entries outside the image root (../, absolute paths), skipped otherwise")
+    _add_limits(parser)
+
+
+def _add_limits(parser: argparse.ArgumentParser) -> None:
+    from .images import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_PIXELS
+
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                        help="skip (and list) images of more pixels, read from the file header before decoding (default: %(default)s)")
+    parser.add_argument("--max-aspect-ratio", type=float, default=DEFAULT_MAX_ASPECT_RATIO, metavar="R",
+                        help="skip (and list) images whose long side is more than R times the short one: the processor "
+                        "scales the short side to the model's size (default: %(default)s)")
+
+
+def _limits(args):
+    from .images import ImageLimits
+
+    return ImageLimits(args.max_pixels, args.max_aspect_ratio)
 
 
 def _add_merge(parser: argparse.ArgumentParser) -> None:
@@ -106,6 +131,31 @@ def _out_folder(path: str | None, option: str) -> Path | None:
 def _add_overwrite(parser: argparse.ArgumentParser, what: str = "an existing --out file") -> None:
     parser.add_argument("--overwrite", action="store_true", help=f"replace {what} (never one of the inputs; without it an "
                         "existing output is refused)")
+def _positive_int(text: str) -> int:
+    """argparse type of counts that must be at least 1 (checked before any model loads)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _text_context(model_name: str) -> int | None:
+    """Positions the language model of a checkpoint can attend over (its text config's max_position_embeddings)."""
+    from .models import load_config
+
+    config = load_config(model_name)[1]
+    return getattr(config.get_text_config(), "max_position_embeddings", None)
+
+
+def _check_context(model_name: str, context: int | None, new_tokens: int, prompt_length: int = 0) -> None:
+    """--max-new-tokens must fit in the model's context after the prompt."""
+    if context is not None and prompt_length + new_tokens > context:
+        prompt = f" after the {prompt_length}-token prompt" if prompt_length else ""
+        raise DymuError(f"--max-new-tokens {new_tokens} does not fit{prompt} in the context of {model_name}: "
+                        f"{context} positions (max_position_embeddings of its text config)")
 
 
 def _add_workers(parser: argparse.ArgumentParser) -> None:
@@ -127,6 +177,10 @@ def _encoder_merging(args) -> tuple[dict, str]:
     if args.merge is not None and args.thresholds is not None:
         raise DymuError("--merge and --thresholds are alternatives: give one")
     thresholds, vtu = settings_from_config(args.model, args.thresholds, getattr(args, "vtu", None))
+    if args.merge is None and args.thresholds is None and thresholds is not None:
+        print(f"thresholds: the \"dymu\" section of {Path(args.model).expanduser() / 'config.json'}"
+              f"{f' ({thresholds})' if isinstance(thresholds, str) else ''} (pass --thresholds or --merge for others)",
+              file=sys.stderr)
     if args.merge is not None:
         method = parse_merge(args.merge)
         if isinstance(method, ToMe):
@@ -184,7 +238,7 @@ def cmd_find_thresholds(args) -> None:
 def _image_set(args):
     from .images import collect_images
 
-    return collect_images(args.images, args.image_root)
+    return collect_images(args.images, args.image_root, args.allow_outside_root)
 
 
 def _find_thresholds(args, image_set, out: Path, checkpoint: Path) -> None:
@@ -193,6 +247,7 @@ def _find_thresholds(args, image_set, out: Path, checkpoint: Path) -> None:
     from .finder import find_thresholds
     from .images import SkippedImagesWarning
 
+    _limits(args)  # checked before the model loads
     model, processor = _open(args.model, args.processor)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SkippedImagesWarning)  # the full list is printed below
@@ -200,6 +255,7 @@ def _find_thresholds(args, image_set, out: Path, checkpoint: Path) -> None:
             model, image_set, target_tokens=args.target_tokens, schedule=args.schedule, batch_size=args.batch_size,
             processor=processor, checkpoint=checkpoint, resume=args.resume,
             measure=args.measure, num_workers=args.workers,
+            max_pixels=args.max_pixels, max_aspect_ratio=args.max_aspect_ratio,
         )
     import torch.distributed as dist
 
@@ -210,7 +266,7 @@ def _find_thresholds(args, image_set, out: Path, checkpoint: Path) -> None:
             return
     result.save(out)
     _report_skipped(result.images["skipped"])
-    print(f"search: {result.timing.summary()} ({args.workers} workers)", file=sys.stderr)
+    print(f"search: {result.timing.summary()} ({plural(args.workers, 'worker')})", file=sys.stderr)
     shown = ", ".join("never" if math.isinf(v) else f"{v:.4f}" for v in result.values)
     print(f"thresholds per layer: {shown}")
     print(f"wrote {out}: {result.describe()}")
@@ -249,6 +305,7 @@ def cmd_encode(args) -> None:
 
     viz_dir = _out_folder(args.viz, "--viz")
     image_set = _image_set(args)
+    _limits(args)  # checked before the model loads
     merging, _ = _encoder_merging(args)
     if not merging:
         raise DymuError(f"no thresholds: pass --thresholds FILE or --merge SPEC, or store thresholds in {args.model} with `dymu enable`")
@@ -289,7 +346,7 @@ def _encode(args, image_set, merging: dict, out: Path | None, viz_dir: Path | No
     skipped = list(image_set.skipped) + [row for row in written if "tokens" not in row]
     figures = []
     viz_names = _viz_names(image_set.paths)
-    dataset = ImageBatches(image_set.paths, args.batch_size, processor)
+    dataset = ImageBatches(image_set.paths, args.batch_size, processor, limits=_limits(args))
     todo, partial = remaining_batches(image_set.paths, args.batch_size, [row["image"] for row in written])
     if resumed:
         print(f"resuming {out}: {len(written)} image(s) done, {len(todo)} batch(es) to go", file=sys.stderr)
@@ -317,6 +374,8 @@ def _encode(args, image_set, merging: dict, out: Path | None, viz_dir: Path | No
             for failure in batch.failures:
                 if _still_missing(missing, failure["image"]):
                     skipped.append(failure)
+                    if to_stdout:  # the same line --out writes
+                        print(json.dumps(failure), flush=True)
                     if sink is not None:
                         sink.write(failure)
             bar.update(batch.size)
@@ -338,22 +397,30 @@ def _encode(args, image_set, merging: dict, out: Path | None, viz_dir: Path | No
     if not args.json and out is None:
         _print_table(rows)
     if not to_stdout:
-        print(f"mean {counts.mean():.1f} ± {counts.std(unbiased=False):.1f} tokens over {len(rows)} images "
+        print(f"mean {counts.mean():.1f} ± {counts.std(unbiased=False):.1f} tokens over {plural(len(rows), 'image')} "
               f"({100 * counts.mean() / rows[0]['patches']:.1f}% of {rows[0]['patches']} patches)")
     if out is not None:
         print(f"wrote {out}: a header line, then a JSON line per image ({len(rows)} encoded, "
               f"{len(skipped) - len(image_set.skipped)} unreadable)", file=sys.stderr)
     if viz_dir:
         print(f"merge maps: {viz_dir}/", file=sys.stderr)
-    print(f"encode: {clock.summary()} ({args.workers} workers)", file=sys.stderr)
+    print(f"encode: {clock.summary()} ({plural(args.workers, 'worker')})", file=sys.stderr)
     _report_skipped(skipped)
 
 
+def _common_folder(paths: list[str]) -> str:
+    """The deepest folder holding every one of ``paths`` (absolute)."""
+    return os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+
+
 def _print_table(rows: list[dict]) -> None:
-    width = max(12, *(len(Path(r["image"]).name) for r in rows))
+    """Rows named by their path from the images' common folder: two x.jpg of a/ and b/ show as a/x.jpg, b/x.jpg."""
+    root = _common_folder([r["image"] for r in rows])
+    names = [os.path.relpath(os.path.abspath(r["image"]), root) for r in rows]
+    width = max(12, *map(len, names))
     print(f"{'image':<{width}}  {'tokens':>6}  {'patches':>7}  {'kept':>6}")
-    for r in rows:
-        print(f"{Path(r['image']).name:<{width}}  {r['tokens']:>6}  {r['patches']:>7}  {100 * r['tokens'] / r['patches']:>5.1f}%")
+    for name, r in zip(names, rows):
+        print(f"{name:<{width}}  {r['tokens']:>6}  {r['patches']:>7}  {100 * r['tokens'] / r['patches']:>5.1f}%")
 
 
 def _viz_names(paths: list[str]) -> dict[str, str]:
@@ -362,7 +429,7 @@ def _viz_names(paths: list[str]) -> dict[str, str]:
     numbered if that clashes too. No image takes the overview's name."""
     paths = list(dict.fromkeys(paths))
     clashes = Counter(Path(p).stem.lower() for p in paths) + Counter([OVERVIEW])
-    root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+    root = _common_folder(paths)
     names, used = {}, {OVERVIEW}
     for path in paths:
         name = base = Path(path).stem
@@ -397,7 +464,8 @@ def cmd_import_thresholds(args) -> None:
     print(f"wrote {args.out}: {result.describe()} ({result.model.get('model_type')}, {len(result)} layers)")
 
 
-def _run_generate(model, processor, images, text, max_new_tokens: int) -> dict:
+def _run_generate(model, processor, images, text, max_new_tokens: int, model_name: str = "the model") -> dict:
+    import statistics
     import time
 
     import torch
@@ -417,15 +485,22 @@ def _run_generate(model, processor, images, text, max_new_tokens: int) -> dict:
             return scores
 
     inputs = model_inputs(model, processor, images, [text])  # compact inputs when the model is in compact mode
-    clock = FirstStep()
-    start = time.perf_counter()
+    _check_context(model_name, getattr(model.config.get_text_config(), "max_position_embeddings", None), max_new_tokens,
+                   inputs["input_ids"].shape[1])
+    timings = []  # (prefill, decode) seconds of the timed runs
     with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                logits_processor=LogitsProcessorList([clock]))
-    end = time.perf_counter()
+        for run in range(GENERATE_WARMUPS + GENERATE_REPEATS):
+            clock = FirstStep()
+            start = time.perf_counter()
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                    logits_processor=LogitsProcessorList([clock]))
+            end = time.perf_counter()
+            if run >= GENERATE_WARMUPS:
+                timings.append((clock.first - start, end - clock.first))
     new_tokens = output[0, inputs["input_ids"].shape[1]:]
-    return {"answer": processor.decode(new_tokens, skip_special_tokens=True).strip(), "prefill": clock.first - start,
-            "decode": end - clock.first, "new_tokens": len(new_tokens), "prompt_length": inputs["input_ids"].shape[1]}
+    return {"answer": processor.decode(new_tokens, skip_special_tokens=True).strip(),
+            "prefill": statistics.median(t[0] for t in timings), "decode": statistics.median(t[1] for t in timings),
+            "new_tokens": len(new_tokens), "prompt_length": inputs["input_ids"].shape[1]}
 
 
 def _prefill_report(model, prompt_length: int, vtu: str) -> str:
@@ -451,7 +526,8 @@ def cmd_generate(args) -> None:
 
     parse_prune(args.prune)  # a bad spec fails before any loading
     merging, vtu = _encoder_merging(args)
-    images = [open_image(path) for path in args.image]
+    _check_context(args.model, _text_context(args.model), args.max_new_tokens)
+    images = [open_image(path, _limits(args)) for path in args.image]
     model = load_model(args.model)
     if not (is_vlm(model) and supports_language_side(model)):
         raise DymuError(f"{args.model} is a {type(model).__name__}: dymu generate needs a LLaVA-1.5 checkpoint "
@@ -463,7 +539,7 @@ def cmd_generate(args) -> None:
     runs = []
     if reduced:
         api.apply(model, **merging, vtu=vtu, prune=args.prune)
-        merged = _run_generate(model, processor, images, text, args.max_new_tokens)
+        merged = _run_generate(model, processor, images, text, args.max_new_tokens, args.model)
         merged["tokens"] = get_vlm_patch(model).state.last_encoding.num_tokens
         merged["report"] = _prefill_report(model, merged["prompt_length"], vtu)
         if args.show_plan:
@@ -476,7 +552,7 @@ def cmd_generate(args) -> None:
         runs.append((" + ".join(method + [args.prune] * (args.prune is not None)), merged))
         api.remove(model)
     if not reduced or args.compare:
-        runs.append(("unmerged", _run_generate(model, processor, images, text, args.max_new_tokens)))
+        runs.append(("unmerged", _run_generate(model, processor, images, text, args.max_new_tokens, args.model)))
     from .vision import tower_info
 
     patches = tower_info(model).num_patches
@@ -485,9 +561,12 @@ def cmd_generate(args) -> None:
         counts = run.get("tokens", [patches] * len(images))
         per_image = ", ".join(f"{Path(p).name}: {n}/{patches}" for p, n in zip(args.image, counts))
         print(f"  visual tokens {per_image}; prefill {run['prefill'] * 1000:.0f} ms, decode {run['decode'] * 1000:.0f} ms "
-              f"for {run['new_tokens']} tokens")
+              f"for {run['new_tokens']} tokens (median of {GENERATE_REPEATS} runs after {plural(GENERATE_WARMUPS, 'warm-up')})")
         if "report" in run:
             print(run["report"])
+    if reduced and max(run["prefill"] for _, run in runs) < SMALL_PREFILL_SECONDS:
+        print(f"note: the prefill takes under {SMALL_PREFILL_SECONDS * 1000:.0f} ms on this model: fixed per-call costs "
+              "dominate, so the times do not show the saving (the FLOPs line does); a full-size model shows it")
     if not reduced:
         print("(no merging: pass --thresholds FILE or --merge SPEC (or enable thresholds with `dymu enable`), or --prune SPEC)",
               file=sys.stderr)
@@ -500,11 +579,11 @@ def cmd_calibrate_vtw(args) -> None:
     from .models import load_model, load_processor
 
     merging, vtu = _encoder_merging(args)
-    image_set = collect_images(args.images, args.image_root)
+    image_set = collect_images(args.images, args.image_root, args.allow_outside_root)
     out = _out_file(args.out, args.overwrite, [*image_set.paths, *_model_files(args),
                                                getattr(merging.get("thresholds"), "path", None)])
     with _lock(out):  # held from the start: a second run on the same --out fails before its work
-        images, skipped = load_images(image_set.paths[: args.limit])
+        images, skipped = load_images(image_set.paths[: args.limit], _limits(args))
         _report_skipped(image_set.skipped + skipped)
         model = load_model(args.model)
         processor = load_processor(args.model, full=True)
@@ -576,17 +655,29 @@ def _print_flops_table(rows: dict) -> None:
         print(f"{label:<{width}}  " + "  ".join(f"{cell:>{w}}" for cell, w in zip(cells, FLOPS_WIDTHS)))
 
 
+def _flops_config(name: str):
+    """dymu flops: the config of a checkpoint folder or hub id, or of a LLaVA preset (``dymu make-model``'s names)
+    when no folder of that name exists."""
+    from .models import LLAVA_PRESETS, llava_preset_config, load_config
+
+    if name in LLAVA_PRESETS and not Path(name).exists():
+        from .tokenizer import build_tokenizer
+
+        return llava_preset_config(name, build_tokenizer())
+    return load_config(name)[1]
+
+
 def cmd_flops(args) -> None:
     from . import flops as F
     from .llava import cls_tokens, placeholders_per_image
     from .methods import parse_prune
-    from .models import load_config, settings_from_config
+    from .models import settings_from_config
     from .vision import config_tower_info
 
     prune = parse_prune(args.prune)
     if args.prompt_tokens < 0 or args.new_tokens < 1:
         raise DymuError(f"--prompt-tokens must be >= 0 and --new-tokens >= 1, got {args.prompt_tokens} and {args.new_tokens}")
-    _, config = load_config(args.model)
+    config = _flops_config(args.model)
     if config.model_type != "llava":
         raise DymuError(f"{args.model}: dymu flops needs a LLaVA-1.5 config (model_type 'llava'), got {config.model_type!r}")
     info = config_tower_info(config)
@@ -717,12 +808,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thresholds", help="thresholds file (default: the checkpoint's \"dymu\" config section)")
     _add_merge(p)
     p.add_argument("--vtu", choices=["fast", "exact", "none"], help="virtual token unmerging mode (default: fast)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer, in tokens (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=32,
+                   help="longest answer, in tokens, at least 1 and within the model's context (default: %(default)s)")
     p.add_argument("--prune", metavar="SPEC", help=f"prune image tokens in the language model: {PRUNE_HELP} (default: none)")
     p.add_argument("--compare", action="store_true", help="also run the unmerged model and print both answers")
     p.add_argument("--show-plan", action="store_true",
                    help="print the language model's token plan of the prefill: per layer and row, positions per segment, "
                         "KV-cache length, VTU unique tokens, layers whose attention a policy read")
+    _add_limits(p)
     p.set_defaults(func=cmd_generate)
 
     from .calibrate import DEFAULT_FIRST_LAYER, DEFAULT_KL_THRESHOLD, DEFAULT_PROMPT, DEFAULT_SAMPLES
@@ -745,7 +838,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_calibrate_vtw)
 
     p = sub.add_parser("flops", help="FLOPs and KV cache of a LLaVA plan (merging, VTU, pruning) vs unmerged, from the config alone")
-    p.add_argument("model", help="local LLaVA checkpoint folder or hub id (only its config is read)")
+    p.add_argument("model", help="local LLaVA checkpoint folder, hub id (only its config is read), or a LLaVA preset name: "
+                   "llava-1.5-7b, tiny-llava")
     p.add_argument("--thresholds", help="thresholds file whose measured mean tokens per image to count (default: the "
                    "checkpoint's \"dymu\" config section, else unmerged)")
     p.add_argument("--image-tokens", type=int, metavar="N", help="visual tokens per image instead, merged on a constant schedule (default: none)")

@@ -146,6 +146,8 @@ def run_demo(out_dir: Path, model_dir: Path | None = None, scenes: int | None = 
     print("=" * 78)
     print("dymu demo: DToMe + virtual token unmerging on a small LLaVA trained here (assets/toy-llava)")
     print("=" * 78)
+    for line in _glossary(E.DYMU_LEVELS):
+        print(line)
     model, processor = E.load(model_dir)
     patches = model.config.image_seq_length
     vision, text = model.config.vision_config, model.config.text_config
@@ -161,7 +163,7 @@ def run_demo(out_dir: Path, model_dir: Path | None = None, scenes: int | None = 
     answers, ended, tokens, encodings, descriptions = {}, {}, {}, {}, {}
     shown = _pick_shown(records)
     shown_pixels = processor.image_processor(images=[images[i] for i in shown], return_tensors="pt")["pixel_values"]
-    described = _describe_records(shown, scenes, E.image_size_of(processor))
+    described, corpus = _describe_records(shown, scenes, E.image_size_of(processor))
     for name, level in settings:
         if level:
             api.apply(model, thresholds[level], vtu="fast")
@@ -189,13 +191,16 @@ def run_demo(out_dir: Path, model_dir: Path | None = None, scenes: int | None = 
             print(f"    {record['question']:<58} {got:<24} (truth: {record['answer']})")
 
     print(f"[3/5] the same scenes described (greedy, at most {MAX_DESCRIPTION_TOKENS} tokens) beside the first of "
-          "their five references:")
+          "their five references, with each description's CIDEr-D against all five (a description that gets the scene "
+          f"wrong scores low; document frequencies from the references of the {len(corpus)} test scenes):")
+    scores = {name: _scene_cider(descriptions[name][0], described, corpus) for name, _ in settings}
     for k, record in enumerate(described):
         print(f"  {record['image']} ({record['background']}), asked {record['question']!r}:")
-        print(f"    {'reference':<14}{record['references'][0]}")
+        print(f"    {'reference':<14}{'':<13}{record['references'][0]}")
         for name, _ in settings:
             text, done = descriptions[name][0][k], descriptions[name][1][k]
-            print(f"    {name:<14}{text.strip() or '-'}{'' if done else f' [no </s> within {MAX_DESCRIPTION_TOKENS} tokens]'}")
+            print(f"    {name:<14}CIDEr-D {scores[name][k]:5.2f} {text.strip() or '-'}"
+                  f"{'' if done else f' [no </s> within {MAX_DESCRIPTION_TOKENS} tokens]'}")
 
     print(f"[4/5] accuracy on {len(records)} test questions ({scenes} scenes), VTU on:")
     for name, level in settings:
@@ -277,12 +282,39 @@ def self_check(model, processor, records, images, answers: dict, ended: dict, ne
             "end with </s>")
 
 
-def _describe_records(shown: list[str], scenes: int, image_size: int) -> list[dict]:
-    """The describe records (``toyvlm.evaluate.describe_records``) of the ``shown`` test images, in their order."""
+def _glossary(levels: dict) -> list[str]:
+    """One line each for the terms the demo prints (``levels``: toyvlm.evaluate.DYMU_LEVELS, share of the patches)."""
+    shares = " / ".join(f"{100 * share:.0f}%" for share in levels.values())
+    return [
+        "DToMe: each vision-encoder layer merges tokens more similar than a threshold learned from images, so plain "
+        "images keep few tokens and busy ones many.",
+        "VTU: the language model treats each merged token as the tokens it replaced (same positions), so it runs "
+        "unchanged on fewer distinct tokens.",
+        f"{' / '.join(levels)}: DyMU's token levels, thresholds aimed at {shares} of the image's patches on average "
+        "(the targets reachable here are shown below).",
+    ]
+
+
+def _scene_cider(texts: list[str], described: list[dict], corpus: list[dict]) -> list[float]:
+    """CIDEr-D of each description of the ``described`` records against its scene's references, with the document
+    frequencies of all the ``corpus`` records' references (a scene's score depends only on its own candidate, so
+    the other scenes stand in with their first reference)."""
+    from toyvlm.cider import cider_d
+
+    candidates = {record["image"]: record["references"][0] for record in corpus}
+    candidates.update((record["image"], text) for record, text in zip(described, texts))
+    per_scene = cider_d(candidates, {record["image"]: record["references"] for record in corpus})[1]
+    return [per_scene[record["image"]] for record in described]
+
+
+def _describe_records(shown: list[str], scenes: int, image_size: int) -> tuple[list[dict], list[dict]]:
+    """The describe records (``toyvlm.evaluate.describe_records``) of the ``shown`` test images, in their order, and
+    those of all ``scenes`` test scenes."""
     from toyvlm import evaluate as E
 
-    by_image = {record["image"]: record for record in E.describe_records(scenes, image_size=image_size)[0]}
-    return [by_image[image_id] for image_id in shown]
+    corpus = E.describe_records(scenes, image_size=image_size)[0]
+    by_image = {record["image"]: record for record in corpus}
+    return [by_image[image_id] for image_id in shown], corpus
 
 
 def _pick_shown(records) -> list[str]:

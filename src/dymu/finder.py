@@ -31,8 +31,9 @@ import torch
 
 from . import merge as M
 from .api import run_encoder, _check_pixels
-from .images import ImageSet, SkippedImagesWarning, collect_images, summarize_failures
 from .files import Lock, fingerprint_mismatch, list_fingerprint, model_fingerprint
+from .images import (DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_PIXELS, ImageLimits, ImageSet, SkippedImagesWarning,
+                     collect_images, summarize_failures)
 from .journal import Appender, read_journal, remove
 from .loader import ImageBatches, LoadClock, load_batches, on_gpu
 from .thresholds import Thresholds
@@ -147,8 +148,10 @@ class _Checkpoint:
         header, rows = read_journal(self.path, "cannot resume: checkpoint", self._check_header)
         statistics, skipped = {}, []
         for number, row in enumerate(rows, start=2):
-            if not isinstance(row.get("batch"), int) or not isinstance(row.get("skipped"), list):
-                raise DymuError(f"cannot resume: checkpoint {self.path} line {number} is not a batch record; delete it to start over")
+            problem = self._batch_problem(row)
+            if problem is not None:
+                raise DymuError(f"cannot resume: checkpoint {self.path} line {number} is not a batch record ({problem}); "
+                                "delete it to start over")
             statistics[str(row["batch"])] = row.get("statistics")
             skipped += row["skipped"]
         return statistics, skipped
@@ -169,6 +172,19 @@ class _Checkpoint:
             else:
                 what = f"it was made with {key}={stored.get(key)!r}, this run has {key}={value!r}"
             raise DymuError(f"cannot resume from {self.path}: {what}")
+    def _batch_problem(self, row: dict) -> str | None:
+        """What is wrong with a batch line of this checkpoint, None when nothing is."""
+        layers = self.config["identity"]["num_layers"]
+        statistics = row.get("statistics")
+        if not isinstance(row.get("batch"), int) or isinstance(row.get("batch"), bool):
+            return "\"batch\" must be a whole number"
+        if statistics is not None and not (isinstance(statistics, list) and len(statistics) == layers and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in statistics)):
+            return f"\"statistics\" must be null or a list of {layers} numbers"
+        if not isinstance(row.get("skipped"), list) or not all(
+                isinstance(s, dict) and isinstance(s.get("image"), str) and isinstance(s.get("error"), str) for s in row["skipped"]):
+            return "\"skipped\" must be a list of {\"image\", \"error\"} objects"
+        return None
 
     def open(self, fresh: bool) -> None:
         """Start writing: a new file with its header (fresh), else appending to the loaded one."""
@@ -225,6 +241,8 @@ def find_thresholds(
     measure: int = DEFAULT_MEASURE_IMAGES,
     on_batch: Callable[[int], None] | None = None,
     num_workers: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
 ) -> Thresholds:
     """Learn per-layer thresholds so that the images merge to about ``target_tokens`` tokens on average.
 
@@ -241,10 +259,13 @@ def find_thresholds(
     num_workers: processes decoding images while the model runs (None: ``dymu.loader.default_workers()``, 0: in
     this process); the thresholds are the same whatever the number. The result's ``timing`` (a
     ``dymu.loader.LoadClock``, not saved) tells how long the search waited for data and ran the model.
+    max_pixels, max_aspect_ratio: images beyond these (``dymu.images.ImageLimits``, checked from the file's header
+    before decoding) are skipped like unreadable ones, so that one huge or extreme image cannot exhaust memory.
     """
     info = tower_info(model)
     if batch_size < 1:
         raise DymuError(f"--batch-size must be >= 1, got {batch_size}")
+    limits = ImageLimits(max_pixels, max_aspect_ratio)
     budgets = budgets_for(info, target_tokens, schedule)
     is_tensor = isinstance(images, torch.Tensor)
     unlisted: list[dict] = []  # manifest entries that named no image
@@ -265,7 +286,7 @@ def find_thresholds(
     ckpt = _Checkpoint(None if checkpoint is None else checkpoint_file(checkpoint, rank, world), config)
     with ckpt.locked(resume):
         done = ckpt.load() if resume else None
-        dataset = ImageBatches(pixels if is_tensor else images, batch_size, processor, names=names)
+        dataset = ImageBatches(pixels if is_tensor else images, batch_size, processor, names=names, limits=limits)
         mine = [k for k in range(num_batches) if k % world == rank]
         statistics, skipped, clock = _search(model, info, dataset, mine, budgets, ckpt, done, num_workers,
                                              progress and rank == 0, on_batch)
@@ -295,7 +316,8 @@ def find_thresholds(
         if measure and rank == 0:
             subset = pixels[:measure] if is_tensor else list(itertools.islice((im for im, n in zip(images, names) if n not in failed), measure))
             result.achieved_tokens = measure_tokens(model, subset, result, processor=processor, batch_size=batch_size,
-                                                    progress=progress, num_workers=num_workers)
+                                                    progress=progress, num_workers=num_workers, max_pixels=max_pixels,
+                                                    max_aspect_ratio=max_aspect_ratio)
         ckpt.delete()
         return result
 
@@ -361,9 +383,11 @@ def _gather(statistics: dict, skipped: list, world: int):
 
 
 def measure_tokens(model, images, thresholds: Thresholds, processor=None, batch_size: int = 32, progress: bool = False,
-                   num_workers: int | None = None) -> dict:
+                   num_workers: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                   max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO) -> dict:
     """Encode images (a list of files / PIL images, or a pixel tensor) with the thresholds; mean / std of the token
-    counts (CLS not counted). The model keeps its own merging settings."""
+    counts (CLS not counted; images beyond max_pixels / max_aspect_ratio skipped). The model keeps its own merging
+    settings."""
     from tqdm.auto import tqdm
 
     from .api import _temporarily_patched, encode
@@ -371,7 +395,7 @@ def measure_tokens(model, images, thresholds: Thresholds, processor=None, batch_
     info = tower_info(model)
     thresholds.check(info.identity())
     counts: list[int] = []
-    dataset = ImageBatches(images, batch_size, processor)
+    dataset = ImageBatches(images, batch_size, processor, limits=ImageLimits(max_pixels, max_aspect_ratio))
     batches = load_batches(dataset, list(range(len(dataset))), num_workers, pin_memory=on_gpu(info.tower))
     bar = tqdm(LoadClock().batches(batches), total=len(dataset), desc="measuring tokens", unit="batch", disable=not progress)
     with _temporarily_patched(model) as patch, patch.state.using(thresholds.values), bar:  # the model's own settings come back

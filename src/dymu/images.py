@@ -7,15 +7,21 @@ run is going (cannot be decoded) are returned as failures so long runs skip and 
 
 from __future__ import annotations
 
-import json
+import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .jsonfile import read_json
 from .vision import DymuError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
-#: 16-bit grey levels per 8-bit level (65535 / 255)
-LEVELS_16_TO_8 = 257
+#: images with more pixels are skipped unless the limit is raised: PIL's own decompression-bomb warning size
+#: (Image.MAX_IMAGE_PIXELS, 89.5 megapixels: 268 MB decoded as RGB)
+DEFAULT_MAX_PIXELS = 89_478_485
+#: images whose longest side is more than this many times their shortest are skipped unless the limit is raised (a
+#: 1x20000 PNG of 162 bytes becomes 336x6720000 pixels, 27 GB as floats, once a CLIP processor resizes its short side)
+DEFAULT_MAX_ASPECT_RATIO = 20.0
 #: failures quoted in a one-line summary
 REASONS_SHOWN = 3
 
@@ -34,11 +40,11 @@ class ImageSet:
     skipped: list[dict]  # manifest entries that named no image: {"image": ..., "error": ...}
 
 
-def _manifest(path: Path, image_root: Path | None) -> tuple[list[str], list[dict]]:
+def _manifest(path: Path, image_root: Path | None, allow_outside_root: bool = False) -> tuple[list[str], list[dict]]:
     try:
-        entries = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ImageError(f"{path}: not a valid JSON manifest ({exc})") from None
+        entries = read_json(path, "manifest")
+    except DymuError as exc:
+        raise ImageError(str(exc)) from None
     if not isinstance(entries, list):
         raise ImageError(f"{path}: a manifest must be a JSON list of {{\"image\": \"relative/path\"}} objects")
     root = image_root if image_root is not None else path.parent
@@ -47,13 +53,45 @@ def _manifest(path: Path, image_root: Path | None) -> tuple[list[str], list[dict
         if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
             skipped.append({"image": f"{path}[{i}]", "error": "entry has no \"image\" path"})
             continue
-        paths.append(str(root / entry["image"]))
+        image = root / entry["image"]
+        if not allow_outside_root and not _inside(image, root):
+            skipped.append({"image": entry["image"], "error": f"{path}[{i}]: {entry['image']!r} is outside the image root "
+                            f"{root} (pass --allow-outside-root, allow_outside_root=True, to read it)"})
+            continue
+        paths.append(str(image))
     return paths, skipped
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether ``path`` names a file under ``root`` as written (``..`` resolved, symlinks not followed: a link the
+    user put in the image folder is theirs)."""
+    root = os.path.abspath(root)
+    return os.path.commonpath([root, os.path.abspath(path)]) == root
+
+
+def _walk(folder: Path) -> list[str]:
+    """Image files under ``folder``, recursively and sorted, symlinked sub-folders included; each real folder is
+    walked once, so a link back to a parent cannot loop."""
+    seen, found = set(), []
+    for parent, folders, files in os.walk(folder, followlinks=True):
+        status = os.stat(parent)
+        if (status.st_dev, status.st_ino) in seen:
+            folders[:] = []
+            continue
+        seen.add((status.st_dev, status.st_ino))
+        found += [os.path.join(parent, name) for name in files
+                  if Path(name).suffix.lower() in IMAGE_EXTENSIONS and os.path.isfile(os.path.join(parent, name))]
+    return sorted(found)
 
 
 def failure_line(entry: dict) -> str:
     """One skipped image, {"image": ..., "error": ...}, as a line that names it once."""
     return entry["error"] if entry["image"] in entry["error"] else f"{entry['image']}: {entry['error']}"
+
+
+def plural(count: int, noun: str) -> str:
+    """"1 image", "2 images"."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def summarize_failures(failures: list[dict]) -> str:
@@ -63,8 +101,10 @@ def summarize_failures(failures: list[dict]) -> str:
     return text + (f"; and {more} more" if more > 0 else "")
 
 
-def collect_images(inputs, image_root=None) -> ImageSet:
-    """Expand folders (recursively, sorted) and manifests into a list of image paths."""
+def collect_images(inputs, image_root=None, allow_outside_root: bool = False) -> ImageSet:
+    """Expand folders (recursively, sorted, symlinked sub-folders included) and manifests into a list of image paths.
+    A manifest entry outside the image root (``../``, an absolute path elsewhere) is skipped with the reason unless
+    ``allow_outside_root``."""
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
     root = Path(image_root) if image_root is not None else None
@@ -75,14 +115,14 @@ def collect_images(inputs, image_root=None) -> ImageSet:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            found = _walk(path)
             if not found:
                 raise ImageError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in folder {path}")
             paths += found
         elif path.suffix.lower() == ".json":
             if not path.is_file():
                 raise ImageError(f"manifest not found: {path}")
-            found, bad = _manifest(path, root)
+            found, bad = _manifest(path, root, allow_outside_root)
             paths += found
             skipped += bad
         elif not path.exists():
@@ -97,58 +137,127 @@ def collect_images(inputs, image_root=None) -> ImageSet:
 
 
 def to_rgb(image):
-    """RGB copy of a PIL image. Integer grey ("I;16", "I": 16-bit PNG/TIFF) is scaled to 8 bits first, where
-    Pillow's own conversion clips every level above 255 to white."""
+    """RGB copy of a PIL image as Hugging Face image processors make it (``convert_to_rgb``): transparent pixels
+    (an alpha band, or a palette / grey image's ``transparency``) composited onto white, other modes converted by
+    Pillow. Only used for processors that do not convert themselves (``do_convert_rgb`` off)."""
     from PIL import Image
 
-    if image.mode.startswith("I"):
-        import numpy as np
-
-        grey = np.rint(np.asarray(image, dtype=np.float64) / LEVELS_16_TO_8)
-        image = Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8))
+    if image.mode == "RGB":
+        return image
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return image.convert("RGB")
 
 
-def open_image(path):
-    """Decode an image file to RGB, or raise ImageError naming the file."""
+def for_processor(image, processor):
+    """``image`` as ``processor`` gets it: unchanged when the processor converts to RGB itself (what
+    ``processor(images=PIL.Image.open(path))`` sees, transparency and all), else made RGB as it would."""
+    image_processor = getattr(processor, "image_processor", processor)
+    return image if getattr(image_processor, "do_convert_rgb", False) else to_rgb(image)
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Images larger than this are skipped (reported with the reason) before they are decoded.
+
+    max_pixels: width x height, read from the file's header. max_aspect_ratio: longest / shortest side: processors
+    resize the short side to the model's input size, so the long side (and memory) grows with the ratio.
+    """
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO
+
+    def __post_init__(self):
+        if isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int) or self.max_pixels < 1:
+            raise ImageError(f"--max-pixels must be a whole number >= 1, got {self.max_pixels!r}")
+        if not isinstance(self.max_aspect_ratio, (int, float)) or not self.max_aspect_ratio >= 1:
+            raise ImageError(f"--max-aspect-ratio must be a number >= 1, got {self.max_aspect_ratio!r}")
+
+    def problem(self, size: tuple[int, int]) -> str | None:
+        """Why an image of ``size`` (width, height) is refused, None when it is within the limits."""
+        width, height = size
+        if width * height > self.max_pixels:
+            return (f"{width}x{height} is {width * height:,} pixels, more than the limit of {self.max_pixels:,} "
+                    "(--max-pixels, max_pixels=)")
+        if min(width, height) < 1:
+            return f"{width}x{height} has no pixels"
+        if max(width, height) / min(width, height) > self.max_aspect_ratio:
+            return (f"{width}x{height} has aspect ratio {max(width, height) / min(width, height):.1f}, more than the limit "
+                    f"of {self.max_aspect_ratio:g} (--max-aspect-ratio, max_aspect_ratio=)")
+        return None
+
+
+@contextlib.contextmanager
+def _own_size_check():
+    """PIL's decompression-bomb guard (an error above twice ``Image.MAX_IMAGE_PIXELS``) off while a file is opened:
+    ImageLimits replaces it, with a limit the user can change."""
+    from PIL import Image
+
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def open_image(path, limits: ImageLimits = ImageLimits()):
+    """Decode an image file, or raise ImageError naming the file. The image keeps its mode (the processor converts
+    it, as in the user's own pipeline); its size is checked against ``limits`` from the header, before decoding."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        with _own_size_check(), Image.open(path) as image:
+            problem = limits.problem(image.size)
+            if problem is not None:
+                raise ImageError(f"cannot read image {path}: {problem}")
             image.load()
-            return to_rgb(image)
+            return image
+    except ImageError:
+        raise
     except FileNotFoundError:
         raise ImageError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ImageError(f"cannot read image {path}: {reason}") from None
 
 
-def load_images(items) -> tuple[list, list[dict]]:
-    """Decode image files (PIL images pass through, made RGB). Returns (images, failures with their reasons)."""
+def load_images(items, limits: ImageLimits = ImageLimits()) -> tuple[list, list[dict]]:
+    """Decode image files (PIL images pass through). Returns (images in their own modes, failures with their reasons):
+    an image outside ``limits`` is a failure."""
     from PIL import Image
 
     images, failures = [], []
-    for item in items:
-        if isinstance(item, Image.Image):
-            images.append(to_rgb(item))
-            continue
+    for index, item in enumerate(items):
         try:
-            images.append(open_image(item))
+            if isinstance(item, Image.Image):
+                problem = limits.problem(item.size)
+                if problem is not None:
+                    raise ImageError(f"{_name(item, index)}: {problem}")
+                images.append(item)
+            else:
+                images.append(open_image(item, limits))
         except ImageError as exc:
-            failures.append({"image": str(item), "error": str(exc)})
+            failures.append({"image": _name(item, index), "error": str(exc)})
     return images, failures
 
 
-def load_batch(items, processor):
-    """Decode and preprocess. Returns (pixel_values or None, names of the images used, failures)."""
+def _name(item, index: int) -> str:
+    """A path as given; an in-memory PIL image by its file name, else its position."""
     from PIL import Image
 
-    images, failures = load_images(items)
+    if isinstance(item, Image.Image):
+        return getattr(item, "filename", "") or f"<image {index}>"
+    return str(item)
+
+
+def load_batch(items, processor, limits: ImageLimits = ImageLimits()):
+    """Decode and preprocess. Returns (pixel_values or None, names of the images used, failures)."""
+    images, failures = load_images(items, limits)
     failed = {f["image"] for f in failures}
-    names = [getattr(item, "filename", "") or f"<image {i}>" if isinstance(item, Image.Image) else str(item)
-             for i, item in enumerate(items) if isinstance(item, Image.Image) or str(item) not in failed]
+    names = [_name(item, i) for i, item in enumerate(items) if _name(item, i) not in failed]
     if not images:
         return None, names, failures
-    pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
+    pixel_values = processor(images=[for_processor(image, processor) for image in images], return_tensors="pt")["pixel_values"]
     return pixel_values, names, failures

@@ -22,7 +22,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from .images import load_batch
+from .images import ImageLimits, load_batch, plural
 from .vision import DymuError
 
 #: most workers chosen by default: beyond this decoding outpaces any encoder we run, and each worker holds
@@ -69,11 +69,13 @@ class Batch:
 class ImageBatches(torch.utils.data.Dataset):
     """Batches of B images: image files and PIL images decoded with ``processor``, or slices of a pixel tensor."""
 
-    def __init__(self, items, batch_size: int, processor=None, names: list[str] | None = None):
+    def __init__(self, items, batch_size: int, processor=None, names: list[str] | None = None,
+                 limits: ImageLimits = ImageLimits()):
         self.items = items  # a list of paths / PIL images, or a (N, 3, H, W) tensor
         self.batch_size = batch_size
         self.processor = processor
         self.names = names
+        self.limits = limits  # larger images are skipped as unreadable
 
     def __len__(self) -> int:
         return math.ceil(len(self.items) / self.batch_size)
@@ -87,7 +89,7 @@ class ImageBatches(torch.utils.data.Dataset):
         if isinstance(self.items, torch.Tensor):
             return Batch(index, size, self.items[chunk], list(self.names[chunk]) if self.names else [])
         try:
-            pixel_values, names, failures = load_batch(self.items[chunk], self.processor)
+            pixel_values, names, failures = load_batch(self.items[chunk], self.processor, self.limits)
         except Exception as exc:  # noqa: BLE001 - a worker's traceback would hide the one-line message
             return Batch(index, size, None, [], error=exc)
         return Batch(index, size, pixel_values, names, failures)
@@ -137,7 +139,7 @@ class LoadClock:
         total = self.waiting + self.running
         rate = self.images / total if total > 0 else math.nan
         share = (lambda t: 100 * t / total) if total > 0 else (lambda t: math.nan)
-        return (f"{self.images} images in {total:.1f} s ({rate:.1f} images/s): waiting for data {self.waiting:.1f} s "
+        return (f"{plural(self.images, 'image')} in {total:.1f} s ({rate:.1f} images/s): waiting for data {self.waiting:.1f} s "
                 f"({share(self.waiting):.0f}%), model {self.running:.1f} s ({share(self.running):.0f}%)")
 
 

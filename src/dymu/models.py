@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -187,6 +188,7 @@ def make_model(name: str, out_dir, seed: int = 0, layers: int | None = None, dty
                 f"# Random-weight {name} checkpoint (dymu make-model, seed {seed})\n\n"
                 "Weights are random: merge behaviour and speed are representative, features are not.\n"
             )
+            _same_mode_as(build, build / "README.md")
     return out
 
 
@@ -239,6 +241,15 @@ def _swap(build: Path, out: Path) -> None:
         shutil.rmtree(old)
 
 
+def _same_mode_as(folder: Path, reference: Path) -> None:
+    """Give every file of ``folder`` the permissions of ``reference`` (a file written the ordinary way, so the user's
+    umask applies): safetensors writes its weights 0600, where the user's other files are, e.g., 0644."""
+    mode = reference.stat().st_mode & 0o777
+    for path in folder.iterdir():
+        if path.is_file() and path.stat().st_mode & 0o777 != mode:
+            path.chmod(mode)
+
+
 def _looks_local(name: str) -> bool:
     """Meant as a local folder: a form no hub id takes (hub ids are ``name`` or ``org/name``), or ``org/name``
     whose ``org`` is a local folder."""
@@ -281,7 +292,12 @@ def load_model(name_or_path, dtype: torch.dtype | None = None):
     name, config = load_config(name_or_path)
     model_class = _model_class(config.model_type, name)
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    model = model_class.from_pretrained(name, **kwargs)
+    try:
+        model = model_class.from_pretrained(name, **kwargs)
+    except pickle.UnpicklingError:
+        files = ", ".join(sorted(p.name for p in Path(name).glob("*.bin"))) or "its .bin weights"
+        raise DymuError(f"{name}: refused to load {files}: the pickle holds Python objects besides tensors, which could "
+                        "run code (torch.load weights_only); convert it to safetensors from a trusted copy") from None
     model.eval()
     return model
 
@@ -295,6 +311,7 @@ def load_config(name_or_path):
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise DymuError(f"not a Hugging Face checkpoint folder (no config.json): {name}")
+        _config_json(path / "config.json")  # a clear line for a file that is no JSON object
         name = str(path)
     try:
         return name, AutoConfig.from_pretrained(name)
@@ -374,13 +391,13 @@ CONFIG_SECTION = "dymu"
 THRESHOLDS_IN_CHECKPOINT = "dymu_thresholds.json"
 
 
-def _read_config(path: Path) -> dict:
-    try:
-        config = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise DymuError(f"{path}: not valid JSON ({exc})") from None
+def _config_json(path: Path) -> dict:
+    """A checkpoint's config.json, which must be a JSON object."""
+    from .jsonfile import json_type, read_json
+
+    config = read_json(path, "config.json")
     if not isinstance(config, dict):
-        raise DymuError(f"{path}: a config.json must hold a JSON object, found a {type(config).__name__}")
+        raise DymuError(f"{path}: a config.json must be a JSON object, got {json_type(config)}")
     return config
 
 
@@ -389,7 +406,7 @@ def config_section(name_or_path) -> dict | None:
     path = Path(str(name_or_path)).expanduser() / "config.json"
     if not path.is_file():
         return None
-    section = _read_config(path).get(CONFIG_SECTION)
+    section = _config_json(path).get(CONFIG_SECTION)
     if section is not None and (not isinstance(section, dict) or "thresholds" not in section):
         raise DymuError(f"{path}: the \"{CONFIG_SECTION}\" section needs a \"thresholds\" entry (a file name or a list)")
     return section
@@ -401,7 +418,7 @@ def settings_from_config(name_or_path, thresholds=None, vtu: str | None = None):
     The section holds the thresholds inline: a thresholds file's content (``dymu enable``, a ``dymu.Thresholds``
     is returned) or a plain list; or, as ``dymu enable`` wrote them before, the name of a file in the folder.
     """
-    from .thresholds import Thresholds
+    from .thresholds import Thresholds, values_from_json
 
     section = config_section(name_or_path) or {}
     if thresholds is None and section:
@@ -413,7 +430,8 @@ def settings_from_config(name_or_path, thresholds=None, vtu: str | None = None):
             thresholds = Thresholds.from_json(section, origin=origin)
             thresholds.path = origin
         else:
-            thresholds = [float("inf") if t is None else float(t) for t in thresholds]
+            origin = str(Path(str(name_or_path)).expanduser() / "config.json")
+            thresholds = values_from_json(thresholds, origin, f"{CONFIG_SECTION}.thresholds")
     return thresholds, vtu or section.get("vtu", "fast")
 
 
@@ -464,7 +482,7 @@ def disable(checkpoint) -> tuple[Path, list[str] | None]:
 
     config_path = _checkpoint_config(checkpoint)
     with Lock(config_path):
-        if CONFIG_SECTION not in _read_config(config_path):
+        if CONFIG_SECTION not in _config_json(config_path):
             return config_path, None
         return config_path, _write_section(config_path, None)
 
@@ -474,7 +492,7 @@ def _write_section(config_path: Path, section: dict | None) -> list[str]:
     becomes a regular file (the link's target is not written). Returns notes on what else changed."""
     from .files import atomic_write
 
-    config = _read_config(config_path)
+    config = _config_json(config_path)
     previous = config.pop(CONFIG_SECTION, None)
     if section is not None:
         config[CONFIG_SECTION] = section

@@ -14,6 +14,10 @@ File format (JSON, ``format: "dymu-thresholds"``, ``version: 1``)::
       "source": "dymu find-thresholds"
     }
 
+A threshold is a cosine similarity: a number in [-1, 1] (give or take ``SIMILARITY_SLACK`` of float rounding), or
+null, stored as ``math.inf``: never merge (``-Infinity``, merge every pair a layer can, is kept for lists made in
+Python). Anything else, and fields of the wrong type, are refused with a line naming the file and the field.
+
 ``model`` is the identity check: loading onto an encoder of another family, layer count, hidden size or
 patch grid fails with a one-line message, and so does another ``read_layer`` (a bare CLIP read at its last
 layer vs the tower of a LLaVA that reads layer -2): the merge budgets were spread over the layers up to the
@@ -31,12 +35,18 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .jsonfile import json_type, read_json
 from .vision import DymuError
 
 FORMAT = "dymu-thresholds"
 VERSION = 1
 #: identity fields that must match between a thresholds file and the model it is applied to
 IDENTITY_KEYS = ("model_type", "num_layers", "hidden_size", "image_size", "patch_size")
+#: finite thresholds are cosine similarities, allowed this far outside [-1, 1] for the rounding of a float cosine
+SIMILARITY_SLACK = 1e-4
+#: optional fields of the file: the JSON types each may hold (None: null)
+FIELD_TYPES = {"model": (dict,), "schedule": (str,), "target_tokens": (int,), "budgets": (list,), "batch_size": (int,),
+               "images": (dict,), "achieved_tokens": (dict,), "source": (str,)}
 
 
 class ThresholdsError(DymuError):
@@ -58,10 +68,7 @@ class Thresholds:
     timing: object = field(default=None, compare=False, repr=False)  # a search's dymu.loader.LoadClock (not saved)
 
     def __post_init__(self):
-        self.values = [float(v) for v in self.values]
-        for i, v in enumerate(self.values):
-            if math.isnan(v):
-                raise ThresholdsError(f"threshold of layer {i} is NaN")
+        self.values = checked_values(self.values, self.path or "thresholds")
 
     def __len__(self) -> int:
         return len(self.values)
@@ -101,13 +108,8 @@ class Thresholds:
             raise ThresholdsError(f"{origin}: not a dymu thresholds file (missing \"format\": \"{FORMAT}\")")
         if data.get("version") != VERSION:
             raise ThresholdsError(f"{origin}: thresholds format version {data.get('version')!r}, this dymu reads version {VERSION}")
-        raw = data.get("thresholds")
-        if not isinstance(raw, list) or not raw:
-            raise ThresholdsError(f"{origin}: \"thresholds\" must be a non-empty list")
-        try:
-            values = [math.inf if v is None else float(v) for v in raw]
-        except (TypeError, ValueError):
-            raise ThresholdsError(f"{origin}: \"thresholds\" must hold numbers or null") from None
+        values = values_from_json(data.get("thresholds"), origin)
+        _check_fields(data, origin)
         return cls(
             values=values,
             model=data.get("model"),
@@ -123,12 +125,10 @@ class Thresholds:
     @classmethod
     def load(cls, path) -> "Thresholds":
         path = Path(path)
-        if not path.is_file():
-            raise ThresholdsError(f"thresholds file not found: {path}")
         try:
-            data = json.loads(path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ThresholdsError(f"{path}: not valid JSON ({exc})") from None
+            data = read_json(path, "thresholds file")
+        except DymuError as exc:
+            raise ThresholdsError(str(exc)) from None
         result = cls.from_json(data, origin=str(path))
         result.path = str(path)
         return result
@@ -173,6 +173,51 @@ class Thresholds:
         return text
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def checked_values(values, origin: str, field: str = "thresholds") -> list[float]:
+    """Per-layer thresholds as floats: numbers (not strings or booleans), finite ones within [-1, 1] (cosine
+    similarities, SIMILARITY_SLACK of rounding allowed), or +-inf; else ThresholdsError naming ``origin`` and the field."""
+    result = []
+    for i, value in enumerate(values):
+        if isinstance(value, (str, bytes, bool)):
+            raise ThresholdsError(f"{origin}: \"{field}\"[{i}] must be a number, got {json_type(value)} {value!r}")
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise ThresholdsError(f"{origin}: \"{field}\"[{i}] must be a number, got {json_type(value)}") from None
+        if math.isnan(value) or (math.isfinite(value) and abs(value) > 1 + SIMILARITY_SLACK):
+            raise ThresholdsError(f"{origin}: \"{field}\"[{i}] is {value}: thresholds are cosine similarities, between -1 "
+                                  "and 1 (null: never merge)")
+        result.append(value)
+    return result
+
+
+def values_from_json(raw, origin: str, field: str = "thresholds") -> list[float]:
+    """Thresholds as stored in JSON (a list of numbers, null = never merge) as floats (math.inf for null)."""
+    if not isinstance(raw, list) or not raw:
+        raise ThresholdsError(f"{origin}: \"{field}\" must be a non-empty list of numbers or null, got {json_type(raw)}")
+    return checked_values([math.inf if v is None else v for v in raw], origin, field)
+
+
+def _check_fields(data: dict, origin: str) -> None:
+    """The optional fields of a thresholds file hold what this dymu reads from them."""
+    for key, kinds in FIELD_TYPES.items():
+        value = data.get(key)
+        if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
+            raise ThresholdsError(f"{origin}: \"{key}\" must be {json_type(kinds[0]())} or null, got {json_type(value)}")
+    if data.get("budgets") is not None and not all(isinstance(b, int) and not isinstance(b, bool) for b in data["budgets"]):
+        raise ThresholdsError(f"{origin}: \"budgets\" must be a list of whole numbers")
+    skipped = (data.get("images") or {}).get("skipped", [])
+    if not isinstance(skipped, list):
+        raise ThresholdsError(f"{origin}: \"images\".\"skipped\" must be a list, got {json_type(skipped)}")
+    achieved = data.get("achieved_tokens")
+    if achieved is not None and not all(_is_number(achieved.get(key)) for key in ("mean", "std")):
+        raise ThresholdsError(f"{origin}: \"achieved_tokens\" must hold numbers \"mean\" and \"std\"")
+
+
 def as_thresholds(thresholds, origin: str | None = None) -> Thresholds:
     """Accept a Thresholds, a path to a thresholds file, or a plain list of per-layer floats."""
     if isinstance(thresholds, Thresholds):
@@ -180,7 +225,7 @@ def as_thresholds(thresholds, origin: str | None = None) -> Thresholds:
     if isinstance(thresholds, (str, os.PathLike)):
         return Thresholds.load(thresholds)
     try:
-        values = [float(v) for v in thresholds]
+        values = list(thresholds)
     except TypeError:
         raise ThresholdsError(
             f"thresholds must be a dymu.Thresholds, a path or a list of floats, not {type(thresholds).__name__}"

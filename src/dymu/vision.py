@@ -341,8 +341,11 @@ def patch_tower(model: nn.Module, thresholds: list[float] | None = None, merges:
 
 
 def unpatch_tower(model: nn.Module) -> bool:
-    """Undo ``patch_tower``. Returns whether a patch was removed."""
-    info = tower_info(model)
+    """Undo ``patch_tower``. Returns whether a patch was removed (False for a model dymu cannot patch, e.g. a BERT)."""
+    try:
+        info = tower_info(model)
+    except DymuError:
+        return False
     patch = getattr(info.tower, PATCH_ATTRIBUTE, None)
     if patch is None:
         return False
