@@ -56,6 +56,10 @@ def test_calibration_measures_each_withdrawal_layer(tiny):
                                                         reduction="none").sum(-1).mean())
             assert math.isclose(value, expected, rel_tol=1e-6, abs_tol=1e-12)
     assert result.k == choose_layer(result.kl, 0.05, LAYERS)
+    assert list(calibrate_vtw(model, processor, photos[:1], first_layer=2, progress=False).kl) == [2, 3]
+    for first in (LAYERS, 9, 0):  # issue 23 item 13: a first layer the model cannot withdraw at is refused, not lowered
+        with pytest.raises(dymu.DymuError, match=f"--first-layer {first}: the language model has {LAYERS} layers"):
+            calibrate_vtw(model, processor, photos[:1], first_layer=first, progress=False)
 
 
 def test_calibration_under_tome_keeps_tome_and_measures_the_merged_model(tiny):

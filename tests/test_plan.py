@@ -322,3 +322,18 @@ def test_unique_token_space_equals_the_full_length_computation(spec, text, image
     plan = last_prefill_plan(model)
     assert int(plan.vmap.unique_lengths[0]) < ids.shape[1] // 2, "the image must really be merged"
     torch.testing.assert_close(logits, full_length_vtu(model, ids, pixels, plan), rtol=1e-10, atol=1e-10)
+
+
+def test_specs_that_cannot_act_are_refused_naming_the_depth(images, model_dirs):
+    """Issue 23 item 13: a spec acting from a layer the model does not have, VTU modes on a model without a language
+    side, are one-line errors."""
+    from dymu.models import load_model
+
+    for spec in ("fastv:k=99,r=0.5", "vtw:k=99", "vtw", f"vtw:k={LAYERS}"):
+        with pytest.raises(DymuError, match=f"the language model has {LAYERS} layers"):
+            dymu.apply(tiny_llava(layers=LAYERS), None, prune=spec)
+    clip = load_model(model_dirs["tiny-clip"])
+    for vtu in ("exact", "none"):
+        with pytest.raises(DymuError, match=f"vtu='{vtu}' acts in the language model"):
+            dymu.apply(clip, None, vtu=vtu)
+    dymu.apply(clip, None)  # the default stays accepted

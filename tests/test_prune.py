@@ -8,6 +8,8 @@ import torch
 import dymu
 from dymu import prune as P
 from dymu.compat import find_cache
+from dymu.methods import VTW, FastV
+from dymu.policies import FastVPolicy, VTWPolicy
 from dymu.llava import get_vlm_patch
 
 from .test_llava import (IMAGE_TOKEN, MERGING, PATCHES, TEXT_MODELS, images, left_pad, prompt,  # noqa: F401 (images)
@@ -44,7 +46,8 @@ def prefill_plan(model):
 @pytest.mark.parametrize("thresholds, vtu", [(None, "fast"), (MERGING, "fast"), (MERGING, "exact"), (MERGING, "none")],
                          ids=["unmerged", "dtome-fast", "dtome-exact", "dtome-compact"])
 @pytest.mark.parametrize("spec", ["fastv:k=2,r=0", "fastv:k=2,r=0,rerank=step", "fastv:k=1,r=0,score=all",
-                                  f"fastv:k={LAYERS},r=0.5", f"vtw:k={LAYERS}"])
+                                  FastVPolicy(FastV(k=LAYERS, r=0.5), LAYERS), VTWPolicy(VTW(k=LAYERS), LAYERS)],
+                         ids=str)  # k >= the depth: built as policies (dymu.apply refuses such a spec, it changes nothing)
 @pytest.mark.parametrize("text", TEXT_MODELS)
 def test_pruning_that_keeps_everything_is_the_model_without_it(spec, thresholds, vtu, text, images):
     """Oracle 1: FastV r=0, FastV / VTW with k >= layers equal the model without pruning (logits, greedy tokens)."""

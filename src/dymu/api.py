@@ -44,6 +44,9 @@ def apply(model: nn.Module, thresholds=None, vtu: str = "fast", prune=None, merg
     info = tower_info(model)
     if prune is not None and not (is_vlm(model) and supports_language_side(model)):
         raise DymuError(f"{type(model).__name__}: prune= needs a LLaVA-1.5 model (it acts in the language model)")
+    if vtu != "fast" and not (is_vlm(model) and supports_language_side(model)):
+        raise DymuError(f"{type(model).__name__}: vtu={vtu!r} acts in the language model of a LLaVA-1.5 model; this "
+                        "model has none dymu generates with (leave vtu at its default)")
     if isinstance(merge, ToMe):
         patch_tower(model, merges=[merge.r] * info.num_layers)
     else:

@@ -74,11 +74,12 @@ def language_identity(model) -> dict:
 
 
 def calibrate_vtw(model, processor, images, prompt: str = DEFAULT_PROMPT, threshold: float = DEFAULT_KL_THRESHOLD,
-                  first_layer: int = DEFAULT_FIRST_LAYER, batch_size: int = 8, progress: bool = True) -> VtwCalibration:
+                  first_layer: int | None = None, batch_size: int = 8, progress: bool = True) -> VtwCalibration:
     """Choose VTW's K for ``model`` (a LLaVA-1.5, merged or not) on ``images`` (PIL images) with one prompt.
 
     The prompt is wrapped with the processor's chat template unless it holds ``<image>``. Candidates are
-    ``first_layer .. T-1`` (``first_layer`` is lowered to 1 for models with fewer layers).
+    ``first_layer .. T-1``; by default ``DEFAULT_FIRST_LAYER`` (VTW's own), or 1 for a model with no more layers
+    than that. A ``first_layer`` outside 1..T-1 is refused.
     """
     from tqdm.auto import tqdm
 
@@ -93,7 +94,13 @@ def calibrate_vtw(model, processor, images, prompt: str = DEFAULT_PROMPT, thresh
     merging = encoder_merging(model)  # DToMe thresholds or ToMe's r, re-applied with each candidate
     vtu, prune = patch.state.vtu, patch.state.language.prune
     layers = model.config.text_config.num_hidden_layers
-    first = first_layer if first_layer < layers else 1
+    if first_layer is None:
+        first = DEFAULT_FIRST_LAYER if DEFAULT_FIRST_LAYER < layers else 1
+    elif not 1 <= first_layer < layers:
+        raise DymuError(f"--first-layer {first_layer}: the language model has {layers} layers, so VTW's candidates are "
+                        f"1..{layers - 1}")
+    else:
+        first = first_layer
     candidates = list(range(first, layers))
     text = chat_prompt(processor, prompt, 1)
     sums = {k: 0.0 for k in candidates}

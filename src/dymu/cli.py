@@ -810,7 +810,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vtu", choices=["fast", "exact", "none"], help="virtual token unmerging mode (default: fast)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=32,
                    help="longest answer, in tokens, at least 1 and within the model's context (default: %(default)s)")
-    p.add_argument("--prune", metavar="SPEC", help=f"prune image tokens in the language model: {PRUNE_HELP} (default: none)")
+    p.add_argument("--prune", metavar="SPEC", help=f"prune image tokens in the language model: {PRUNE_HELP}; k must be below the "
+                   "language model's depth; fastv:k=0 ranks at random (no attention exists before layer 0) (default: none)")
     p.add_argument("--compare", action="store_true", help="also run the unmerged model and print both answers")
     p.add_argument("--show-plan", action="store_true",
                    help="print the language model's token plan of the prefill: per layer and row, positions per segment, "
@@ -829,8 +830,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=DEFAULT_SAMPLES, help="images used, the first N (default: %(default)s)")
     p.add_argument("--kl", type=float, default=DEFAULT_KL_THRESHOLD,
                    help="KL threshold: K is the first layer at or below it (default: %(default)s, VTW's LLaVA-1.5-7B value)")
-    p.add_argument("--first-layer", type=int, default=DEFAULT_FIRST_LAYER,
-                   help="first candidate layer (default: %(default)s as VTW; 1 for shallower models)")
+    p.add_argument("--first-layer", type=int, default=None,
+                   help=f"first candidate layer, 1..layers-1 (default: {DEFAULT_FIRST_LAYER} as VTW; 1 for models with "
+                        f"at most {DEFAULT_FIRST_LAYER} layers)")
     p.add_argument("--thresholds", help="calibrate the merged model: DToMe thresholds (default: the checkpoint's \"dymu\" section, else none)")
     _add_merge(p)
     p.add_argument("--vtu", choices=["fast", "exact", "none"], help="VTU mode of the merged model (default: fast)")
@@ -844,7 +846,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "checkpoint's \"dymu\" config section, else unmerged)")
     p.add_argument("--image-tokens", type=int, metavar="N", help="visual tokens per image instead, merged on a constant schedule (default: none)")
     p.add_argument("--vtu", choices=["fast", "exact", "none"], help="virtual token unmerging mode (default: the checkpoint's, else fast)")
-    p.add_argument("--prune", metavar="SPEC", help=f"prune image tokens in the language model: {PRUNE_HELP} (default: none)")
+    p.add_argument("--prune", metavar="SPEC", help=f"prune image tokens in the language model: {PRUNE_HELP}; k must be below the "
+                   "language model's depth; fastv:k=0 ranks at random (no attention exists before layer 0) (default: none)")
     p.add_argument("--prompt-tokens", type=int, default=DEFAULT_PROMPT_TOKENS, metavar="T",
                    help="text tokens of the prompt besides the image (default: %(default)s)")
     p.add_argument("--new-tokens", type=int, default=DEFAULT_NEW_TOKENS, metavar="G",

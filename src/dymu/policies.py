@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import DymuError
 from .methods import VTW, FastV, is_policy
 from .plan import Segment, TokenPlan
 
@@ -91,6 +92,10 @@ def policy_for(method, num_layers: int):
     policies (they have ``edit``) pass through."""
     if method is None or is_policy(method):
         return method
+    if isinstance(method, (FastV, VTW)) and method.k >= num_layers:  # it would change nothing
+        name = "fastv" if isinstance(method, FastV) else "vtw"
+        raise DymuError(f"{name}:k={method.k} acts from layer {method.k} on, but the language model has {num_layers} "
+                        f"layers (0..{num_layers - 1}): choose k < {num_layers}")
     if isinstance(method, FastV):
         return FastVPolicy(method, num_layers)
     if isinstance(method, VTW):

@@ -107,7 +107,8 @@ def calibrated_vtw(model, processor, images: int = VTW_CALIBRATION_IMAGES, seed:
 def settings(thresholds: dict, tome: dict, vtw_spec: str, layers: int) -> list[tuple[str, dict]]:
     """(name, dymu.apply keywords) of every setting, in table order (``layers``: of the language model)."""
     fastv = [(f"FastV k={FASTV_K} r={r}", {"prune": f"fastv:k={FASTV_K},r={r}"}) for r in FASTV_RATIOS]
-    vtw = [(f"VTW calibrated ({vtw_spec}{NEVER if vtw_spec == f'vtw:k={layers}' else ''})", {"prune": vtw_spec})]
+    never = vtw_spec == f"vtw:k={layers}"  # no layer qualified: the model as it is (dymu refuses a k it cannot act on)
+    vtw = [(f"VTW calibrated ({vtw_spec}{NEVER if never else ''})", {"prune": None if never else vtw_spec})]
     if vtw_spec != f"vtw:k={layers // 2}":  # what withdrawing costs on this model, at half depth
         vtw.append((f"VTW k={layers // 2}", {"prune": f"vtw:k={layers // 2}"}))
     rows = [("unmerged", {}), *fastv, *vtw]
