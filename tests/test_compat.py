@@ -130,3 +130,21 @@ def test_remove_restores_attention_implementation_and_hooks(images):
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in modules), "every hook is removed"
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids, attention_mask=mask, pixel_values=images[:2]).logits, stock)
+
+
+def test_an_untested_release_warns_once_in_one_line():
+    """Issue 23: outside the tested range, one warning line per process, with no Python source line under it."""
+    import subprocess
+    import sys
+
+    code = ("import dymu, dymu.compat as c\n"
+            "c.transformers_version = lambda: '9.0.0'\n"
+            "from tests.test_llava import tiny_llava\n"
+            "for _ in range(3):\n"
+            "    dymu.apply(tiny_llava(), None)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                            env={**__import__("os").environ, "PYTHONWARNINGS": "default"})
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "dymu" in line]
+    assert len(lines) == 1 and "transformers 9.0.0 is outside the tested" in lines[0], result.stderr
+    assert "UntestedTransformersWarning" in lines[0] and "apply(" not in result.stderr  # no source line

@@ -327,8 +327,12 @@ def test_generate_prune_reports_kept_tokens_and_prefill_flops(tiny_llava_dir, im
     prompt = F.Prompt(len(ids[0]) - PATCHES, PATCHES, PATCHES)
     stock = vision + F.prefill_flops(decoder, F.language_plan(prompt, 2)).flops
     pruned = vision + F.prefill_flops(decoder, F.language_plan(prompt, 2, "fast", "fastv:k=1,r=0.25")).flops
+    assert main(["generate", str(tiny_llava_dir), "--image", image_paths[0], "--prompt", "What?", "--prune", "vtw:k=2"]) == 2
+    assert capsys.readouterr().err.strip() == ("dymu generate: error: vtw:k=2 acts from layer 2 on, but the language model "
+                                               "has 2 layers (0..1): choose k < 2")  # it would change nothing
     for spec, kept, ratio in [("fastv:k=1,r=0.25", "576 in layer 0, 432 in layer 1", pruned / stock),
-                              ("vtw:k=2", "576 in layers 0-1", 1.0)]:  # k >= layers: nothing pruned
+                              ("vtw:k=1", "576 in layer 0, 0 in layer 1", None)]:
+        ratio = ratio or (vision + F.prefill_flops(decoder, F.language_plan(prompt, 2, "fast", spec)).flops) / stock
         assert main(["generate", str(tiny_llava_dir), "--image", image_paths[0], "--prompt", "What?", "--max-new-tokens", "2",
                      "--prune", spec]) == 0
         out = capsys.readouterr().out

@@ -150,6 +150,16 @@ def _text_context(model_name: str) -> int | None:
     return getattr(config.get_text_config(), "max_position_embeddings", None)
 
 
+def _check_depth(model_name: str, prune) -> None:
+    """A pruning spec must act within the language model's depth (checked from the config, before loading)."""
+    from .models import load_config
+    from .policies import policy_for
+
+    text = load_config(model_name)[1].get_text_config()
+    if prune is not None and getattr(text, "num_hidden_layers", None):
+        policy_for(prune, text.num_hidden_layers)
+
+
 def _check_context(model_name: str, context: int | None, new_tokens: int, prompt_length: int = 0) -> None:
     """--max-new-tokens must fit in the model's context after the prompt."""
     if context is not None and prompt_length + new_tokens > context:
@@ -524,9 +534,10 @@ def cmd_generate(args) -> None:
     from .methods import parse_prune
     from .models import describe, load_model, load_processor
 
-    parse_prune(args.prune)  # a bad spec fails before any loading
+    prune = parse_prune(args.prune)  # a bad spec fails before any loading
     merging, vtu = _encoder_merging(args)
     _check_context(args.model, _text_context(args.model), args.max_new_tokens)
+    _check_depth(args.model, prune)
     images = [open_image(path, _limits(args)) for path in args.image]
     model = load_model(args.model)
     if not (is_vlm(model) and supports_language_side(model)):

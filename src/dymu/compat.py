@@ -41,8 +41,8 @@ from .errors import DymuError
 #: transformers releases the whole test suite passes on (``.ci/run`` tests both ends); pyproject.toml admits
 #: ``>=TESTED_MIN,<NEXT_UNTESTED`` (tests/test_compat.py keeps the two in step)
 TESTED_MIN = "5.18.0"
-TESTED_MAX = "5.24.0"
-NEXT_UNTESTED = "5.25"
+TESTED_MAX = "5.25.0"
+NEXT_UNTESTED = "5.26"
 
 VISION_LAYER_ATTRIBUTES = ("layer_norm1", "self_attn", "layer_norm2", "mlp")
 VISION_ATTENTION_PARAMETERS = ("hidden_states", "attention_mask")
@@ -95,10 +95,23 @@ def refuse(what: str) -> LayoutError:
                        f"{tested_range()}); refusing to patch rather than risk wrong answers")
 
 
+class UntestedTransformersWarning(UserWarning):
+    """The installed transformers is outside the tested range (the layout checks passed)."""
+
+
+_warned_untested = False
+
+
 def warn_if_untested() -> None:
-    if not in_tested_range():
-        warnings.warn(f"dymu: transformers {transformers_version()} is outside the {tested_range()} range; the layout "
-                      "checks passed and every prefill is checked at run time", stacklevel=3)
+    """One line, once per process, without a source line, when transformers is outside the tested range."""
+    global _warned_untested
+    if _warned_untested or in_tested_range():
+        return
+    _warned_untested = True
+    message = (f"dymu: transformers {transformers_version()} is outside the {tested_range()} range; the layout checks "
+               "passed and every prefill is checked at run time")
+    # warn_explicit names no Python file, so the warning prints as one line (no source line under it)
+    warnings.warn_explicit(message, UntestedTransformersWarning, filename="dymu", lineno=0, module="dymu")
 
 
 def _parameters(function) -> set[str]:
