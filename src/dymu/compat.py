@@ -16,13 +16,18 @@ What is relied on, by adapter:
   ``get_image_features``, ``config.image_token_id``; ``forward`` parameters :data:`VLM_FORWARD_PARAMETERS`
   (public API names); ``generate`` passing pre-encoded features as ``mm_encoder_outputs={"image": ...}``.
 * language model (``dymu.language``): ``layers[i].self_attn.{q,k,v,o}_proj`` and ``layers[i].mlp`` as
-  token-wise modules called on ``(batch, seq, features)``; ``self_attn.head_dim``; everything else in a layer
-  token-wise (norms, residuals) or the attention itself. The KV cache is found by type (``Cache``) in the
-  language model's inputs and outputs, never by argument name. Exact VTU also needs ``rotary_emb`` (returns
-  ``(cos, sin)``); exact VTU and FastV select their own kernel through ``config._attn_implementation`` and the
-  ``AttentionInterface`` / ``AttentionMaskInterface`` registries (wrapping the model's own kernel, and its
-  module's ``eager_attention_forward`` for eager); pruning gathers the decoder-layer forward parameters
-  :data:`DECODER_LAYER_PARAMETERS`.
+  token-wise modules called on ``(batch, seq, features)``; ``layers[i].self_attn`` called with ``hidden_states``
+  (keyword or first positional) whose shape it reads, and each decoder layer returning its hidden states (VTU runs
+  the residual stream, norms and MLP on the unique tokens and gives attention a full-length input);
+  ``self_attn.head_dim`` / ``layer_idx``; the decoder-layer forward parameters :data:`DECODER_LAYER_PARAMETERS`
+  (a plan that edits a layer gathers them). The KV cache is found by type (``Cache``) in the language model's
+  inputs and outputs, never by argument name; a plan that drops positions at decode steps shrinks
+  ``cache.layers[i].keys / .values`` of :data:`SHRINKABLE_CACHE_LAYERS` (``keep_cache_slots``) and refuses any other
+  cache. Exact VTU also needs ``rotary_emb`` (returns ``(cos, sin)``); exact VTU and policies that read attention
+  select their own kernel through ``config._attn_implementation`` and the ``AttentionInterface`` /
+  ``AttentionMaskInterface`` registries (wrapping the model's own kernel, and its module's
+  ``eager_attention_forward`` for eager).
+* images (``dymu.images``): ``transformers.image_transforms.convert_to_rgb`` for processors that do not convert.
 
 Run time adds what a structural check cannot see: every hooked module must run once per layer in a prefill
 that dymu compresses, and the KV cache must grow by the full sequence length (``dymu.language``).
@@ -52,7 +57,7 @@ VLM_FORWARD_PARAMETERS = ("input_ids", "pixel_values", "attention_mask", "inputs
                           "vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
 #: token-wise linear maps of a decoder layer's attention that VTU runs on the unique tokens
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-#: decoder-layer forward parameters a pruning plan gathers by the kept positions
+#: decoder-layer forward parameters dymu reads (RoPE tables, positions) or gathers by the positions a layer holds
 DECODER_LAYER_PARAMETERS = ("hidden_states", "attention_mask", "position_ids", "position_embeddings")
 #: dymu's attention kernel is registered as KERNEL_PREFIX + the model's own implementation (whose masks it takes)
 KERNEL_PREFIX = "dymu_"
@@ -167,7 +172,7 @@ def check_language_model(language_model: nn.Module, exact: bool, prune: bool = F
             raise refuse(f"{name} layer {index}: {type(attention).__name__} has no {', '.join(missing)} linear layer(s)")
         if not isinstance(getattr(attention, "head_dim", None), int) or not isinstance(getattr(attention, "layer_idx", None), int):
             raise refuse(f"{name} layer {index}: {type(attention).__name__} has no head_dim and layer_idx")
-        if prune and (missing := [p for p in DECODER_LAYER_PARAMETERS if p not in _parameters(type(layer).forward)]):
+        if missing := [p for p in DECODER_LAYER_PARAMETERS if p not in _parameters(type(layer).forward)]:
             raise refuse(f"{type(layer).__name__}.forward takes no {', '.join(missing)}")
     if exact and not isinstance(getattr(language_model, "rotary_emb", None), nn.Module):
         raise refuse(f"{name} has no rotary_emb (exact VTU needs the RoPE tables)")

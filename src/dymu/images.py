@@ -137,17 +137,12 @@ def collect_images(inputs, image_root=None, allow_outside_root: bool = False) ->
 
 
 def to_rgb(image):
-    """RGB copy of a PIL image as Hugging Face image processors make it (``convert_to_rgb``): transparent pixels
-    (an alpha band, or a palette / grey image's ``transparency``) composited onto white, other modes converted by
-    Pillow. Only used for processors that do not convert themselves (``do_convert_rgb`` off)."""
-    from PIL import Image
+    """RGB copy of a PIL image as the installed transformers' image processors make it (``convert_to_rgb`` of
+    ``transformers.image_transforms``: since 5.24 transparent pixels are composited onto white, before that the alpha
+    band is dropped). Only used for processors that do not convert themselves (``do_convert_rgb`` off)."""
+    from transformers.image_transforms import convert_to_rgb
 
-    if image.mode == "RGB":
-        return image
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else convert_to_rgb(image)
 
 
 def for_processor(image, processor):
