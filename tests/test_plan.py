@@ -337,3 +337,12 @@ def test_specs_that_cannot_act_are_refused_naming_the_depth(images, model_dirs):
         with pytest.raises(DymuError, match=f"vtu='{vtu}' acts in the language model"):
             dymu.apply(clip, None, vtu=vtu)
     dymu.apply(clip, None)  # the default stays accepted
+
+
+def test_beam_search_with_a_policy_that_edits_rows_at_decode_steps_is_refused(images):
+    """Beam search reorders rows; a plan whose rows differ after decode-step drops cannot follow: one line."""
+    model = tiny_llava(layers=LAYERS).double()
+    ids = torch.stack([prompt(5, 7, seed=23), prompt(5, 7, seed=24)])
+    dymu.apply(model, None, prune=DropAtSteps(drop_masks(ids)))
+    with pytest.raises(DymuError, match="beam search reorders rows: use num_beams=1"):
+        _generate(model, input_ids=ids, pixel_values=images[:2].double(), num_beams=2)
