@@ -219,3 +219,27 @@ def test_cli_converts_and_dymu_applies_to_the_result(tmp_path, capsys):
         stock = model(**inputs).logits
         dymu.apply(model, [math.inf] * model.config.vision_config.num_hidden_layers)
         assert torch.equal(model(**inputs).logits, stock)
+
+
+def test_destination_follows_the_output_rule(tmp_path):
+    """Issue 23 item 4: a non-empty DST is refused without --overwrite (left as it was), a model folder is replaced
+    with it; a conversion that fails leaves DST untouched."""
+    src, clip, state = write_source(tmp_path, weights="safetensors", projector="mlp2x_gelu")
+    dst = tmp_path / "hf"
+    dst.mkdir()
+    (dst / "notes.txt").write_text("mine")
+    with pytest.raises(DymuError, match="is not empty: pass --overwrite"):
+        convert_llava(src, dst)
+    with pytest.raises(DymuError, match="no config.json, so it is no model checkpoint"):
+        convert_llava(src, dst, overwrite=True)
+    assert [p.name for p in dst.iterdir()] == ["notes.txt"]
+    (dst / "notes.txt").unlink()
+    with pytest.warns(UserWarning, match="no tokenizer"):
+        convert_llava(src, dst)
+    weights = (dst / "model.safetensors").read_bytes()
+    with pytest.raises(DymuError, match="not loadable offline"):  # fails inside the build
+        convert_llava(src, dst, vision_tower=tmp_path / "no-tower", overwrite=True)
+    assert (dst / "model.safetensors").read_bytes() == weights
+    with pytest.warns(UserWarning, match="no tokenizer"):
+        assert convert_llava(src, dst, overwrite=True) == dst
+    assert (dst / "config.json").is_file() and not list(tmp_path.glob(".hf.*"))  # no build folder left

@@ -743,7 +743,7 @@ def cmd_disable(args) -> None:
 def cmd_convert_llava(args) -> None:
     from .convert import convert_llava
 
-    out = convert_llava(args.src, args.dst, vision_tower=args.vision_tower)
+    out = convert_llava(args.src, args.dst, vision_tower=args.vision_tower, overwrite=args.overwrite)
     print(f"wrote transformers LLaVA checkpoint to {out}")
 
 
@@ -882,6 +882,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="original LLaVA checkpoint folder (liuhaotian layout)")
     p.add_argument("dst", help="folder to write the transformers checkpoint to")
     p.add_argument("--vision-tower", help="local CLIP checkpoint folder (default: the source's mm_vision_tower)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace DST when it is a model folder (built beside it, swapped in once complete)")
     p.set_defaults(func=cmd_convert_llava)
 
     p = sub.add_parser("import-thresholds", help="convert a DyMU reference threshold checkpoint to a dymu thresholds file")

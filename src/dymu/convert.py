@@ -116,7 +116,7 @@ def _load_tokenizer(src: Path):
         with _quiet():  # the source config.json has a model_type transformers does not know
             tokenizer = AutoTokenizer.from_pretrained(src)
     except Exception as error:  # noqa: BLE001 - any failure means "no usable tokenizer"
-        warnings.warn(f"{src}: no usable tokenizer ({type(error).__name__}); writing no processor", stacklevel=3)
+        warnings.warn(f"{src}: no usable tokenizer ({type(error).__name__}); writing no processor", stacklevel=4)
         return None
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
@@ -140,17 +140,32 @@ def _image_processor(tower_dir: Path | None, image_size: int):
                                  image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
 
 
-def convert_llava(src, dst, vision_tower=None) -> Path:
-    """Write ``dst`` so that ``LlavaForConditionalGeneration.from_pretrained(dst)`` loads the ``src`` LLaVA model."""
-    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+def convert_llava(src, dst, vision_tower=None, overwrite: bool = False) -> Path:
+    """Write ``dst`` so that ``LlavaForConditionalGeneration.from_pretrained(dst)`` loads the ``src`` LLaVA model.
+
+    ``dst`` must be absent or empty (``overwrite``: a model folder, replaced); the checkpoint is built beside it and
+    put in place only once complete, so a failure leaves ``dst`` as it was."""
+    from .files import Lock
+    from .models import _built_beside, _check_out_dir
 
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise DymuError(f"{src}: no such folder")
     if dst.exists() and not dst.is_dir():
         raise DymuError(f"{dst} is a file, not a folder")
-    if dst.resolve() == src.resolve():
-        raise DymuError(f"{dst}: the destination must differ from the source folder")
+    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents or dst.resolve() in src.resolve().parents:
+        raise DymuError(f"{dst}: the destination must be outside the source folder (and not hold it)")
+    _check_out_dir(dst, overwrite)
+    dst.resolve().parent.mkdir(parents=True, exist_ok=True)
+    with Lock(dst, f"folder {dst}"), _built_beside(dst) as build:
+        _convert(src, build, vision_tower)
+    return dst
+
+
+def _convert(src: Path, dst: Path, vision_tower) -> None:
+    """The conversion of ``src`` written into the (new, empty) folder ``dst``."""
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
     if not (src / "config.json").is_file():
         raise DymuError(f"{src}: no config.json")
     original = json.loads((src / "config.json").read_text())
@@ -206,17 +221,15 @@ def convert_llava(src, dst, vision_tower=None) -> Path:
         raise DymuError(f"{src}: weights do not match the LLaVA layout (missing {result.missing_keys[:3]}, "
                         f"unexpected {result.unexpected_keys[:3]})")
     model.config.dtype = dtype
-    dst.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dst)
 
     if tokenizer is None:
         warnings.warn(f"{src}: no tokenizer; wrote weights and config only (image_token_index={image_token_index}, "
-                      "no processor)", stacklevel=2)
-        return dst
+                      "no processor)", stacklevel=3)
+        return
     tower_dir = Path(tower_name) if Path(tower_name).is_dir() else None
     processor = LlavaProcessor(image_processor=_image_processor(tower_dir, vision_config.image_size), tokenizer=tokenizer,
                                patch_size=vision_config.patch_size, vision_feature_select_strategy=strategy,
                                num_additional_image_tokens=CLS_TOKENS, image_token=IMAGE_TOKEN,
                                chat_template=CHAT_TEMPLATE)  # LLaVA-1.5's "USER: <image>\n... ASSISTANT:" format
     processor.save_pretrained(dst)  # also writes the tokenizer files
-    return dst
