@@ -147,6 +147,14 @@ def test_demo_without_the_toy_model_is_a_one_line_error(tmp_path, capsys):
     assert main(["demo", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) != 0
     error = capsys.readouterr().err.strip()
     assert "toy model not found" in error and "\n" not in error
+    # the folder is the demo's now (a rerun may write there); a folder of someone else's files needs --overwrite
+    assert (tmp_path / "out" / ".dymu-demo").is_file()
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "overview.png").write_bytes(b"mine")
+    assert main(["demo", "--model", str(tmp_path / "missing"), "--out", str(theirs)]) == 2
+    assert "holds files the demo did not write: pass --overwrite" in capsys.readouterr().err
+    assert (theirs / "overview.png").read_bytes() == b"mine" and not (theirs / ".dymu-demo").exists()
 
 
 def test_shipped_checkpoint_was_trained_with_the_default_config():

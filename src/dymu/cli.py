@@ -747,9 +747,28 @@ def cmd_convert_llava(args) -> None:
     print(f"wrote transformers LLaVA checkpoint to {out}")
 
 
+#: a file the demo leaves in its output folder: a rerun replaces the demo's own files, never someone else's
+DEMO_MARKER = ".dymu-demo"
+
+
+def _demo_folder(path: str, overwrite: bool) -> Path:
+    """The demo's output folder: new, empty, or one the demo wrote before (its marker file); any other folder only
+    with --overwrite."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise DymuError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / DEMO_MARKER).is_file() and not overwrite:
+        raise DymuError(f"--out {out} holds files the demo did not write: pass --overwrite to write its results there "
+                        "anyway, or choose another folder")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("written by dymu demo; a rerun replaces the demo's files here\n")
+    return out
+
+
 def cmd_demo(args) -> None:
     from .demo import run_clip_demo, run_demo
 
+    _demo_folder(args.out, args.overwrite)
     if args.clip:
         run_clip_demo(out_dir=Path(args.out), layers=args.layers, target_tokens=args.target_tokens)
     else:
@@ -895,7 +914,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="offline demo: the trained toy LLaVA answering with and without DToMe (--clip: "
                                     "encoder-only demo on a random-weight CLIP-L/14-336 and scikit-image's photos)")
-    p.add_argument("--out", default="dymu-demo", help="output folder (default: ./%(default)s)")
+    p.add_argument("--out", default="dymu-demo", help="output folder (default: ./%(default)s): new, empty or the demo's "
+                   "own from an earlier run")
+    p.add_argument("--overwrite", action="store_true", help="write into an --out folder that holds other files")
     p.add_argument("--model", default=None, help="toy checkpoint folder (default: $DYMU_TOY_MODEL or assets/toy-llava)")
     p.add_argument("--clip", action="store_true", help="run the encoder-only CLIP-L/14-336 demo instead")
     p.add_argument("--layers", type=int, default=DEMO_LAYERS, help="--clip: encoder depth (default: %(default)s)")

@@ -9,7 +9,10 @@ Only numpy, Pillow and matplotlib are used; matplotlib is imported lazily with t
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -113,11 +116,23 @@ def merge_map(image: np.ndarray, source) -> np.ndarray:
     return out
 
 
-def _writable(path: str | Path) -> Path:
-    """``path``, after creating its folder: figures make their folder only once there is a figure to write."""
+@contextlib.contextmanager
+def _written(path: str | Path):
+    """A temporary file beside ``path`` to draw into, renamed to ``path`` once complete (a failed or killed write
+    leaves any earlier picture whole). Figures make their folder only once there is a figure to write."""
+    from .files import default_mode
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return path
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        yield tmp
+        os.chmod(tmp, default_mode())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _text_height(font) -> int:
@@ -139,7 +154,8 @@ def save_merge_figure(path: str | Path, image: np.ndarray, source, title: str) -
     top = title_height + 2 * MARGIN
     canvas.paste(Image.fromarray(image), (MARGIN, top))
     canvas.paste(Image.fromarray(mapped), (2 * MARGIN + width, top))
-    canvas.save(_writable(path), format="PNG")
+    with _written(path) as tmp:
+        canvas.save(tmp, format="PNG")
 
 
 class OverviewTile(NamedTuple):
@@ -210,7 +226,8 @@ def save_overview(
             picture.thumbnail((thumb, thumb), Image.Resampling.LANCZOS)  # keeps aspect ratio
             canvas.paste(picture, (x + (thumb - picture.width) // 2, y0))
         draw.text((x0, y0 + thumb + MARGIN // 2), _fit_caption(draw, tile, font, tile_w), fill=TEXT_COLOUR, font=font)
-    canvas.save(_writable(path), format="PNG")
+    with _written(path) as tmp:
+        canvas.save(tmp, format="PNG")
 
 
 def _bar_figsize(count: int) -> tuple[float, float]:
@@ -253,4 +270,5 @@ def save_token_bar_chart(
     ax.set_title(f"{title} ({num_patches} patches)")
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(_writable(path), format="png", dpi=BAR_DPI)
+    with _written(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=BAR_DPI)
