@@ -86,6 +86,9 @@ def test_resume_rejects_a_checkpoint_of_another_run(clip, image_paths, tmp_path)
     with pytest.raises(dymu.DymuError, match="target_tokens"):
         find_thresholds(model, image_paths[:8], target_tokens=300, batch_size=4, processor=processor, progress=False,
                         measure=0, checkpoint=checkpoint, resume=True)
+    with pytest.raises(dymu.DymuError, match="max_pixels=89478485, this run has max_pixels=1000"):  # other images skip
+        find_thresholds(model, image_paths[:8], target_tokens=220, batch_size=4, processor=processor, progress=False,
+                        measure=0, checkpoint=checkpoint, resume=True, max_pixels=1000)
 
 
 class WorkerOnlyProcessor:

@@ -282,7 +282,9 @@ def find_thresholds(
     rank, world = _distributed()
     num_batches = math.ceil(len(names) / batch_size)
     config = {"identity": info.identity() | {"name_or_path": ""}, "fingerprint": model_fingerprint(info.tower),
-              "target_tokens": target_tokens, "schedule": schedule, "batch_size": batch_size, "images": list_fingerprint(names), "num_images": len(names), "world_size": world, "rank": rank}
+              "target_tokens": target_tokens, "schedule": schedule, "batch_size": batch_size, "images": list_fingerprint(names),
+              "num_images": len(names), "world_size": world, "rank": rank,
+              "max_pixels": limits.max_pixels, "max_aspect_ratio": limits.max_aspect_ratio}  # limits decide what is skipped
     ckpt = _Checkpoint(None if checkpoint is None else checkpoint_file(checkpoint, rank, world), config)
     with ckpt.locked(resume):
         done = ckpt.load() if resume else None
