@@ -492,7 +492,9 @@ def _scale(query: torch.Tensor, scaling: float | None) -> float:
 
 
 def _exact(module, run: Run, query, key, value, attention_mask, scaling: float):
-    """Exact VTU attention: scores from the C/S decomposition on the merged, un-rotated Q/K; eager softmax."""
+    """Exact VTU attention: the logits are the product of the C/S factors of the merged, un-rotated Q/K
+    (``vtu.exact_factors``, width 3·head_dim), so the fused SDPA kernel computes softmax(left·rightᵀ·scale + mask)·V
+    without a full (heads, length, length) logits tensor of ours."""
     batch, heads, length, head_dim = query.shape
     if key.shape[-2] != length or run.rotary is None:
         raise DymuError("vtu='exact' needs an empty KV cache at prefill")
@@ -509,14 +511,13 @@ def _exact(module, run: Run, query, key, value, attention_mask, scaling: float):
     kept = run.plan.layout(module.layer_idx)
     if kept is not None:  # a layer that holds fewer positions: their tables
         cos, sin = P.gather_rows(cos, kept), P.gather_rows(sin, kept)
-    mask = _to_additive(attention_mask, query, length)
-    softmax_dtype = accumulation_dtype(query.dtype)
+    mask = _to_additive(attention_mask, query, length).to(query.dtype)
     output = torch.empty_like(query)  # (batch, heads, length, head_dim)
-    for start in range(0, heads, EXACT_HEADS_PER_CHUNK):  # bounds the (batch, heads, length, length) scores
+    for start in range(0, heads, EXACT_HEADS_PER_CHUNK):  # bounds the (batch, chunk, length, 3 * head_dim) factors
         chunk = slice(start, start + EXACT_HEADS_PER_CHUNK)
-        scores = V.exact_scores(q[:, chunk], k[:, chunk], cos, sin, scaling)  # (batch, chunk, length, length)
-        weights = torch.softmax(scores + mask.to(scores.dtype), dim=-1, dtype=softmax_dtype).to(query.dtype)
-        output[:, chunk] = weights @ value[:, chunk]
+        left, right = V.exact_factors(q[:, chunk], k[:, chunk], cos.to(q.dtype), sin.to(q.dtype))
+        output[:, chunk] = torch.nn.functional.scaled_dot_product_attention(left, right, value[:, chunk],
+                                                                            attn_mask=mask, scale=scaling)
     return output.transpose(1, 2).contiguous(), None
 
 

@@ -167,8 +167,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def exact_scores(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scaling: float) -> torch.Tensor:
-    """RoPE attention logits at full length from the paper's C/S decomposition.
+def exact_factors(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left and right factors of the RoPE attention logits from the paper's C/S decomposition:
+    ``exact_scores = left @ right.T * scaling``.
 
     q: (batch, heads, full, head_dim) merged queries gathered to full length, *before* RoPE; k likewise
     (heads already repeated for GQA); cos, sin: (batch, full, head_dim) HF tables (halves duplicated).
@@ -176,20 +177,24 @@ def exact_scores(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     A = C M (Q·K) Mᵀ C + S M (Q·K) Mᵀ S + S M (Q×K) Mᵀ C − C M (Q×K) Mᵀ S with Q·K = q¹k¹ᵀ + q²k²ᵀ and
     Q×K = q¹k²ᵀ − q²k¹ᵀ. The four terms are [Cq]·[Ck]ᵀ, [Sq]·[Sk]ᵀ, [S(q¹, −q²)]·[C(k², k¹)]ᵀ and
     [Cq]·[S(−k², k¹)]ᵀ; the first and last share Cq, so they are reassociated into one product of width
-    3·head_dim: [Cq, Sq, S(q¹, −q²)] · [Ck + S(−k², k¹), Sk, C(k², k¹)]ᵀ.
+    3·head_dim: [Cq, Sq, S(q¹, −q²)] · [Ck + S(−k², k¹), Sk, C(k², k¹)]ᵀ. Returns (batch, heads, full, 3·head_dim) each.
     """
     half = q.shape[-1] // 2
     c, s = cos[:, None], sin[:, None]  # (batch, 1, full, head_dim)
     q1, q2 = q[..., :half], q[..., half:]
     k1, k2 = k[..., :half], k[..., half:]
-    cq, sq = c * q, s * q
-    ck, sk = c * k, s * k
     cross_q = torch.cat((s[..., :half] * q1, -s[..., half:] * q2), dim=-1)
     cross_k = torch.cat((c[..., :half] * k2, c[..., half:] * k1), dim=-1)
     cross_k2 = torch.cat((-s[..., :half] * k2, s[..., half:] * k1), dim=-1)
-    left = torch.cat((cq, sq, cross_q), dim=-1)  # (batch, heads, full, 3 * head_dim)
-    right = torch.cat((ck + cross_k2, sk, cross_k), dim=-1)
-    return (left @ right.transpose(-1, -2)) * scaling  # (batch, heads, full, full)
+    left = torch.cat((c * q, s * q, cross_q), dim=-1)  # (batch, heads, full, 3 * head_dim)
+    right = torch.cat((c * k + cross_k2, s * k, cross_k), dim=-1)
+    return left, right
+
+
+def exact_scores(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scaling: float) -> torch.Tensor:
+    """RoPE attention logits at full length from the C/S decomposition (``exact_factors``): (batch, heads, full, full)."""
+    left, right = exact_factors(q, k, cos, sin)
+    return (left @ right.transpose(-1, -2)) * scaling
 
 
 def restrict(vmap: VirtualMap, positions: torch.Tensor, filler: torch.Tensor) -> VirtualMap:
