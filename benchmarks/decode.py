@@ -7,7 +7,7 @@ CPU, fp32, batch 1, one photo + ~40 text tokens. DyMU-low thresholds are found o
 Per configuration: language-model prefill time (the `language_model` forward, timed with hooks), the mean time of
 a decode step over --new-tokens generated tokens (the language model forward of each step), the KV-cache bytes
 after the prefill, and the speedups over unmerged beside the ones the cache-aware FLOPs counter predicts
-(`dymu.flops`). Goal: measured >= 0.8 of predicted, prefill and decode.
+(`dymu.flops`). Goal: measured >= 0.9 of predicted, prefill and decode (issue 22; 0.8 before).
 
 Usage: python benchmarks/decode.py [--llm-layers 4] [--new-tokens 64] [--repeats 2] [--json out.json]
 """
@@ -36,7 +36,7 @@ LOW_TOKENS = 90
 TEXT_TOKENS = 40
 TIMED_PHOTO = "astronaut"
 #: measured speedup / FLOPs-predicted speedup the issue asks for
-GOAL = 0.8
+GOAL = 0.9
 #: (label, DyMU-low?, VTU mode, prune spec as a function of the language-model depth)
 CONFIGS = (
     ("unmerged", False, "fast", lambda layers: None),

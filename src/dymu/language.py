@@ -239,7 +239,9 @@ class LanguageAdapter:
             hidden = args[0] if positional and args else kwargs.get("hidden_states")
             self._check_unique(hidden, vmap, "self_attn")
             run.unique_input = hidden
-            run.expanded = V.from_unique(hidden, vmap)  # (batch, positions, hidden): the shape attention reads
+            # what attention reads of its input is the shape (batch, positions, hidden): a stride-0 view, no copy; its
+            # projections get the unique rows instead (checked: they must be called with this very tensor)
+            run.expanded = hidden[:, :1].expand(vmap.full_to_unique.shape[0], vmap.num_full, hidden.shape[-1])
             if positional:
                 return (run.expanded, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": run.expanded}
