@@ -60,7 +60,7 @@ def test_language_plan_shapes_by_hand():
     shape = F.LayerShape
     assert F.language_plan(UNMERGED, 2) == [shape(10, 10, 10)] * 2
     assert F.language_plan(MERGED, 2, "fast") == [shape(8, 10, 10)] * 2  # unique rows, full-length attention
-    assert F.language_plan(MERGED, 2, "exact") == [shape(8, 10, 10, score_width=3)] * 2
+    assert F.language_plan(MERGED, 2, "exact") == [shape(8, 10, 10, score_width=2)] * 2
     assert F.language_plan(MERGED, 2, "none") == [shape(8, 8, 8)] * 2
     # FastV k=1 keeps 1 of 2 groups: 6 + 1 rows, its 2 positions (mean group size) for attention; layer 0 ranks
     assert F.language_plan(MERGED, 2, "fast", DROP_ONE) == [shape(8, 10, 10, ranking_queries=1), shape(7, 8, 8)]
@@ -90,11 +90,11 @@ LM_HEAD = 2 * 8 * 10
 @pytest.mark.parametrize("prompt,vtu,prune,expected", [
     (UNMERGED, "fast", None, 2 * by_hand(10, 10, 10)),
     (MERGED, "fast", None, 2 * by_hand(8, 10, 10)),
-    (MERGED, "exact", None, 2 * by_hand(8, 10, 10, score_width=3)),
+    (MERGED, "exact", None, 2 * by_hand(8, 10, 10, score_width=2)),
     (MERGED, "none", None, 2 * by_hand(8, 8, 8)),
     (UNMERGED, "fast", DROP_ONE, by_hand(10, 10, 10, ranking=1) + by_hand(8, 8, 8)),  # keeps 4 - round(2) = 2
     (MERGED, "fast", DROP_ONE, by_hand(8, 10, 10, ranking=1) + by_hand(7, 8, 8)),
-    (MERGED, "exact", DROP_ONE, by_hand(8, 10, 10, score_width=3, ranking=1) + by_hand(7, 8, 8, score_width=3)),
+    (MERGED, "exact", DROP_ONE, by_hand(8, 10, 10, score_width=2, ranking=1) + by_hand(7, 8, 8, score_width=2)),
     (MERGED, "none", DROP_ONE, by_hand(8, 8, 8, ranking=1) + by_hand(7, 7, 7)),
 ])
 def test_prefill_flops_by_hand(prompt, vtu, prune, expected):

@@ -34,8 +34,8 @@ from .prune import kept_count
 
 FASTV_FORMULA = "fastv-formula"
 CACHE_AWARE = "cache-aware"
-#: exact VTU's score product is one matmul of width 3 x head_dim (dymu.vtu.exact_scores)
-EXACT_SCORE_WIDTH = 3
+#: exact VTU's score product is one matmul of width 2 x head_dim (dymu.vtu.exact_factors)
+EXACT_SCORE_WIDTH = 2
 #: matrices of a gated MLP (gate, up, down)
 GATED_MLP_MATRICES = 3
 #: tensors a KV cache keeps per layer (keys, values)

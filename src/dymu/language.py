@@ -495,7 +495,7 @@ def _scale(query: torch.Tensor, scaling: float | None) -> float:
 
 def _exact(module, run: Run, query, key, value, attention_mask, scaling: float):
     """Exact VTU attention: the logits are the product of the C/S factors of the merged, un-rotated Q/K
-    (``vtu.exact_factors``, width 3·head_dim), so the fused SDPA kernel computes softmax(left·rightᵀ·scale + mask)·V
+    (``vtu.exact_factors``, width 2·head_dim), so the fused SDPA kernel computes softmax(left·rightᵀ·scale + mask)·V
     without a full (heads, length, length) logits tensor of ours."""
     batch, heads, length, head_dim = query.shape
     if key.shape[-2] != length or run.rotary is None:
@@ -507,17 +507,21 @@ def _exact(module, run: Run, query, key, value, attention_mask, scaling: float):
 
     q, k = unrotated("q"), unrotated("k")
     groups = heads // k.shape[1]
-    k = k.repeat_interleave(groups, dim=1)  # (batch, heads, length, head_dim), GQA
-    value = value.repeat_interleave(groups, dim=1)
+    if groups > 1:  # GQA: (batch, heads, length, head_dim)
+        k, value = k.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     cos, sin = run.rotary
     kept = run.plan.layout(module.layer_idx)
     if kept is not None:  # a layer that holds fewer positions: their tables
         cos, sin = P.gather_rows(cos, kept), P.gather_rows(sin, kept)
-    mask = _to_additive(attention_mask, query, length).to(query.dtype)
+    cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+    key = ("exact", id(attention_mask), length)
+    if key not in run.masks:  # one additive mask per forward (every layer gets the same)
+        run.masks[key] = _to_additive(attention_mask, query, length).to(query.dtype)
+    mask = run.masks[key]
     output = torch.empty_like(query)  # (batch, heads, length, head_dim)
-    for start in range(0, heads, EXACT_HEADS_PER_CHUNK):  # bounds the (batch, chunk, length, 3 * head_dim) factors
+    for start in range(0, heads, EXACT_HEADS_PER_CHUNK):  # bounds the (batch, chunk, length, 2 * head_dim) factors
         chunk = slice(start, start + EXACT_HEADS_PER_CHUNK)
-        left, right = V.exact_factors(q[:, chunk], k[:, chunk], cos.to(q.dtype), sin.to(q.dtype))
+        left, right = V.exact_factors(q[:, chunk], k[:, chunk], cos, sin)
         output[:, chunk] = torch.nn.functional.scaled_dot_product_attention(left, right, value[:, chunk],
                                                                             attn_mask=mask, scale=scaling)
     return output.transpose(1, 2).contiguous(), None

@@ -175,19 +175,16 @@ def exact_factors(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
     (heads already repeated for GQA); cos, sin: (batch, full, head_dim) HF tables (halves duplicated).
 
     A = C M (Q·K) Mᵀ C + S M (Q·K) Mᵀ S + S M (Q×K) Mᵀ C − C M (Q×K) Mᵀ S with Q·K = q¹k¹ᵀ + q²k²ᵀ and
-    Q×K = q¹k²ᵀ − q²k¹ᵀ. The four terms are [Cq]·[Ck]ᵀ, [Sq]·[Sk]ᵀ, [S(q¹, −q²)]·[C(k², k¹)]ᵀ and
-    [Cq]·[S(−k², k¹)]ᵀ; the first and last share Cq, so they are reassociated into one product of width
-    3·head_dim: [Cq, Sq, S(q¹, −q²)] · [Ck + S(−k², k¹), Sk, C(k², k¹)]ᵀ. Returns (batch, heads, full, 3·head_dim) each.
+    Q×K = q¹k²ᵀ − q²k¹ᵀ. The four terms are [Cq]·[Ck]ᵀ, [Sq]·[Sk]ᵀ, [Sq]·[C(k², −k¹)]ᵀ and [Cq]·[S(−k², k¹)]ᵀ;
+    the terms that share Cq and those that share Sq are reassociated into one product of width 2·head_dim:
+    [Cq, Sq] · [Ck + S(−k², k¹), Sk + C(k², −k¹)]ᵀ. Returns (batch, heads, full, 2·head_dim) each.
     """
     half = q.shape[-1] // 2
     c, s = cos[:, None], sin[:, None]  # (batch, 1, full, head_dim)
-    q1, q2 = q[..., :half], q[..., half:]
     k1, k2 = k[..., :half], k[..., half:]
-    cross_q = torch.cat((s[..., :half] * q1, -s[..., half:] * q2), dim=-1)
-    cross_k = torch.cat((c[..., :half] * k2, c[..., half:] * k1), dim=-1)
-    cross_k2 = torch.cat((-s[..., :half] * k2, s[..., half:] * k1), dim=-1)
-    left = torch.cat((c * q, s * q, cross_q), dim=-1)  # (batch, heads, full, 3 * head_dim)
-    right = torch.cat((c * k + cross_k2, s * k, cross_k), dim=-1)
+    turned = torch.cat((-k2, k1), dim=-1)  # (−k², k¹)
+    left = torch.cat((c * q, s * q), dim=-1)  # (batch, heads, full, 2 * head_dim)
+    right = torch.cat((c * k + s * turned, s * k - c * turned), dim=-1)
     return left, right
 
 
