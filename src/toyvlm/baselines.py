@@ -107,8 +107,7 @@ def calibrated_vtw(model, processor, images: int = VTW_CALIBRATION_IMAGES, seed:
 def settings(thresholds: dict, tome: dict, vtw_spec: str, layers: int) -> list[tuple[str, dict]]:
     """(name, dymu.apply keywords) of every setting, in table order (``layers``: of the language model)."""
     fastv = [(f"FastV k={FASTV_K} r={r}", {"prune": f"fastv:k={FASTV_K},r={r}"}) for r in FASTV_RATIOS]
-    never = vtw_spec == f"vtw:k={layers}"  # no layer qualified: the model as it is (dymu refuses a k it cannot act on)
-    vtw = [(f"VTW calibrated ({vtw_spec}{NEVER if never else ''})", {"prune": None if never else vtw_spec})]
+    vtw = [(f"VTW calibrated ({vtw_spec}{NEVER if vtw_spec == f'vtw:k={layers}' else ''})", {"prune": vtw_spec})]
     if vtw_spec != f"vtw:k={layers // 2}":  # what withdrawing costs on this model, at half depth
         vtw.append((f"VTW k={layers // 2}", {"prune": f"vtw:k={layers // 2}"}))
     rows = [("unmerged", {}), *fastv, *vtw]
@@ -138,13 +137,16 @@ def run(model_dir, out_dir=None, scenes: int = DEFAULT_TEST_SCENES, seed: int = 
     tome = {level: tome_r_for(means[level], model) for level in LEVELS}
     vtw = calibrated_vtw(model, processor, seed=seed, progress=progress)
     rows, reference = [], None
-    for name, keywords in settings(thresholds, tome, vtw.spec, model.config.text_config.num_hidden_layers):
-        dymu.apply(model, **{"thresholds": None, **keywords})
+    layers = model.config.text_config.num_hidden_layers
+    for name, keywords in settings(thresholds, tome, vtw.spec, layers):
+        # a calibrated VTW that found no layer (vtw:k=depth) is the model as it is: dymu refuses a k it cannot act on
+        acting = {k: v for k, v in keywords.items() if not (k == "prune" and v == f"vtw:k={layers}")}
+        dymu.apply(model, **{"thresholds": None, **acting})
         try:
             merged = "thresholds" in keywords and keywords["thresholds"] is not None or "merge" in keywords
             counts = encoder_counts(model, processor, images) if merged else None
             answers = answer(model, processor, records, images, progress=progress, desc=name)
-            flops = mean_prefill_flops(model, records, texts, counts, keywords.get("vtu", "fast"), keywords.get("prune"))
+            flops = mean_prefill_flops(model, records, texts, counts, keywords.get("vtu", "fast"), acting.get("prune"))
         finally:
             dymu.remove(model)
         tokens = [counts[r["image"]][0] for r in records] if counts else [model.config.image_seq_length] * len(records)
