@@ -522,8 +522,11 @@ def _exact(module, run: Run, query, key, value, attention_mask, scaling: float):
     for start in range(0, heads, EXACT_HEADS_PER_CHUNK):  # bounds the (batch, chunk, length, 2 * head_dim) factors
         chunk = slice(start, start + EXACT_HEADS_PER_CHUNK)
         left, right = V.exact_factors(q[:, chunk], k[:, chunk], cos, sin)
-        output[:, chunk] = torch.nn.functional.scaled_dot_product_attention(left, right, value[:, chunk],
-                                                                            attn_mask=mask, scale=scaling)
+        # values padded with zeros to the factors' width: one head size for q, k and v lets SDPA take its fused kernel
+        # (different sizes fall back to a full logits matrix); the padding columns of the output are dropped
+        padded = torch.cat((value[:, chunk], torch.zeros_like(value[:, chunk])), dim=-1)
+        output[:, chunk] = torch.nn.functional.scaled_dot_product_attention(
+            left, right, padded, attn_mask=mask, scale=scaling)[..., :head_dim]
     return output.transpose(1, 2).contiguous(), None
 
 
