@@ -20,13 +20,13 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PIP) -c $(CONSTRAINTS) -e '.[test]'
 	touch $(STAMP)
 
-# The offline demo on the shipped toy LLaVA: about 7 minutes on 2 CPU cores after the install (README, Install).
+# The offline demo on the shipped toy LLaVA: about 30 s on 2 CPU cores after the install (README, Install).
 demo: $(STAMP)
 	$(BIN)/dymu demo
 
 SHOW_TRANSFORMERS := $(BIN)/python -c "import transformers; print('testing with transformers', transformers.__version__)"
 
-# The whole suite: about 13 minutes on 2 CPU cores after the install (README, Install).
+# The whole suite: about 2-3 minutes on 2 idle CPU cores after the install (README, Install).
 test: $(STAMP)
 	@$(SHOW_TRANSFORMERS)
 	$(BIN)/python -m pytest -q
