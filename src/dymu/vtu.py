@@ -179,12 +179,19 @@ def exact_factors(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
     the terms that share Cq and those that share Sq are reassociated into one product of width 2·head_dim:
     [Cq, Sq] · [Ck + S(−k², k¹), Sk + C(k², −k¹)]ᵀ. Returns (batch, heads, full, 2·head_dim) each.
     """
-    half = q.shape[-1] // 2
+    d = q.shape[-1]
+    half = d // 2
     c, s = cos[:, None], sin[:, None]  # (batch, 1, full, head_dim)
-    k1, k2 = k[..., :half], k[..., half:]
-    turned = torch.cat((-k2, k1), dim=-1)  # (−k², k¹)
-    left = torch.cat((c * q, s * q), dim=-1)  # (batch, heads, full, 2 * head_dim)
-    right = torch.cat((c * k + s * turned, s * k - c * turned), dim=-1)
+    shape = (*torch.broadcast_shapes(q.shape, c.shape)[:-1], 2 * d)
+    left = torch.empty(shape, dtype=q.dtype, device=q.device)  # (batch, heads, full, 2 * head_dim), written in place
+    torch.mul(c, q, out=left[..., :d])
+    torch.mul(s, q, out=left[..., d:])
+    turned = torch.empty_like(k)  # (−k², k¹)
+    torch.neg(k[..., half:], out=turned[..., :half])
+    turned[..., half:] = k[..., :half]
+    right = torch.empty(shape, dtype=k.dtype, device=k.device)
+    torch.mul(c, k, out=right[..., :d]).addcmul_(s, turned)  # Ck + S(−k², k¹)
+    torch.mul(s, k, out=right[..., d:]).addcmul_(c, turned, value=-1)  # Sk + C(k², −k¹)
     return left, right
 
 
