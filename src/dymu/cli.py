@@ -142,20 +142,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _text_context(model_name: str) -> int | None:
-    """Positions the language model of a checkpoint can attend over (its text config's max_position_embeddings)."""
+def _text_config(model_name: str):
+    """The text config of a checkpoint's language model (read before the weights load)."""
     from .models import load_config
 
-    config = load_config(model_name)[1]
-    return getattr(config.get_text_config(), "max_position_embeddings", None)
+    return load_config(model_name)[1].get_text_config()
 
 
-def _check_depth(model_name: str, prune) -> None:
-    """A pruning spec must act within the language model's depth (checked from the config, before loading)."""
-    from .models import load_config
+def _check_depth(text, prune) -> None:
+    """A pruning spec must act within the language model's depth (``text``: its text config)."""
     from .policies import policy_for
 
-    text = load_config(model_name)[1].get_text_config()
     if prune is not None and getattr(text, "num_hidden_layers", None):
         policy_for(prune, text.num_hidden_layers)
 
@@ -536,8 +533,9 @@ def cmd_generate(args) -> None:
 
     prune = parse_prune(args.prune)  # a bad spec fails before any loading
     merging, vtu = _encoder_merging(args)
-    _check_context(args.model, _text_context(args.model), args.max_new_tokens)
-    _check_depth(args.model, prune)
+    text = _text_config(args.model)
+    _check_context(args.model, getattr(text, "max_position_embeddings", None), args.max_new_tokens)
+    _check_depth(text, prune)
     images = [open_image(path, _limits(args)) for path in args.image]
     model = load_model(args.model)
     if not (is_vlm(model) and supports_language_side(model)):

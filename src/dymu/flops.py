@@ -28,7 +28,7 @@ from . import vtu as V
 from .errors import DymuError
 from .merge import layer_flops, matching_flops
 from .methods import VTW, FastV, check_vtu, parse_prune
-from .plan import TokenPlan
+from .plan import Segment, TokenPlan
 from .policies import policy_for
 from .prune import kept_count
 
@@ -188,7 +188,7 @@ def plan_shapes(plan, row: int = 0, vtu: str = "fast") -> list[LayerShape]:
     positions each layer holds (VTU) or on those positions, the attention on those positions (exact VTU: a wider
     score product), and the layers whose attention a policy read ranked once more (score "last": the last query;
     "all": every query)."""
-    padding = plan.segments[row] == 0
+    padding = plan.segments[row] == Segment.PAD
     image = plan.image[row]
     positions = plan.num_prompt - int(padding.sum())
     token_of = plan.vmap.full_to_unique[row] if plan.vmap is not None else None

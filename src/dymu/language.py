@@ -40,7 +40,7 @@ from . import vtu as V
 from .errors import DymuError
 from .merge import accumulation_dtype
 from .methods import VTU_MODES
-from .plan import TokenPlan
+from .plan import Segment, TokenPlan
 from .policies import policy_for
 
 #: exact VTU computes its full-length score matrices this many heads at a time (memory bound)
@@ -119,17 +119,19 @@ class LanguageAdapter:
         plan, self.pending = self.pending, None
         self._run = None
         cache = compat.find_cache((*args, *kwargs.values()))
+        continues = self.plan is not None and cache is not None and self._cache is not None \
+            and self._cache() is cache  # a decode step of the sequence the plan belongs to
+        if plan is None and not continues:
+            self.plan = None  # a forward without a plan (a new sequence: the plan belonged to another one)
+            return None
         before = [cache.get_seq_length(layer) for layer in range(self.num_layers)] if cache is not None else [0] * self.num_layers
         if plan is not None:
             if plan.vmap is not None and (kwargs.get("output_hidden_states") or self.language_model.config.output_hidden_states):
                 raise DymuError("output_hidden_states with VTU: the hidden states between layers are one row per unique "
                                 "token, not per position; pass output_hidden_states=False (or vtu=\"none\")")
             self._start_prefill(plan, cache, before)
-        elif self.plan is not None and cache is not None and self._cache is not None and self._cache() is cache:
-            self._start_step(cache, before, args, kwargs)
         else:
-            self.plan = None  # a new sequence: the plan belongs to another one
-            return None
+            self._start_step(cache, before, args, kwargs)
         if self.policy is not None:
             plan = self._run.plan
             for layer, kind in self.policy.scores_at(plan).items():
@@ -376,8 +378,7 @@ class LanguageAdapter:
         if run.rep_vmap is not None:
             states = V.from_unique(states, run.rep_vmap)  # (batch, positions of run.rows, hidden)
         if want is not run.rows:
-            index_rows = P.slots_in(run.rows, want, plan.num_prompt)  # (batch, positions of want)
-            states = states.expand(plan.batch, -1, -1).gather(1, index_rows[..., None].expand(-1, -1, states.shape[-1]))
+            states = V.take_rows(states, P.slots_in(run.rows, want, plan.num_prompt))  # (batch, positions of want, hidden)
         if vmap is not None:
             states = V.to_unique(states, vmap)  # (batch, unique, hidden) or packed (1, real unique, hidden)
         run.rows, run.rep_vmap = want, vmap
@@ -390,9 +391,9 @@ class LanguageAdapter:
         device = plan.segments.device
         if kept is None:
             prompt = torch.arange(plan.num_prompt, device=device).expand(plan.batch, -1)
-            real = plan.segments != 0
+            real = plan.segments != Segment.PAD
         else:
-            prompt, real = kept.positions, ~kept.filler & (plan.segments.gather(1, kept.positions) != 0)
+            prompt, real = kept.positions, ~kept.filler & (plan.segments.gather(1, kept.positions) != Segment.PAD)
         if run.prefill:
             return prompt, real
         after = plan.num_prompt + torch.arange(plan.generated + plan.queries, device=device).expand(plan.batch, -1)
