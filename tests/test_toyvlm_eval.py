@@ -155,6 +155,11 @@ def test_demo_without_the_toy_model_is_a_one_line_error(tmp_path, capsys):
     assert main(["demo", "--model", str(tmp_path / "missing"), "--out", str(theirs)]) == 2
     assert "holds files the demo did not write: pass --overwrite" in capsys.readouterr().err
     assert (theirs / "overview.png").read_bytes() == b"mine" and not (theirs / ".dymu-demo").exists()
+    older = tmp_path / "older"  # an earlier demo's output, written before the marker existed
+    (older / "merge_maps").mkdir(parents=True)
+    (older / "overview.png").write_bytes(b"demo")
+    assert main(["demo", "--model", str(tmp_path / "missing"), "--out", str(older)]) != 0
+    assert "toy model not found" in capsys.readouterr().err and (older / ".dymu-demo").is_file()
 
 
 def test_shipped_checkpoint_was_trained_with_the_default_config():

@@ -747,15 +747,23 @@ def cmd_convert_llava(args) -> None:
 
 #: a file the demo leaves in its output folder: a rerun replaces the demo's own files, never someone else's
 DEMO_MARKER = ".dymu-demo"
+#: what a demo folder holds (the toy demo and --clip); a folder of these names with merge maps in it is an earlier
+#: demo's output even without the marker (dymu before the marker wrote none)
+DEMO_ENTRIES = {DEMO_MARKER, "merge_maps", "overview.png", "thresholds", "thresholds.json", "tokens_per_image.png"}
+
+
+def _is_demo_folder(out: Path) -> bool:
+    names = {entry.name for entry in out.iterdir()}
+    return (out / DEMO_MARKER).is_file() or ("merge_maps" in names and names <= DEMO_ENTRIES)
 
 
 def _demo_folder(path: str, overwrite: bool) -> Path:
-    """The demo's output folder: new, empty, or one the demo wrote before (its marker file); any other folder only
-    with --overwrite."""
+    """The demo's output folder: new, empty, or one the demo wrote before (its marker file, or only its own entries
+    with merge maps among them); any other folder only with --overwrite."""
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise DymuError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / DEMO_MARKER).is_file() and not overwrite:
+    if out.is_dir() and any(out.iterdir()) and not _is_demo_folder(out) and not overwrite:
         raise DymuError(f"--out {out} holds files the demo did not write: pass --overwrite to write its results there "
                         "anyway, or choose another folder")
     out.mkdir(parents=True, exist_ok=True)
