@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 from torch import nn
 
@@ -54,10 +53,7 @@ def apply(model: nn.Module, thresholds=None, vtu: str = "fast", prune=None, merg
         thresholds.check(info.identity(), origin=_origin(thresholds))
         patch_tower(model, thresholds.values)
         get_patch(model).thresholds = thresholds
-    if is_vlm(model) and not supports_language_side(model):
-        warnings.warn(f"dymu: {type(model).__name__}: only the vision tower merges (use dymu.encode); "
-                      "generation with merged tokens is supported for LLaVA-1.5 so far", stacklevel=2)
-    elif is_vlm(model):
+    if is_vlm(model):
         try:
             patch_vlm(model, vtu, prune)
         except Exception:

@@ -264,3 +264,69 @@ def bind_arguments(function, *args, **kwargs) -> tuple[dict, dict]:
         if parameter.kind is inspect.Parameter.VAR_KEYWORD:
             extra = arguments.pop(name, {})
     return arguments, extra
+
+
+# ---------------------------------------------------------------------------------------------- LLaVA-OneVision
+#: what ``dymu.llava`` relies on in ``LlavaOnevisionModel``: its layout function (called on dymu's own features and
+#: on probe tensors, so the language model sees exactly the stock token layout), the newline parameter, and the
+#: module-level crop count of an image size
+ONEVISION_ATTRIBUTES = ("pack_image_features", "image_newline")
+ONEVISION_PACK_PARAMETERS = ("image_features", "image_sizes", "image_newline", "vision_aspect_ratio")
+
+
+def check_onevision(base: nn.Module) -> None:
+    name = type(base).__name__
+    if missing := _missing(base, ONEVISION_ATTRIBUTES):
+        raise refuse(f"{name} has no {', '.join(missing)}")
+    if missing := [p for p in ONEVISION_PACK_PARAMETERS if p not in _parameters(base.pack_image_features)]:
+        raise refuse(f"{name}.pack_image_features takes no {', '.join(missing)}")
+    if getattr(base.config, "image_grid_pinpoints", None) is None:
+        raise refuse(f"{name}.config has no image_grid_pinpoints")
+
+
+def onevision_crops(base: nn.Module, image_sizes, batch_num_images=None) -> list[int]:
+    """Crops (base + AnyRes grid) the stock OneVision model reads per image: images of multi-image prompts get
+    their base crop only (``batch_num_images``), like ``LlavaOnevisionModel.get_image_features``."""
+    import sys
+
+    count = sys.modules[type(base).__module__].image_size_to_num_patches
+    if batch_num_images is None:
+        single = [True] * len(image_sizes)
+    else:
+        single = [int(n) == 1 for n in batch_num_images for _ in range(int(n))]
+    return [count(image_size=size, grid_pinpoints=base.config.image_grid_pinpoints,
+                  patch_size=base.config.vision_config.image_size) if alone else 1
+            for size, alone in zip(image_sizes, single)]
+
+
+def onevision_processor(image_processor, tokenizer, **kwargs):
+    """A ``LlavaOnevisionProcessor`` built without torchvision. Its constructor checks the video processor's class
+    through transformers' video-processor mapping, which installs without torchvision cannot resolve, even for
+    images only (transformers#48558). The check is skipped for this one instance; the video processor is the stock
+    one (it saves and loads; processing a video needs torchvision)."""
+    from transformers import LlavaOnevisionProcessor
+    from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
+
+    video_processor = kwargs.pop("video_processor", None) or LlavaOnevisionVideoProcessor()
+    processor = LlavaOnevisionProcessor.__new__(LlavaOnevisionProcessor)
+    processor.check_argument_for_proper_class = lambda name, argument: type(argument)
+    try:
+        LlavaOnevisionProcessor.__init__(processor, image_processor=image_processor, tokenizer=tokenizer,
+                                         video_processor=video_processor, **kwargs)
+    finally:
+        del processor.check_argument_for_proper_class
+    return processor
+
+
+def load_onevision_processor(folder: str):
+    """The ``LlavaOnevisionProcessor`` saved in ``folder``, loaded part by part (``AutoProcessor`` needs torchvision
+    for OneVision's video processor): image processor (PIL backend), tokenizer, the processor's own settings."""
+    from transformers import AutoTokenizer, LlavaOnevisionProcessor
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+    settings, _ = LlavaOnevisionProcessor.get_processor_dict(folder)
+    names = set(inspect.signature(LlavaOnevisionProcessor.__init__).parameters) - {"self", "image_processor",
+                                                                                  "tokenizer", "video_processor"}
+    return onevision_processor(LlavaOnevisionImageProcessorPil.from_pretrained(folder),
+                               AutoTokenizer.from_pretrained(folder),
+                               **{key: value for key, value in settings.items() if key in names})

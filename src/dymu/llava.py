@@ -53,9 +53,18 @@ def is_vlm(model: nn.Module) -> bool:
     return getattr(config, "model_type", None) in ("llava", "llava_onevision")
 
 
+#: base models whose language side dymu carries (VTU, compact mode, pruning): LLaVA-1.5 and LLaVA-OneVision
+LANGUAGE_SIDE_MODELS = ("LlavaModel", "LlavaOnevisionModel")
+
+
 def supports_language_side(model: nn.Module) -> bool:
-    """VTU / compact generation is implemented for LLaVA-1.5 (LlavaModel with a Llama or Qwen2 decoder)."""
-    return type(getattr(model, "model", model)).__name__ == "LlavaModel"
+    """VTU / compact generation is implemented for LLaVA-1.5 (LlavaModel) and LLaVA-OneVision (LlavaOnevisionModel),
+    with a Llama or Qwen2 decoder."""
+    return type(getattr(model, "model", model)).__name__ in LANGUAGE_SIDE_MODELS
+
+
+def is_onevision(base: nn.Module) -> bool:
+    return type(getattr(base, "model", base)).__name__ == "LlavaOnevisionModel"
 
 
 def _vlm_parts(model: nn.Module):
@@ -109,6 +118,62 @@ def _get_image_features(state: LlavaState):
     return get_image_features
 
 
+def _onevision_image_features(state: LlavaState):
+    """``get_image_features`` of a LlavaOnevisionModel: every crop of every image is encoded in one batch (each its
+    own merge groups), projected once per merged token, then laid out by the model's own ``pack_image_features``
+    (base crop, unpadded grid, bilinear down-scaling, newline per row; ``dymu.onevision``)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    from . import onevision as O
+    from .encoding import encode
+
+    def get_image_features(self, pixel_values, image_sizes=None, vision_feature_layer=None,
+                           vision_feature_select_strategy=None, vision_aspect_ratio=None, batch_num_images=None, **kwargs):
+        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
+        ratio = vision_aspect_ratio or self.config.vision_aspect_ratio
+        if layer != self.config.vision_feature_layer or not isinstance(layer, int):
+            raise DymuError(f"dymu merges up to the configured vision_feature_layer {self.config.vision_feature_layer}, got {layer}")
+        if strategy != "full":
+            raise DymuError(f"LLaVA-OneVision with vision_feature_select_strategy={strategy!r}: dymu supports \"full\" "
+                            "(SigLIP has no CLS token to drop)")
+        if image_sizes is None:
+            raise DymuError("LLaVA-OneVision needs image_sizes (the processor returns them with pixel_values)")
+        crops = compat.onevision_crops(self, image_sizes, batch_num_images)
+        if pixel_values.dim() == 5:  # (images, max crops, 3, h, w), padded with empty crops
+            pixel_values = torch.cat([pixels[:n] for pixels, n in zip(pixel_values, crops)])
+        if pixel_values.shape[0] != sum(crops):
+            raise DymuError(f"pixel_values hold {pixel_values.shape[0]} crops but image_sizes give {sum(crops)}")
+        encoding = encode(self, pixel_values)  # every crop of every image in one batch
+        state.last_encoding = encoding
+        tokens = self.multi_modal_projector(torch.cat(encoding.tokens)[None])[0]  # (merged tokens of all crops, text hidden)
+        projected = tokens.split(encoding.num_tokens)
+        starts = [sum(crops[:i]) for i in range(len(crops))]
+        images = [range(start, start + n) for start, n in zip(starts, crops)]
+        expanded = [torch.stack([projected[c][encoding.source[c]] for c in image]) for image in images]  # (crops, patches, D)
+        packed, _ = self.pack_image_features(expanded, image_sizes, image_newline=self.image_newline,
+                                             vision_aspect_ratio=ratio)
+        layouts = O.layouts(self.pack_image_features, [[encoding.source[c] for c in image] for image in images],
+                            image_sizes, ratio)
+        features = []
+        for image, feature, layout in zip(images, packed, layouts):
+            table = torch.cat([projected[c] for c in image])  # (groups, D): crop-major, as the layout numbers them
+            feature = feature.clone()
+            feature[layout.single] = table[layout.ids[layout.single]]  # a group's positions: its token, bit for bit
+            newline = layout.newline
+            if state.vtu == "none":  # compact: every token the layout holds once, at its first position
+                first = layout.first_positions()
+                feature, newline = feature[first], newline[first]
+            else:
+                feature._dymu_source = layout.ids
+            feature._dymu_newline = newline
+            feature._dymu_placeholders = layout.num_positions
+            features.append(feature)
+        return BaseModelOutputWithPooling(pooler_output=features, last_hidden_state=None)
+
+    return get_image_features
+
+
 def raster_order(source: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """Token indices sorted by the first patch (raster order) each token covers. source: (patches,)."""
     first = torch.full((num_tokens,), source.numel(), dtype=torch.long, device=source.device)
@@ -156,10 +221,12 @@ def prepare_inputs(model, processor, images, text, **processor_kwargs) -> dict:
         inputs = processor(images=images, text=text, return_tensors="pt", padding=True, **processor_kwargs)
     except ValueError as exc:
         raise DymuError(str(exc).splitlines()[0]) from None
+    image_arguments = {name: inputs[name] for name in ("image_sizes", *ONEVISION_IMAGE_ARGUMENTS) if name in inputs}
     with torch.no_grad():
-        features = base.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+        features = base.get_image_features(pixel_values=inputs["pixel_values"], **image_arguments).pooler_output
     token = base.config.image_token_id
     per_image = placeholders_per_image(base.config, tower_info(base))
+    stock = [getattr(f, "_dymu_placeholders", per_image) for f in features]  # each image's stock placeholder count
     rows, image = [], 0
     for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"]):
         ids = ids[mask.bool()]
@@ -169,12 +236,15 @@ def prepare_inputs(model, processor, images, text, **processor_kwargs) -> dict:
             if not placeholder:
                 pieces.append(piece)
                 continue
-            if len(piece) % per_image:
-                raise DymuError(f"a run of {len(piece)} image placeholders is not a whole number of images ({per_image} each)")
-            for _ in range(len(piece) // per_image):  # adjacent <image><image> make one run of several images
+            left = len(piece)
+            while left:  # adjacent <image><image> make one run of several images
                 if image >= len(features):
                     raise DymuError(f"the prompts have more image placeholders than the {len(features)} image(s) given")
+                if stock[image] > left:
+                    raise DymuError(f"a run of {len(piece)} image placeholders is not a whole number of images "
+                                    f"(image {image} has {stock[image]})")
                 pieces.append(ids.new_full((features[image].shape[0],), token))  # its merged token count
+                left -= stock[image]
                 image += 1
         rows.append(torch.cat(pieces))
     if image != len(features):
@@ -209,18 +279,26 @@ def _image_mask(base, input_ids, inputs_embeds) -> torch.Tensor:
     return (inputs_embeds == embedded).all(-1)
 
 
+#: forward arguments OneVision's get_image_features also takes
+ONEVISION_IMAGE_ARGUMENTS = ("vision_aspect_ratio", "batch_num_images")
+
+
 def _vlm_forward(state: LlavaState):
     def forward(self, *args, **kwargs):
         arguments, extra = compat.bind_arguments(type(self).forward, self, *args, **kwargs)
         arguments.pop("self")
         language = state.language
         language.pending = None
+        if arguments.get("pixel_values_videos") is not None or (arguments.get("mm_encoder_outputs") or {}).get("video") is not None:
+            raise DymuError("videos (pixel_values_videos) are not supported by dymu yet: pass images, or dymu.remove(model)")
         if arguments.get("pixel_values") is not None and arguments.get("mm_encoder_outputs") is None:
+            extra_image_arguments = {name: arguments[name] for name in ONEVISION_IMAGE_ARGUMENTS if name in arguments}
             arguments["mm_encoder_outputs"] = {"image": self.get_image_features(
                 pixel_values=arguments.pop("pixel_values"),
                 vision_feature_layer=arguments.get("vision_feature_layer"),
                 vision_feature_select_strategy=arguments.get("vision_feature_select_strategy"),
                 image_sizes=arguments.get("image_sizes"),
+                **extra_image_arguments,
             )}
         image_outputs = (arguments.get("mm_encoder_outputs") or {}).get("image")
         if image_outputs is not None:
@@ -257,10 +335,17 @@ def _plan(base, state: LlavaState, arguments: dict, features: list) -> TokenPlan
                 else "each image needs the processor's placeholder run: pass the prompt and images through the processor")
         raise DymuError(f"{len(features)} image(s) give {visual_tokens} visual tokens but the prompt(s) have "
                         f"{int(mask.sum())} image placeholder tokens ({hint})")
-    if state.vtu != "none" and state.merges and any(s is None for s in sources):
+    newlines = [getattr(f, "_dymu_newline", None) for f in features]
+    onevision = is_onevision(base)
+    if (state.vtu != "none" and state.merges and any(s is None for s in sources)) or (onevision and None in newlines):
         raise DymuError("image features without their merge groups reached the language model (features copied or "
                         "split, e.g. by generate(prefill_chunk_size=...), or made outside dymu): pass pixel_values, "
                         "or the mm_encoder_outputs dymu's get_image_features returned, in one prefill")
+    newline = None
+    if onevision and features:
+        newline = torch.zeros_like(mask)
+        newline[mask] = torch.cat(newlines).to(mask.device)  # placeholder positions in row-major order, as masked_scatter
+        newline = newline if bool(newline.any()) else None
     attention_mask = arguments.get("attention_mask")
     padding = attention_mask == 0 if attention_mask is not None and attention_mask.dim() == 2 else None
     padding = padding if padding is not None and bool(padding.any()) else None
@@ -275,7 +360,8 @@ def _plan(base, state: LlavaState, arguments: dict, features: list) -> TokenPlan
         vmap = None  # every position its own token: the stock computation
     if vmap is None and state.language.policy is None:
         return None
-    return TokenPlan.build(mask, padding, vmap, state.language.num_layers)
+    image = mask if newline is None else mask & ~newline
+    return TokenPlan.build(image, padding, vmap, state.language.num_layers, newline=newline)
 
 
 def last_encoding(model: nn.Module):
@@ -317,13 +403,16 @@ def _generate(self, *args, **kwargs):
 def patch_vlm(model: nn.Module, vtu: str, prune=None) -> LlavaPatch:
     check_vtu(vtu)
     base, language_model = _vlm_parts(model)
-    if type(base).__name__ != "LlavaModel":
-        raise DymuError(f"{type(base).__name__}: the language-model side of dymu supports LLaVA-1.5 (LlavaModel) so far")
+    if type(base).__name__ not in LANGUAGE_SIDE_MODELS:
+        raise DymuError(f"{type(base).__name__}: the language-model side of dymu supports {', '.join(LANGUAGE_SIDE_MODELS)}")
     compat.check_vlm(base)
+    if is_onevision(base):
+        compat.check_onevision(base)
     unpatch_vlm(model)
     state = LlavaState(vtu=vtu, language=LanguageAdapter(language_model, vtu, prune), merges=_tower_merges(base))
     patch = LlavaPatch(state=state, modules=[base])
-    base.get_image_features = MethodType(_get_image_features(state), base)
+    features = _onevision_image_features if is_onevision(base) else _get_image_features
+    base.get_image_features = MethodType(features(state), base)
     base.forward = MethodType(_vlm_forward(state), base)
     if model is not base and hasattr(model, "generate"):
         model.generate = MethodType(_generate, model)

@@ -65,7 +65,24 @@ LLAVA_PRESETS = {
              vocab_size=576, max_position_embeddings=2048, rms_norm_eps=1e-5),
     ),
 }
-ALL_PRESETS = (*PRESETS, *LLAVA_PRESETS)
+#: LLaVA-OneVision presets (``LlavaOnevisionForConditionalGeneration``, llava-hf layout): vision preset, the tower
+#: depth OneVision keeps (llava-hf drops SigLIP's last layer and its head; None: the preset's), Qwen2 text config.
+#: ``--layers`` cuts the language model's depth. The tiny one has grouped-query attention (4 heads, 1 KV head).
+ONEVISION_PRESETS = {
+    "llava-onevision-qwen2-7b": (
+        "siglip-so400m-14-384", 26,
+        dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+             vocab_size=152064, max_position_embeddings=32768, rms_norm_eps=1e-6),
+    ),
+    "tiny-llava-onevision": (
+        "tiny-siglip", None,
+        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+             vocab_size=576, max_position_embeddings=32768, rms_norm_eps=1e-6),
+    ),
+}
+#: OneVision's AnyRes setting: at most 9 grid crops' worth of tokens (larger grids are bilinearly scaled down)
+ONEVISION_ASPECT_RATIO = "anyres_max_9"
+ALL_PRESETS = (*PRESETS, *LLAVA_PRESETS, *ONEVISION_PRESETS)
 
 
 def llava_preset_config(name: str, tokenizer, layers: int | None = None):
@@ -74,14 +91,7 @@ def llava_preset_config(name: str, tokenizer, layers: int | None = None):
 
     vision_name, text_kwargs = LLAVA_PRESETS[name]
     vision_kwargs = PRESETS[vision_name][1]
-    text_kwargs = dict(text_kwargs)
-    if layers is not None:
-        if layers < 1:
-            raise DymuError(f"--layers must be >= 1, got {layers}")
-        text_kwargs["num_hidden_layers"] = layers
-    if len(tokenizer) > text_kwargs["vocab_size"]:
-        raise DymuError(f"{name}: tokenizer has {len(tokenizer)} tokens, more than the vocabulary {text_kwargs['vocab_size']}")
-    text = LlamaConfig(**text_kwargs, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+    text = LlamaConfig(**_text_depth(name, text_kwargs, layers, tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                        eos_token_id=tokenizer.eos_token_id)
     return LlavaConfig(vision_config=CLIPVisionConfig(**vision_kwargs), text_config=text,
                        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
@@ -97,19 +107,80 @@ def build_llava_preset(name: str, seed: int = 0, layers: int | None = None, dtyp
     tokenizer = build_tokenizer()
     config = llava_preset_config(name, tokenizer, layers)
     vision_kwargs = PRESETS[LLAVA_PRESETS[name][0]][1]
-    torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    if dtype is not None:
-        torch.set_default_dtype(dtype)
-    try:
-        model = LlavaForConditionalGeneration(config).eval()
-    finally:
-        torch.set_default_dtype(previous)
+    model = _random_model(LlavaForConditionalGeneration, config, seed, dtype)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     processor = LlavaProcessor(image_processor=make_image_processor("clip", vision_kwargs["image_size"]), tokenizer=tokenizer,
                                patch_size=vision_kwargs["patch_size"], vision_feature_select_strategy="default",
                                num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
     return model, processor
+
+
+def _text_depth(name: str, text_kwargs: dict, layers: int | None, tokenizer) -> dict:
+    text_kwargs = dict(text_kwargs)
+    if layers is not None:
+        if layers < 1:
+            raise DymuError(f"--layers must be >= 1, got {layers}")
+        text_kwargs["num_hidden_layers"] = layers
+    if len(tokenizer) > text_kwargs["vocab_size"]:
+        raise DymuError(f"{name}: tokenizer has {len(tokenizer)} tokens, more than the vocabulary {text_kwargs['vocab_size']}")
+    return text_kwargs
+
+
+def onevision_preset_config(name: str, tokenizer, layers: int | None = None):
+    """The LlavaOnevisionConfig of a OneVision preset whose token ids are ``tokenizer``'s (built with ``video=True``)."""
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+    vision_name, tower_layers, text_kwargs = ONEVISION_PRESETS[name]
+    vision_kwargs = dict(PRESETS[vision_name][1], vision_use_head=False)
+    if tower_layers is not None:
+        vision_kwargs["num_hidden_layers"] = tower_layers
+    text = Qwen2Config(**_text_depth(name, text_kwargs, layers, tokenizer), pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return LlavaOnevisionConfig(vision_config=SiglipVisionConfig(**vision_kwargs), text_config=text,
+                                image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                                video_token_index=tokenizer.convert_tokens_to_ids("<video>"), vision_feature_layer=-1,
+                                vision_feature_select_strategy="full", vision_aspect_ratio=ONEVISION_ASPECT_RATIO)
+
+
+def onevision_processor_for(config, tokenizer, image_processor=None):
+    """The stock ``LlavaOnevisionProcessor`` of a OneVision config (PIL image backend, no torchvision)."""
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+    from .compat import onevision_processor
+    from .tokenizer import ONEVISION_CHAT_TEMPLATE
+
+    vision = config.vision_config
+    if image_processor is None:
+        image_processor = LlavaOnevisionImageProcessorPil(
+            size={"height": vision.image_size, "width": vision.image_size}, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD,
+            image_grid_pinpoints=config.image_grid_pinpoints)
+    return onevision_processor(image_processor, tokenizer, num_image_tokens=(vision.image_size // vision.patch_size) ** 2,
+                               vision_feature_select_strategy=config.vision_feature_select_strategy,
+                               vision_aspect_ratio=config.vision_aspect_ratio, chat_template=ONEVISION_CHAT_TEMPLATE)
+
+
+def build_onevision_preset(name: str, seed: int = 0, layers: int | None = None, dtype: torch.dtype | None = None):
+    """Return (LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor) with random weights."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from .tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer(video=True)
+    config = onevision_preset_config(name, tokenizer, layers)
+    model = _random_model(LlavaOnevisionForConditionalGeneration, config, seed, dtype)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, onevision_processor_for(config, tokenizer)
+
+
+def _random_model(model_class, config, seed: int, dtype: torch.dtype | None):
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        return model_class(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def build_preset(name: str, seed: int = 0, layers: int | None = None, dtype: torch.dtype | None = None):
@@ -118,6 +189,8 @@ def build_preset(name: str, seed: int = 0, layers: int | None = None, dtype: tor
 
     if name in LLAVA_PRESETS:
         return build_llava_preset(name, seed=seed, layers=layers, dtype=dtype)
+    if name in ONEVISION_PRESETS:
+        return build_onevision_preset(name, seed=seed, layers=layers, dtype=dtype)
     if name not in PRESETS:
         raise DymuError(f"unknown preset {name!r}; choose one of: {', '.join(ALL_PRESETS)}")
     family, kwargs = PRESETS[name]
@@ -351,9 +424,23 @@ def load_processor(name_or_path, full: bool = False):
     if folder.is_dir() and not _has_processor(folder):
         raise DymuError(f"{name}: no image processor saved there (no {' or '.join(PROCESSOR_FILES)})")
     try:
+        if full and _model_type(folder if folder.is_dir() else name) == "llava_onevision":
+            from .compat import load_onevision_processor
+
+            return load_onevision_processor(str(folder) if folder.is_dir() else name)
         return (AutoProcessor if full else AutoImageProcessor).from_pretrained(str(folder) if folder.is_dir() else name)
     except Exception as exc:
         raise DymuError(f"cannot load the {'processor' if full else 'image processor'} of {name} ({type(exc).__name__})") from None
+
+
+def _model_type(name_or_path) -> str | None:
+    """The model_type a checkpoint's config.json names (None when there is none to read)."""
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(str(name_or_path)).model_type
+    except Exception:
+        return None
 
 
 def image_processor_for(model, name_or_path=None):

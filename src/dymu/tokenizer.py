@@ -7,6 +7,8 @@ It is trained deterministically on a fixed built-in corpus (no downloads). Any t
 from __future__ import annotations
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+#: LLaVA-OneVision's processor also names a video placeholder (appended after training: the other ids stay put)
+VIDEO_TOKEN = "<video>"
 TOKENIZER_VOCAB_SIZE = 1024
 #: LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT:")
 CHAT_TEMPLATE = (
@@ -16,6 +18,13 @@ CHAT_TEMPLATE = (
     "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n{% else %}{{ part['text'] }}{% endif %}{% endfor %}"
     "{% endif %}{% if message['role'] != 'user' %}</s>{% else %} {% endif %}"
     "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+#: LLaVA-OneVision's (Qwen2 ChatML) conversation format
+ONEVISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n{% else %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 _CORPUS = """
 USER: What is shown in the image? ASSISTANT: A photo of a cat sitting on a red sofa next to a window.
@@ -29,8 +38,8 @@ one two three four five six seven eight nine ten zero red green blue yellow blac
 """
 
 
-def build_tokenizer():
-    """Return a ``PreTrainedTokenizerFast`` (deterministic)."""
+def build_tokenizer(video: bool = False):
+    """Return a ``PreTrainedTokenizerFast`` (deterministic); ``video`` adds OneVision's ``<video>`` placeholder."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -46,5 +55,5 @@ def build_tokenizer():
         tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
         padding_side="left", extra_special_tokens={"image_token": "<image>"},
     )
-    wrapped.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    wrapped.add_special_tokens({"additional_special_tokens": ["<image>", VIDEO_TOKEN] if video else ["<image>"]})
     return wrapped
