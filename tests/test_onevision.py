@@ -242,3 +242,26 @@ def test_refusals(ov):
     with pytest.raises(dymu.DymuError, match="image_sizes"):
         model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"])
     dymu.remove(model)
+
+
+def test_cli_make_model_find_thresholds_generate(tmp_path, image_dir, capsys):
+    """The tiny OneVision preset through the CLI: AnyRes crops count as images when finding thresholds; generate
+    reports each image's tokens against its stock placeholders and the plan's newline segment."""
+    from PIL import Image
+
+    from dymu.cli import main
+
+    folder = tmp_path / "ov"
+    main(["make-model", "tiny-llava-onevision", str(folder)])
+    images = [str(image_dir / f"{name}.png") for name in ("camera", "coins", "checkerboard")]
+    thresholds = tmp_path / "ov.json"
+    main(["find-thresholds", str(folder), *images, "--target-tokens", "300", "--out", str(thresholds), "--measure", "3"])
+    assert "measured" in capsys.readouterr().out
+    photo = tmp_path / "wide.png"
+    Image.open(images[0]).convert("RGB").resize((400, 300)).save(photo)
+    main(["generate", str(folder), "--image", str(photo), "--prompt", "What is it?", "--thresholds", str(thresholds),
+          "--max-new-tokens", "2", "--show-plan"])
+    out = capsys.readouterr().out
+    tokens, placeholders = (int(n) for n in out.split("wide.png: ")[1].split(";")[0].split("/"))
+    assert tokens < placeholders, out
+    assert "newline 27" in out, "400x300: base crop + a 1 x 2 grid (384x768) unpadded to 27 rows of 36 tokens, a newline each"

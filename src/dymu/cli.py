@@ -507,7 +507,8 @@ def _run_generate(model, processor, images, text, max_new_tokens: int, model_nam
     new_tokens = output[0, inputs["input_ids"].shape[1]:]
     return {"answer": processor.decode(new_tokens, skip_special_tokens=True).strip(),
             "prefill": statistics.median(t[0] for t in timings), "decode": statistics.median(t[1] for t in timings),
-            "new_tokens": len(new_tokens), "prompt_length": inputs["input_ids"].shape[1]}
+            "new_tokens": len(new_tokens), "prompt_length": inputs["input_ids"].shape[1],
+            "placeholders": int((inputs["input_ids"] == model.config.image_token_id).sum())}
 
 
 def _prefill_report(model, prompt_length: int, vtu: str) -> str:
@@ -527,7 +528,7 @@ def _layer_span(first: int, end: int) -> str:
 def cmd_generate(args) -> None:
     from . import api
     from .images import open_image
-    from .llava import chat_prompt, get_vlm_patch, is_vlm, supports_language_side
+    from .llava import chat_prompt, is_vlm, last_images, supports_language_side
     from .methods import parse_prune
     from .models import describe, load_model, load_processor
 
@@ -539,7 +540,7 @@ def cmd_generate(args) -> None:
     images = [open_image(path, _limits(args)) for path in args.image]
     model = load_model(args.model)
     if not (is_vlm(model) and supports_language_side(model)):
-        raise DymuError(f"{args.model} is a {type(model).__name__}: dymu generate needs a LLaVA-1.5 checkpoint "
+        raise DymuError(f"{args.model} is a {type(model).__name__}: dymu generate needs a LLaVA-1.5 or LLaVA-OneVision checkpoint "
                         "(for vision encoders use dymu encode)")
     processor = load_processor(args.model, full=True)
     print(f"model: {args.model} ({describe(model)})", file=sys.stderr)
@@ -549,7 +550,7 @@ def cmd_generate(args) -> None:
     if reduced:
         api.apply(model, **merging, vtu=vtu, prune=args.prune)
         merged = _run_generate(model, processor, images, text, args.max_new_tokens, args.model)
-        merged["tokens"] = get_vlm_patch(model).state.last_encoding.num_tokens
+        merged["images"] = last_images(model)  # per image: (placeholders, tokens the language model gets)
         merged["report"] = _prefill_report(model, merged["prompt_length"], vtu)
         if args.show_plan:
             from .llava import last_prefill_plan
@@ -562,13 +563,14 @@ def cmd_generate(args) -> None:
         api.remove(model)
     if not reduced or args.compare:
         runs.append(("unmerged", _run_generate(model, processor, images, text, args.max_new_tokens, args.model)))
-    from .vision import tower_info
-
-    patches = tower_info(model).num_patches
+    stock = [p for p, _ in runs[0][1]["images"]] if reduced else []  # each image's placeholders
     for label, run in runs:
         print(f"[{label}] {run['answer']}")
-        counts = run.get("tokens", [patches] * len(images))
-        per_image = ", ".join(f"{Path(p).name}: {n}/{patches}" for p, n in zip(args.image, counts))
+        if "images" in run:
+            counts = run["images"]
+        else:  # the stock model: every placeholder its own token
+            counts = [(p, p) for p in stock] or [(run["placeholders"] // len(images),) * 2] * len(images)
+        per_image = ", ".join(f"{Path(p).name}: {n}/{positions}" for p, (positions, n) in zip(args.image, counts))
         print(f"  visual tokens {per_image}; prefill {run['prefill'] * 1000:.0f} ms, decode {run['decode'] * 1000:.0f} ms "
               f"for {run['new_tokens']} tokens (median of {GENERATE_REPEATS} runs after {plural(GENERATE_WARMUPS, 'warm-up')})")
         if "report" in run:

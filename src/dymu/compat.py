@@ -287,16 +287,20 @@ def check_onevision(base: nn.Module) -> None:
 def onevision_crops(base: nn.Module, image_sizes, batch_num_images=None) -> list[int]:
     """Crops (base + AnyRes grid) the stock OneVision model reads per image: images of multi-image prompts get
     their base crop only (``batch_num_images``), like ``LlavaOnevisionModel.get_image_features``."""
-    import sys
-
-    count = sys.modules[type(base).__module__].image_size_to_num_patches
     if batch_num_images is None:
         single = [True] * len(image_sizes)
     else:
         single = [int(n) == 1 for n in batch_num_images for _ in range(int(n))]
-    return [count(image_size=size, grid_pinpoints=base.config.image_grid_pinpoints,
-                  patch_size=base.config.vision_config.image_size) if alone else 1
-            for size, alone in zip(image_sizes, single)]
+    counts = anyres_crops(image_sizes, base.config.image_grid_pinpoints, base.config.vision_config.image_size)
+    return [n if alone else 1 for n, alone in zip(counts, single)]
+
+
+def anyres_crops(image_sizes, grid_pinpoints, crop_size: int) -> list[int]:
+    """Crops (base + grid) of each (height, width) image under AnyRes: transformers' ``image_size_to_num_patches``."""
+    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+    return [image_size_to_num_patches(image_size=size, grid_pinpoints=grid_pinpoints, patch_size=crop_size)
+            for size in image_sizes]
 
 
 def onevision_processor(image_processor, tokenizer, **kwargs):

@@ -316,15 +316,16 @@ def last_prefill(model, prompt_length: int, vtu: str) -> LastPrefill:
     """``LastPrefill`` of a model patched by ``dymu.apply`` after a generation or forward of one prompt of
     ``prompt_length`` input ids (as the processor produced them: placeholders unmerged unless ``vtu`` is "none"):
     the plan its language model ran (row 0), counted by ``plan_shapes``."""
-    from .llava import cls_tokens, last_encoding, last_prefill_plan, placeholders_per_image
+    from .llava import cls_tokens, last_encoding, last_images, last_prefill_plan
     from .vision import tower_info
 
     info = tower_info(model)
-    encoding = last_encoding(model)
+    encoding = last_encoding(model)  # every image (OneVision: every crop) the tower ran on
     decoder = Decoder.from_config(model.config)
     cls = cls_tokens(model.config, info)
-    positions = placeholders_per_image(model.config, info) * len(encoding)
-    tokens = sum(encoding.num_tokens) + cls * len(encoding)
+    images = last_images(model)
+    positions = sum(p for p, _ in images)
+    tokens = sum(t for _, t in images)
     text = prompt_length - (tokens if vtu == "none" else positions)
     merging = merging_layers(model, info)
     vision = sum(vision_flops(info, decoder.hidden, t, merging, cls) for t in encoding.layer_tokens)

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .jsonfile import read_json
 from .vision import DymuError
 
@@ -254,5 +256,18 @@ def load_batch(items, processor, limits: ImageLimits = ImageLimits()):
     names = [_name(item, i) for i, item in enumerate(items) if _name(item, i) not in failed]
     if not images:
         return None, names, failures
-    pixel_values = processor(images=[for_processor(image, processor) for image in images], return_tensors="pt")["pixel_values"]
-    return pixel_values, names, failures
+    processed = processor(images=[for_processor(image, processor) for image in images], return_tensors="pt")
+    return crops_of(processed, processor), names, failures
+
+
+def crops_of(processed, processor):
+    """The images an encoder runs on: ``pixel_values`` (batch, 3, h, w) as they are; AnyRes processors (LLaVA-OneVision)
+    return (images, max crops, 3, h, w) padded with empty crops and ``image_sizes``: every real crop (base + grid) of
+    every image, in order, counts as one image, since the tower merges each crop on its own."""
+    pixel_values = processed["pixel_values"]
+    if pixel_values.dim() != 5:
+        return pixel_values
+    from .compat import anyres_crops
+
+    counts = anyres_crops(processed["image_sizes"], processor.image_grid_pinpoints, pixel_values.shape[-1])
+    return torch.cat([crops[:n] for crops, n in zip(pixel_values, counts)])

@@ -38,7 +38,9 @@ PATCH_ATTRIBUTE = "_dymu_llava_patch"
 class LlavaState:
     vtu: str
     language: LanguageAdapter
-    last_encoding: object = None  # dymu.Encoding of the last images encoded (token counts, per-layer counts)
+    last_encoding: object = None  # dymu.Encoding of the last images (crops) encoded (token counts, per-layer counts)
+    last_images: list = field(default_factory=list)  # per image of the last encoding: (placeholders, tokens) it gives
+    # the language model (stock placeholder positions; tokens they hold: merged groups, blends, newlines, CLS)
     merges: bool = True  # the vision tower merges in some layer (image features then carry merge groups)
 
 
@@ -103,6 +105,7 @@ def _get_image_features(state: LlavaState):
         info = tower_info(self)
         encoding = encode(self, pixel_values)
         state.last_encoding = encoding
+        state.last_images = []
         features = []
         for i in range(len(encoding)):
             tokens, source = _selected_tokens(encoding, i, strategy, info.protected)
@@ -112,6 +115,7 @@ def _get_image_features(state: LlavaState):
             else:  # virtual: every placeholder position gets its group's token
                 feature = projected[source]
                 feature._dymu_source = source
+            state.last_images.append((int(source.numel()), int(projected.shape[0])))
             features.append(feature)
         return BaseModelOutputWithPooling(pooler_output=features, last_hidden_state=None)
 
@@ -155,14 +159,15 @@ def _onevision_image_features(state: LlavaState):
                                              vision_aspect_ratio=ratio)
         layouts = O.layouts(self.pack_image_features, [[encoding.source[c] for c in image] for image in images],
                             image_sizes, ratio)
-        features = []
+        features, state.last_images = [], []
         for image, feature, layout in zip(images, packed, layouts):
             table = torch.cat([projected[c] for c in image])  # (groups, D): crop-major, as the layout numbers them
             feature = feature.clone()
             feature[layout.single] = table[layout.ids[layout.single]]  # a group's positions: its token, bit for bit
             newline = layout.newline
+            first = layout.first_positions()
+            state.last_images.append((layout.num_positions, int(first.numel())))
             if state.vtu == "none":  # compact: every token the layout holds once, at its first position
-                first = layout.first_positions()
                 feature, newline = feature[first], newline[first]
             else:
                 feature._dymu_source = layout.ids
@@ -368,6 +373,13 @@ def last_encoding(model: nn.Module):
     """The ``dymu.Encoding`` of the images ``model`` (patched by ``dymu.apply``) encoded last, or None."""
     patch = get_vlm_patch(model)
     return None if patch is None else patch.state.last_encoding
+
+
+def last_images(model: nn.Module) -> list[tuple[int, int]]:
+    """Per image ``model`` (patched by ``dymu.apply``) encoded last: (stock placeholder positions, tokens they hold
+    for the language model: merge groups, plus CLS, OneVision's bilinear blends and newlines)."""
+    patch = get_vlm_patch(model)
+    return [] if patch is None else list(patch.state.last_images)
 
 
 def last_prefill_plan(model: nn.Module) -> TokenPlan | None:
