@@ -5,6 +5,7 @@ The test model has OneVision's architecture at a small geometry: 112 px crops of
 grid pinpoints up to 3 x 3 crops and ``anyres_max_2``, so unpadding and down-scaling both happen on small images.
 """
 
+import json
 import math
 
 import pytest
@@ -265,3 +266,8 @@ def test_cli_make_model_find_thresholds_generate(tmp_path, image_dir, capsys):
     tokens, placeholders = (int(n) for n in out.split("wide.png: ")[1].split(";")[0].split("/"))
     assert tokens < placeholders, out
     assert "newline 27" in out, "400x300: base crop + a 1 x 2 grid (384x768) unpadded to 27 rows of 36 tokens, a newline each"
+    main(["encode", str(folder), str(photo), images[0], "--thresholds", str(thresholds), "--json"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    # 400x300: base + a 1 x 2 grid; camera (512x512): base + a 2 x 2 grid
+    assert [(r["crops"], r["patches"]) for r in rows] == [(3, 3 * 729), (5, 5 * 729)], "an image's crops add up"
+    assert all(r["tokens"] < r["patches"] for r in rows)

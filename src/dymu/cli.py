@@ -367,10 +367,17 @@ def _encode(args, image_set, merging: dict, out: Path | None, viz_dir: Path | No
             if batch.pixel_values is not None:
                 with clock.model():
                     encoding = api.encode(model, batch.pixel_values)
+            crops = batch.crops or [1] * len(batch.names)
+            if viz_dir and max(crops, default=1) > 1:
+                raise DymuError("--viz draws one crop per image; AnyRes processors (LLaVA-OneVision) give several: "
+                                "pass the tower's plain image processor with --processor, or drop --viz")
+            starts = [sum(crops[:i]) for i in range(len(crops))]
             for i, name in enumerate(batch.names):
                 if not _still_missing(missing, name):
                     continue
-                rows.append({"image": name, "tokens": encoding.num_tokens[i], "patches": encoding.num_patches})
+                rows_of_image = range(starts[i], starts[i] + crops[i])  # an AnyRes image: its crops' tokens add up
+                rows.append({"image": name, "tokens": sum(encoding.num_tokens[r] for r in rows_of_image),
+                             "patches": encoding.num_patches * crops[i], **({"crops": crops[i]} if crops[i] > 1 else {})})
                 if to_stdout:
                     print(json.dumps(rows[-1]), flush=True)
                 if sink is not None:
@@ -404,8 +411,10 @@ def _encode(args, image_set, merging: dict, out: Path | None, viz_dir: Path | No
     if not args.json and out is None:
         _print_table(rows)
     if not to_stdout:
-        print(f"mean {counts.mean():.1f} ± {counts.std(unbiased=False):.1f} tokens over {plural(len(rows), 'image')} "
-              f"({100 * counts.mean() / rows[0]['patches']:.1f}% of {rows[0]['patches']} patches)")
+        patches = {r["patches"] for r in rows}
+        share = (f"{100 * counts.mean() / rows[0]['patches']:.1f}% of {rows[0]['patches']} patches" if len(patches) == 1
+                 else f"{100 * counts.sum() / sum(r['patches'] for r in rows):.1f}% of their patches, AnyRes crops included")
+        print(f"mean {counts.mean():.1f} ± {counts.std(unbiased=False):.1f} tokens over {plural(len(rows), 'image')} ({share})")
     if out is not None:
         print(f"wrote {out}: a header line, then a JSON line per image ({len(rows)} encoded, "
               f"{len(skipped) - len(image_set.skipped)} unreadable)", file=sys.stderr)

@@ -249,25 +249,28 @@ def _name(item, index: int) -> str:
     return str(item)
 
 
-def load_batch(items, processor, limits: ImageLimits = ImageLimits()):
-    """Decode and preprocess. Returns (pixel_values or None, names of the images used, failures)."""
+def load_batch(items, processor, limits: ImageLimits = ImageLimits(), crops: bool = False):
+    """Decode and preprocess. Returns (pixel_values or None, names of the images used, failures), and with ``crops``
+    how many rows of pixel_values each image has (1 each; AnyRes processors: its crops, see ``crops_of``)."""
     images, failures = load_images(items, limits)
     failed = {f["image"] for f in failures}
     names = [_name(item, i) for i, item in enumerate(items) if _name(item, i) not in failed]
     if not images:
-        return None, names, failures
+        return (None, names, failures, []) if crops else (None, names, failures)
     processed = processor(images=[for_processor(image, processor) for image in images], return_tensors="pt")
-    return crops_of(processed, processor), names, failures
+    pixel_values, counts = crops_of(processed, processor)
+    return (pixel_values, names, failures, counts) if crops else (pixel_values, names, failures)
 
 
-def crops_of(processed, processor):
-    """The images an encoder runs on: ``pixel_values`` (batch, 3, h, w) as they are; AnyRes processors (LLaVA-OneVision)
-    return (images, max crops, 3, h, w) padded with empty crops and ``image_sizes``: every real crop (base + grid) of
-    every image, in order, counts as one image, since the tower merges each crop on its own."""
+def crops_of(processed, processor) -> tuple[torch.Tensor, list[int]]:
+    """(the images an encoder runs on, rows per input image): ``pixel_values`` (batch, 3, h, w) as they are; AnyRes
+    processors (LLaVA-OneVision) return (images, max crops, 3, h, w) padded with empty crops, and ``image_sizes``:
+    every real crop (base + grid) of every image, in order, counts as one image, since the tower merges each crop on
+    its own."""
     pixel_values = processed["pixel_values"]
-    if pixel_values.dim() != 5:
-        return pixel_values
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 5:
+        return pixel_values, [1] * len(pixel_values)
     from .compat import anyres_crops
 
     counts = anyres_crops(processed["image_sizes"], processor.image_grid_pinpoints, pixel_values.shape[-1])
-    return torch.cat([crops[:n] for crops, n in zip(pixel_values, counts)])
+    return torch.cat([crops[:n] for crops, n in zip(pixel_values, counts)]), counts

@@ -58,6 +58,7 @@ class Batch:
     names: list[str]  # the b readable images
     failures: list[dict] = field(default_factory=list)  # {"image": ..., "error": ...} of the unreadable ones
     error: BaseException | None = None  # raised in a worker: re-raised in the main process as it was
+    crops: list[int] | None = None  # rows of pixel_values per readable image (AnyRes crops); None: one each
 
     def pin_memory(self) -> "Batch":
         """Called by the DataLoader's pinning thread (pin_memory=True): page-locked pixels copy to a GPU faster."""
@@ -89,10 +90,10 @@ class ImageBatches(torch.utils.data.Dataset):
         if isinstance(self.items, torch.Tensor):
             return Batch(index, size, self.items[chunk], list(self.names[chunk]) if self.names else [])
         try:
-            pixel_values, names, failures = load_batch(self.items[chunk], self.processor, self.limits)
+            pixel_values, names, failures, crops = load_batch(self.items[chunk], self.processor, self.limits, crops=True)
         except Exception as exc:  # noqa: BLE001 - a worker's traceback would hide the one-line message
             return Batch(index, size, None, [], error=exc)
-        return Batch(index, size, pixel_values, names, failures)
+        return Batch(index, size, pixel_values, names, failures, crops=crops)
 
 
 def _one_batch(batch: Batch) -> Batch:
