@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..errors import DymuError
 from .settings import parse_method
+from .vlm import load_vlm
 
 IMAGE_TOKEN = "<image>"
 #: lmms-eval's llava_hf defaults, kept so that ``method=full`` answers as it does
@@ -43,20 +44,6 @@ def request_key(task: str, split: str, doc_id: int, context: str, gen_kwargs: di
     """The identity of one request in a journal: its task, document and exact prompt and generation settings."""
     text = json.dumps([task, split, int(doc_id), context, gen_kwargs], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
-
-
-def load_vlm(pretrained: str, dtype=None):
-    """(model, processor) of a LLaVA-1.5 checkpoint; a model dymu cannot generate with is refused in one line."""
-    from ..llava import is_vlm, supports_language_side
-    from ..models import load_model, load_processor
-
-    model = load_model(pretrained, dtype=dtype)
-    if not (is_vlm(model) and supports_language_side(model)):
-        raise DymuError(f"{pretrained}: {type(model).__name__} is not a VLM dymu evaluates (LLaVA-1.5, "
-                        "LlavaForConditionalGeneration, so far)")
-    processor = load_processor(pretrained, full=True)
-    processor.tokenizer.padding_side = "left"
-    return model, processor
 
 
 class DymuLMM(lmms):
@@ -85,6 +72,7 @@ class DymuLMM(lmms):
             raise DymuError(f"batch_size must be >= 1, got {batch_size}")
         self._device = torch.device(device)
         self.progress = progress
+        self.description = self.setting.spec  # the progress bar's label (the runner adds the task)
         self._setup_processes()
         self.samples: dict[str, dict] = {}
         self.journal = None
@@ -119,7 +107,7 @@ class DymuLMM(lmms):
         groups: dict[str, list[int]] = {}
         for i in pending:  # one batch holds one task and one set of generation settings
             groups.setdefault(json.dumps([args[i][4], args[i][1]], sort_keys=True, default=str), []).append(i)
-        bar = tqdm(total=len(requests), initial=len(requests) - len(pending), desc=f"{self.setting.spec}",
+        bar = tqdm(total=len(requests), initial=len(requests) - len(pending), desc=self.description,
                    unit="sample", disable=not self.progress or self.rank != 0, leave=False)
         for members in groups.values():
             for start in range(0, len(members), self.batch_size):
