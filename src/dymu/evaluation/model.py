@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -179,7 +180,9 @@ class DymuLMM(lmms):
 
         accelerator = Accelerator(cpu=self._device.type == "cpu")
         self.accelerator = accelerator
-        self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
+        # lmms-eval's evaluator shards the requests by these variables (accelerate launch / torchrun set them)
+        self._rank = int(os.environ.get("RANK", accelerator.process_index))
+        self._world_size = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))
 
     def journal_header(self) -> dict:
         from ..files import model_fingerprint
