@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 CONSTRAINTS := constraints.txt
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test test-lowest test-transformers bench install clean toy-model toy-eval
+.PHONY: demo test test-lowest test-transformers bench install clean toy-model toy-eval eval-setup eval-test
 
 install: $(STAMP)
 
@@ -60,8 +60,30 @@ toy-eval: $(STAMP)
 	$(BIN)/python -m toyvlm.diagnose --model $(TOY_MODEL) --drift
 	$(BIN)/python -m toyvlm.card $(TOY_MODEL)
 
+# The eval extra (dymu eval, the lmms-eval plugin) in its own venv, so that `make test` keeps the small one: lmms-eval
+# 0.7.3 pulls ~150 packages. Installed with torch pinned to the CPU wheel and the versions of constraints-eval.txt;
+# then torchvision and timm go (the registry's torchvision is built for a CUDA torch and fails to import on the CPU
+# one; timm imports it; neither is used) and a check fails loudly if any of that did not hold. About 2 minutes.
+EVAL_VENV ?= .venv-eval
+EVAL_BIN := $(EVAL_VENV)/bin
+EVAL_STAMP := $(EVAL_VENV)/.dymu-installed
+EVAL_PIP := $(EVAL_BIN)/pip install --quiet --disable-pip-version-check
+eval-setup: $(EVAL_STAMP)
+
+$(EVAL_STAMP): pyproject.toml constraints-eval.txt
+	test -x $(EVAL_BIN)/python || $(PYTHON) -m venv $(EVAL_VENV)
+	$(EVAL_PIP) "$(TORCH_SPEC)"
+	$(EVAL_PIP) -c constraints-eval.txt -e '.[eval,test]'
+	$(EVAL_BIN)/pip uninstall --yes --quiet torchvision timm
+	$(EVAL_BIN)/python -m dymu.evaluation.check
+	touch $(EVAL_STAMP)
+
+# The tests that need lmms-eval (tests/test_evaluation_lmms.py; about 3 minutes), in the eval venv.
+eval-test: $(EVAL_STAMP)
+	$(EVAL_BIN)/python -m pytest -q tests/test_evaluation_lmms.py tests/test_evaluation.py
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/encoder_speed.py
 
 clean:
-	rm -rf $(VENV) dymu-demo .pytest_cache
+	rm -rf $(VENV) $(EVAL_VENV) dymu-demo .pytest_cache

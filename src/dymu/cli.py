@@ -940,6 +940,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-tokens", type=int, default=DEMO_TARGET_TOKENS,
                    help="--clip: mean tokens to find thresholds for (default: %(default)s)")
     p.set_defaults(func=cmd_demo)
+
+    from .evaluation.cli import add_commands as add_evaluation_commands
+
+    add_evaluation_commands(sub)  # eval, report
     return parser
 
 

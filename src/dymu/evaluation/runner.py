@@ -1,0 +1,157 @@
+"""``dymu eval``: every method of a list on every task of a list, through lmms-eval, in this process.
+
+For each (method, task) pair: ``simple_evaluate`` with a :class:`~dymu.evaluation.model.DymuLMM` object on the loaded
+model (``dymu.apply`` per method), its answers journaled per sample in ``OUT/METHOD/TASK/responses.jsonl`` and the
+pair's scores and per-sample records in ``OUT/METHOD/TASK/result.json`` once it is finished. A rerun skips the
+finished pairs and continues an unfinished one from its journal; the table (:mod:`.report`) is rewritten at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..errors import DymuError
+from ..files import atomic_write_json
+from .settings import parse_method, slug
+
+RESULT_FORMAT = "dymu-eval-result"
+RESULT_VERSION = 1
+RESULT_FILE = "result.json"
+RESPONSES_FILE = "responses.jsonl"
+#: prefix of the toy benchmark's tasks (their data: ``python -m toyvlm.data``)
+TOY_PREFIX = "dymu_toy_"
+#: test scenes of the toy benchmark written when none is there (toyvlm.evaluate's test set: 4,510 questions)
+TOY_SCENES = 1000
+DEFAULT_BATCH_SIZE = 8
+
+
+def task_manager():
+    """lmms-eval's TaskManager with dymu's tasks included; lmms-eval's logging quieted to warnings."""
+    from lmms_eval.tasks import TaskManager
+
+    import dymu_lmms
+
+    _quiet_logging()
+    return TaskManager("WARNING", include_path=dymu_lmms.TASKS)
+
+
+def _quiet_logging() -> None:
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
+
+
+def check_tasks(manager, tasks: list[str]) -> None:
+    """One line for a task lmms-eval does not know."""
+    unknown = [task for task in tasks if task not in manager.all_tasks]
+    if unknown:
+        raise DymuError(f"--tasks: unknown task(s) {', '.join(unknown)} (lmms-eval {len(manager.all_tasks)} tasks and "
+                        f"dymu's {', '.join(t for t in manager.all_tasks if t.startswith(TOY_PREFIX))}; "
+                        "`lmms-eval --tasks list` lists them)")
+
+
+def toy_benchmark(model_dir, folder=None, scenes: int = TOY_SCENES) -> Path:
+    """The toy benchmark folder the dymu_toy tasks read (``$DYMU_TOY_BENCHMARK`` is set to it): ``folder``, else the
+    environment's, else ``toy-benchmark/test-{scenes}-{size}px`` in dymu's cache folder, written by
+    ``python -m toyvlm.data`` at the model's image size when it is not there yet."""
+    from ..demo import cache_dir
+    from ..models import load_processor
+
+    if folder is None and os.environ.get("DYMU_TOY_BENCHMARK"):
+        folder = os.environ["DYMU_TOY_BENCHMARK"]
+    if folder is not None:
+        folder = Path(folder).expanduser()
+        if not (folder / "questions.jsonl").is_file():
+            raise DymuError(f"--toy-data {folder}: no toy benchmark there (write one with `python -m toyvlm.data "
+                            f"--out {folder}`)")
+    else:
+        size = int(load_processor(model_dir).crop_size["height"])
+        folder = cache_dir() / "toy-benchmark" / f"test-{scenes}-{size}px"
+        if not (folder / "captions.json").is_file():
+            print(f"writing the toy benchmark ({scenes} test scenes, {size} px) to {folder}", flush=True)
+            subprocess.run([sys.executable, "-m", "toyvlm.data", "--out", str(folder), "--num-scenes", str(scenes),
+                            "--image-size", str(size)], check=True, stdout=subprocess.DEVNULL)
+    os.environ["DYMU_TOY_BENCHMARK"] = str(folder)
+    return folder
+
+
+def run(model_dir, tasks: list[str], methods: list[str], out, limit: int | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE, vtu: str = "fast", toy_data=None, progress: bool = True) -> list[Path]:
+    """Evaluate every (method, task); returns the result files (``OUT/METHOD/TASK/result.json``) in table order."""
+    from .model import DymuLMM
+    from .vlm import load_vlm
+
+    settings = [parse_method(method, model_dir, vtu) for method in methods]  # every spec checked before any work
+    manager = task_manager()
+    check_tasks(manager, tasks)
+    if any(task.startswith(TOY_PREFIX) for task in tasks):
+        toy_benchmark(model_dir, toy_data)
+    out = Path(out)
+    model, processor = load_vlm(str(model_dir))
+    files = []
+    for setting in settings:
+        for task in tasks:
+            folder = out / slug(setting.spec) / task
+            files.append(folder / RESULT_FILE)
+            if finished(files[-1], setting.spec, limit):
+                print(f"{setting.spec} / {task}: finished before, skipped", flush=True)
+                continue
+            lm = DymuLMM(str(model_dir), method=setting.spec, vtu=vtu, batch_size=batch_size, model=model,
+                         processor=processor, responses=str(folder / RESPONSES_FILE), progress=progress)
+            lm.description = f"{setting.spec} / {task}"
+            try:
+                result = evaluate(lm, manager, task, limit)
+            finally:
+                lm.journal.close()
+            if lm.rank == 0:
+                result.update(model=str(model_dir), method=setting.spec, vtu=setting.vtu, batch_size=batch_size)
+                atomic_write_json(files[-1], result)
+                print(f"{setting.spec} / {task}: {result['main_metric']} {result['metrics'][result['main_metric']]:.4f}",
+                      flush=True)
+    import dymu
+
+    dymu.remove(model)
+    return files
+
+
+def finished(path: Path, method: str, limit: int | None) -> bool:
+    """A result file of this method and limit is there (its pair needs no work)."""
+    import json
+
+    if not path.is_file():
+        return False
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return result.get("format") == RESULT_FORMAT and result.get("method") == method and result.get("limit") == limit
+
+
+def evaluate(lm, manager, task: str, limit: int | None) -> dict:
+    """One task through lmms-eval's ``simple_evaluate``: {metrics, main_metric, samples: per-sample answers, scores
+    and costs (visual tokens, FLOPs, seconds)}."""
+    from lmms_eval import evaluator
+
+    started = time.time()
+    output = evaluator.simple_evaluate(model=lm, tasks=[task], limit=limit, bootstrap_iters=0, log_samples=True,
+                                       task_manager=manager, batch_size=lm.batch_size, verbosity="WARNING")
+    if output is None:  # another process of an accelerate launch: rank 0 has the results
+        return {}
+    metrics = {name.split(",")[0]: value for name, value in output["results"][task].items()
+               if "," in name and "stderr" not in name}
+    main = next(m["metric"] for m in output["configs"][task]["metric_list"])
+    by_doc = {(row["task"], row["doc_id"]): row for row in lm.samples.values()}
+    samples = []
+    for logged in output["samples"][task]:
+        cost = by_doc[(task, logged["doc_id"])]
+        scores = {k: logged[k] for k in metrics if k in logged}
+        samples.append({"doc_id": logged["doc_id"], "response": cost["response"], "target": logged["target"],
+                        **scores, **{k: cost[k] for k in ("visual_tokens", "flops", "stock_flops", "seconds")}})
+    return {"format": RESULT_FORMAT, "version": RESULT_VERSION, "task": task, "limit": limit, "metrics": metrics,
+            "main_metric": main, "higher_is_better": output.get("higher_is_better", {}).get(task, {}),
+            "seconds": time.time() - started, "samples": samples}
