@@ -253,21 +253,27 @@ def test_cli_make_model_find_thresholds_generate(tmp_path, image_dir, capsys):
     from dymu.cli import main
 
     folder = tmp_path / "ov"
-    main(["make-model", "tiny-llava-onevision", str(folder)])
+    assert main(["make-model", "tiny-llava-onevision", str(folder)]) == 0
     images = [str(image_dir / f"{name}.png") for name in ("camera", "coins", "checkerboard")]
     thresholds = tmp_path / "ov.json"
-    main(["find-thresholds", str(folder), *images, "--target-tokens", "300", "--out", str(thresholds), "--measure", "3"])
+    assert main(["find-thresholds", str(folder), *images, "--target-tokens", "300", "--out", str(thresholds), "--measure", "3"]) == 0
     assert "measured" in capsys.readouterr().out
     photo = tmp_path / "wide.png"
     Image.open(images[0]).convert("RGB").resize((400, 300)).save(photo)
-    main(["generate", str(folder), "--image", str(photo), "--prompt", "What is it?", "--thresholds", str(thresholds),
-          "--max-new-tokens", "2", "--show-plan"])
+    assert main(["generate", str(folder), "--image", str(photo), "--prompt", "What is it?", "--thresholds",
+                 str(thresholds), "--max-new-tokens", "2", "--show-plan"]) == 0
     out = capsys.readouterr().out
     tokens, placeholders = (int(n) for n in out.split("wide.png: ")[1].split(";")[0].split("/"))
     assert tokens < placeholders, out
     assert "newline 27" in out, "400x300: base crop + a 1 x 2 grid (384x768) unpadded to 27 rows of 36 tokens, a newline each"
-    main(["encode", str(folder), str(photo), images[0], "--thresholds", str(thresholds), "--json"])
+    assert main(["encode", str(folder), str(photo), images[0], "--thresholds", str(thresholds), "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     # 400x300: base + a 1 x 2 grid; camera (512x512): base + a 2 x 2 grid
     assert [(r["crops"], r["patches"]) for r in rows] == [(3, 3 * 729), (5, 5 * 729)], "an image's crops add up"
     assert all(r["tokens"] < r["patches"] for r in rows)
+    assert main(["enable", str(folder), "--thresholds", str(thresholds)]) == 0
+    enabled = dymu.from_pretrained(folder)
+    assert get_vlm_patch(enabled) is not None and dymu.vision.get_patch(enabled).thresholds.values[0] < math.inf
+    capsys.readouterr()
+    assert main(["flops", str(folder)]) == 2
+    assert "dymu generate" in capsys.readouterr().err

@@ -698,6 +698,9 @@ def cmd_flops(args) -> None:
     if args.prompt_tokens < 0 or args.new_tokens < 1:
         raise DymuError(f"--prompt-tokens must be >= 0 and --new-tokens >= 1, got {args.prompt_tokens} and {args.new_tokens}")
     config = _flops_config(args.model)
+    if config.model_type == "llava_onevision":
+        raise DymuError(f"{args.model}: dymu flops counts LLaVA-1.5 configs; a OneVision image's tokens depend on its size "
+                        "and crops: `dymu generate ... --thresholds FILE` prints the exact prefill FLOPs of a run")
     if config.model_type != "llava":
         raise DymuError(f"{args.model}: dymu flops needs a LLaVA-1.5 config (model_type 'llava'), got {config.model_type!r}")
     info = config_tower_info(config)
