@@ -5,7 +5,8 @@ LLaVA-OneVision-7B architecture with random weights (SigLIP-so400m tower, 26 lay
 depend on depth), CPU, fp32. One 1000x700 photo (the astronaut, resized: OneVision's AnyRes gives a base crop and a
 2 x 3 grid, 7 crops of 384 px, unpadded to the photo's aspect ratio, with a newline per row) + ~40 text tokens.
 Thresholds ov-low / mid / high (about 14% / 25% / 47% of a crop's 729 tokens, the DyMU paper's OneVision levels) are
-found on the base crops of --calibration-images bundled photos.
+found on the AnyRes crops of --calibration-images bundled photos (crops count as images, as in
+`dymu find-thresholds`).
 
 Reports per level:
 * encoder: the time to encode the photo's 7 crops in one batch (once their lengths differ, each crop attends on its
@@ -17,7 +18,7 @@ Reports per level:
   the model ran, and the KV-cache bytes after the prefill.
 
 Usage: python benchmarks/onevision_prefill.py [--llm-layers 2] [--repeats 2] [--levels low,mid,high]
-       [--calibration-images 8] [--json out.json]
+       [--calibration-images 4] [--json out.json]
 
 Each repeat runs every configuration once, in turn (round 0 warms up); the best time per configuration counts.
 """
@@ -41,7 +42,7 @@ from dymu.demo import cache_dir
 from dymu.finder import find_thresholds
 from dymu.flops import encoder_flops, last_prefill, prefill_flops
 from dymu.images import load_batch, open_image
-from dymu.models import build_onevision_preset, make_image_processor
+from dymu.models import build_onevision_preset
 from dymu.vision import merging_layers, tower_info
 
 #: tokens per 729-token crop at ov-low / mid / high (14% / 25% / 47%)
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
     parser.add_argument("--llm-layers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--levels", default="low,mid,high")
-    parser.add_argument("--calibration-images", type=int, default=8)
+    parser.add_argument("--calibration-images", type=int, default=4)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     levels = [level for level in args.levels.split(",") if level]
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
           f"patches per crop), Qwen2 width {hidden}, {args.llm_layers} LLM layers (of 28), fp32, "
           f"{torch.get_num_threads()} threads")
     paths = write_bundled_images(cache_dir() / "images")
-    calibration, _, _ = load_batch(paths[: args.calibration_images], make_image_processor("siglip", info.image_size))
+    calibration, _, _ = load_batch(paths[: args.calibration_images], processor.image_processor)  # their AnyRes crops
     thresholds = {level: find_thresholds(model, calibration, target_tokens=tokens, batch_size=len(calibration),
                                          progress=False, measure=0) for level, tokens in LEVELS.items() if level in levels}
     photo = open_image(next(p for p in paths if Path(p).stem == PHOTO)).resize(PHOTO_SIZE)
