@@ -163,3 +163,12 @@ def test_eval_refuses_a_bad_method_before_anything_runs(tmp_path, capsys):
 def test_eval_without_lmms_eval_says_how_to_install(tmp_path, capsys):
     assert main(["eval", str(TOY), "--tasks", "dymu_toy_qa", "--out", str(tmp_path / "out")]) == 2
     assert "needs lmms-eval: pip install -e '.[eval]'" in capsys.readouterr().err
+
+
+def test_onevision_is_refused_until_its_costs_are_counted(tmp_path):
+    from dymu.evaluation.vlm import load_vlm
+    from dymu.models import make_model
+
+    folder = make_model("tiny-llava-onevision", tmp_path / "ov")
+    with pytest.raises(DymuError, match="OneVision is not evaluated"):
+        load_vlm(str(folder))
