@@ -147,8 +147,8 @@ def main(argv=None) -> int:
         print(f"{'level':<9} {'vtu':<6} {'LM tokens':>9} {'speedup':>8} {'predicted':>9} {'ratio':>6} {'KV MiB':>7}")
         stock_flops = None
         for label, level, mode in configs:
-            dymu.apply(model, thresholds.get(level), vtu=mode)
-            given = compact_inputs[label] if mode == "none" else inputs
+            dymu.apply(model, thresholds.get(level), vtu=mode)  # a fresh patch: compact inputs are encoded again
+            given = dymu.prepare_inputs(model, processor, [photo], [text]) if mode == "none" else inputs
             cache = find_cache(model(**given, use_cache=True, logits_to_keep=1).values())
             last = last_prefill(model, given["input_ids"].shape[1], mode)
             dymu.remove(model)

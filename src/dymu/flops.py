@@ -321,6 +321,9 @@ def last_prefill(model, prompt_length: int, vtu: str) -> LastPrefill:
 
     info = tower_info(model)
     encoding = last_encoding(model)  # every image (OneVision: every crop) the tower ran on
+    if encoding is None:
+        raise DymuError("no images were encoded since dymu.apply: last_prefill counts the prefill that encoded them "
+                        "(with pre-encoded inputs, count after dymu.prepare_inputs under the same dymu.apply)")
     decoder = Decoder.from_config(model.config)
     cls = cls_tokens(model.config, info)
     images = last_images(model)
