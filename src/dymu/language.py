@@ -516,9 +516,11 @@ def _exact(module, run: Run, query, key, value, attention_mask, scaling: float):
         cos, sin = P.gather_rows(cos, kept), P.gather_rows(sin, kept)
     cos, sin = cos.to(q.dtype), sin.to(q.dtype)
     key = ("exact", id(attention_mask), length)
-    if key not in run.masks:  # one additive mask per forward (every layer gets the same)
-        run.masks[key] = _to_additive(attention_mask, query, length).to(query.dtype)
+    if key not in run.masks:  # one mask per forward (every layer gets the same); None: plain causal
+        plain = _plain_causal(attention_mask, length)  # SDPA's causal kernel then, no (length, length) mask tensor
+        run.masks[key] = None if plain else _to_additive(attention_mask, query, length).to(query.dtype)
     mask = run.masks[key]
+    causal = mask is None
     output = torch.empty_like(query)  # (batch, heads, length, head_dim)
     for start in range(0, heads, EXACT_HEADS_PER_CHUNK):  # bounds the (batch, chunk, length, 2 * head_dim) factors
         chunk = slice(start, start + EXACT_HEADS_PER_CHUNK)
@@ -527,8 +529,20 @@ def _exact(module, run: Run, query, key, value, attention_mask, scaling: float):
         # (different sizes fall back to a full logits matrix); the padding columns of the output are dropped
         padded = torch.cat((value[:, chunk], torch.zeros_like(value[:, chunk])), dim=-1)
         output[:, chunk] = torch.nn.functional.scaled_dot_product_attention(
-            left, right, padded, attn_mask=mask, scale=scaling)[..., :head_dim]
+            left, right, padded, attn_mask=mask, is_causal=causal, scale=scaling)[..., :head_dim]
     return output.transpose(1, 2).contiguous(), None
+
+
+def _plain_causal(mask: torch.Tensor | None, length: int) -> bool:
+    """The prefill mask (None, bool keep, or float additive; (batch|1, 1, length, >= length)) is the plain causal one
+    for every row (no padding): each query sees exactly the keys up to itself."""
+    if mask is None:
+        return True
+    if mask.dim() != 4 or mask.shape[-2] != length or mask.shape[-1] < length:
+        return False
+    keep = mask[..., :length] if mask.dtype == torch.bool else mask[..., :length] == 0
+    causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
+    return bool((keep == causal).all())
 
 
 def _to_additive(mask: torch.Tensor | None, query: torch.Tensor, kv_length: int) -> torch.Tensor:
