@@ -380,7 +380,7 @@ def test_generate_cli_errors(tiny_llava_dir, image_paths, tmp_path, capsys, mode
     assert "2 <image> placeholder(s) but 1 image(s) given" in capsys.readouterr().err
     assert main(["generate", str(model_dirs["tiny-clip"]), "--image", image_paths[0], "--prompt", "hi"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == f"dymu generate: error: {model_dirs['tiny-clip']} is a CLIPVisionModel: dymu generate needs a LLaVA-1.5 checkpoint (for vision encoders use dymu encode)"
+    assert err[-1] == f"dymu generate: error: {model_dirs['tiny-clip']} is a CLIPVisionModel: dymu generate needs a LLaVA-1.5 or LLaVA-OneVision checkpoint (for vision encoders use dymu encode)"
 
 
 def test_padding_positions_share_one_token_and_contribute_nothing():
