@@ -759,6 +759,13 @@ def cmd_convert_llava(args) -> None:
     print(f"wrote transformers LLaVA checkpoint to {out}")
 
 
+def cmd_convert_onevision(args) -> None:
+    from .convert_onevision import convert_onevision
+
+    out = convert_onevision(args.src, args.dst, vision_tower=args.vision_tower, overwrite=args.overwrite)
+    print(f"wrote transformers LLaVA-OneVision checkpoint to {out}")
+
+
 #: a file the demo leaves in its output folder: a rerun replaces the demo's own files, never someone else's
 DEMO_MARKER = ".dymu-demo"
 #: what a demo folder holds (the toy demo and --clip); a folder of these names with merge maps in it is an earlier
@@ -924,6 +931,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace DST when it is a model folder (built beside it, swapped in once complete)")
     p.set_defaults(func=cmd_convert_llava)
+
+    p = sub.add_parser("convert-onevision", help="convert an original LLaVA-OneVision checkpoint (lmms-lab layout) to "
+                       "transformers format")
+    p.add_argument("src", help="original LLaVA-OneVision checkpoint folder (lmms-lab layout, with its Qwen2 tokenizer)")
+    p.add_argument("dst", help="folder to write the transformers checkpoint to")
+    p.add_argument("--vision-tower", help="local SigLIP checkpoint folder: the tower when the checkpoint holds none, "
+                   "its geometry otherwise (default: the source's mm_vision_tower)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace DST when it is a model folder (built beside it, swapped in once complete)")
+    p.set_defaults(func=cmd_convert_onevision)
 
     p = sub.add_parser("import-thresholds", help="convert a DyMU reference threshold checkpoint to a dymu thresholds file")
     p.add_argument("checkpoint", help="reference threshold checkpoint (.pt, torch.save of a state dict)")
