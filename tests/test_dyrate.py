@@ -1,0 +1,292 @@
+"""DyRate (issue 25): a rate chosen at every step by a predictor, as a policy on the token plan. Oracles: the unpruned
+model (rate 0), FastV (a constant rate), an uncached brute force that recomputes every decision from the stock
+modules, one-by-one runs of a batch, and beam scores recomputed from the brute force."""
+
+import pytest
+import torch
+
+import dymu
+from dymu import dyrate as D
+from dymu.compat import find_cache
+from dymu.errors import DymuError
+from dymu.llava import get_vlm_patch
+from dymu.plan import Segment, segments_of
+
+from .test_llava import IMAGE_TOKEN, MERGING, images, left_pad, prompt, tiny_llava  # noqa: F401 (images: fixture)
+
+LAYERS = 4
+#: DyRate's pruning layer in these tests (FastV's k)
+K = 2
+STEPS = 8
+
+
+def model_for(text="llama", eager=True, seed=0):
+    model = tiny_llava(layers=LAYERS, text=text, seed=seed).double()
+    if eager:  # the brute force reads attention weights from the stock eager kernel
+        model.set_attn_implementation({"text_config": "eager", "vision_config": "sdpa"})
+    return model
+
+
+def ramp(config: D.PredictorConfig) -> D.Predictor:
+    """A linear predictor whose rate grows with the response's and the instruction's shares: on the tiny random
+    model (near-uniform attention) it moves through every rate within a few steps, at other steps for other prompts."""
+    predictor = D.Predictor(config)
+    steps = torch.arange(config.rates, dtype=torch.float32)
+    with torch.no_grad():
+        predictor.net.weight.zero_()
+        predictor.net.weight[:, 2] = 150.0 * steps  # instruction share
+        predictor.net.weight[:, 3] = 1000.0 * steps  # response share
+        predictor.net.bias.copy_(-torch.cumsum(torch.tensor([0.0, 3.0, 6.0, 9.5]), 0))  # switches at 3, 6, 9.5
+    return predictor
+
+
+def recurrent_ramp(config: D.PredictorConfig) -> D.Predictor:
+    """``ramp`` through a GRU that sums the window's shares with weights 1, 1/2, 1/4 (newest first): a rate that
+    depends on the history (reset gate open, update gate shut, candidate 0.01·(150·instruction + 1000·response) plus
+    half the previous state, read out with thresholds 4, 10, 16)."""
+    predictor = D.Predictor(config)
+    steps = torch.arange(config.rates, dtype=torch.float32)
+    hidden = config.hidden
+    with torch.no_grad():
+        for parameter in predictor.parameters():
+            parameter.zero_()
+        gru = predictor.gru
+        gru.bias_ih_l0[:hidden] = 20.0  # reset gate open
+        gru.bias_ih_l0[hidden : 2 * hidden] = -20.0  # update gate shut: h' = candidate
+        gru.weight_ih_l0[2 * hidden, 2] = 1.5
+        gru.weight_ih_l0[2 * hidden, 3] = 10.0
+        gru.weight_hh_l0[2 * hidden, 0] = 0.5
+        predictor.net.weight[:, 0] = 100.0 * steps
+        predictor.net.bias.copy_(-torch.cumsum(torch.tensor([0.0, 4.0, 6.0, 6.0]), 0))
+    return predictor
+
+
+def save(tmp_path, predictor, config, name="p.json", text="llama"):
+    path = tmp_path / name
+    D.PredictorFile(config, predictor.state_dict(), D.identity(tiny_llava(layers=LAYERS, text=text).config)).save(path)
+    return str(path)
+
+
+def generate(model, ids, pixels, mask=None, steps=STEPS, **options):
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=steps,
+                              min_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                              **options)
+
+
+def logits_of(out):
+    return torch.stack(out.logits, dim=1).double()  # (batch, steps, vocab)
+
+
+def policy_of(model):
+    return get_vlm_patch(model).state.language.policy
+
+
+# ---------------------------------------------------------------------------------------------- test 1
+@pytest.mark.parametrize("monotone", [True, False])
+@pytest.mark.parametrize("text", ["llama", "qwen2"])
+def test_rate_zero_equals_the_unpruned_model(monotone, text, images, tmp_path):
+    """Issue 25 test 1: a predictor that always picks rate 0 is the unpruned model (logits, greedy tokens)."""
+    config = D.PredictorConfig(layer=K)
+    path = save(tmp_path, D.forced(config, 0), config, text=text)
+    model = model_for(text, eager=False)
+    ids, mask = left_pad([prompt(5, 7, seed=1), prompt(2, 4, seed=2)])
+    pixels = images[:2].double()
+    stock = generate(model, ids, pixels, mask)
+    dymu.apply(model, None, prune=f"dyrate:{path},monotone={str(monotone).lower()}")
+    pruned = generate(model, ids, pixels, mask)
+    torch.testing.assert_close(logits_of(pruned), logits_of(stock), rtol=1e-10, atol=1e-10)
+    assert torch.equal(pruned.sequences, stock.sequences)
+    rates = policy_of(model).rates()
+    assert rates.shape == (2, STEPS) and not bool(rates.any())
+
+
+# ---------------------------------------------------------------------------------------------- test 2
+@pytest.mark.parametrize("rate", [1, 3])
+@pytest.mark.parametrize("monotone", [True, False])
+def test_a_constant_rate_equals_fastv(rate, monotone, images, tmp_path):
+    """Issue 25 test 2: a predictor forced to rate c equals FastV(K, r=c) re-ranked per step (non-monotone: the same
+    keys visible at every step) and FastV(K, r=c) pruned once (monotone)."""
+    config = D.PredictorConfig(layer=K)
+    path = save(tmp_path, D.forced(config, rate), config)
+    r = rate / config.rates
+    ids, mask = left_pad([prompt(5, 7, seed=3), prompt(2, 4, seed=4)])
+    pixels = images[:2].double()
+    fastv = model_for(eager=False)
+    dymu.apply(fastv, None, prune=f"fastv:k={K},r={r},rerank={'prefill' if monotone else 'step'}")
+    expected = generate(fastv, ids, pixels, mask)
+    model = model_for(eager=False)
+    dymu.apply(model, None, prune=f"dyrate:{path},monotone={str(monotone).lower()}")
+    out = generate(model, ids, pixels, mask)
+    torch.testing.assert_close(logits_of(out), logits_of(expected), rtol=1e-12, atol=1e-12)
+    assert torch.equal(out.sequences, expected.sequences)
+    policy = policy_of(model)
+    assert torch.equal(policy.rates(), torch.full((2, STEPS), r, dtype=torch.float64))
+    assert policy.kept().tolist() == [[576 - round(r * 576)] * STEPS] * 2
+    unpruned = generate(model_for(eager=False), ids, pixels, mask)
+    assert not torch.allclose(logits_of(out), logits_of(unpruned)), "the rate must change the answer's logits"
+
+
+# ---------------------------------------------------------------------------------------------- test 3
+def brute_force(model, sequences, prompt_length, pixels, predictor, config, monotone):
+    """DyRate recomputed without a cache on the stock modules (fp64, eager): the attention of layers < K over the
+    finished sequences (no drop reaches them), every decision of every step from it (shares of the query of step t
+    at position prompt_length - 1 + t, history, rate, ranking, kept set), then layers >= K with the keys each query may
+    see: monotone, a key dropped at step t is gone for every query of step >= t (the prompt's queries are step 0);
+    non-monotone, a key hidden at step t is hidden from that step's query only (step 0: from every prompt query but
+    itself). Returns (logits (batch, n, vocab), rates (batch, steps), kept (batch, steps))."""
+    base, lm = model.model, model.model.language_model
+    batch, n = sequences.shape
+    steps = n - prompt_length + 1
+    with torch.no_grad():
+        features = list(base.get_image_features(pixel_values=pixels).pooler_output)
+        image = sequences == IMAGE_TOKEN
+        hidden = base.get_input_embeddings()(sequences).masked_scatter(image[..., None], torch.cat(features))
+        positions = torch.arange(n)[None].expand(batch, -1)
+        cos, sin = lm.rotary_emb(hidden, positions)
+        low = torch.finfo(hidden.dtype).min
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        weights = {}
+        hooks = [lm.layers[i].self_attn.register_forward_hook(
+            lambda m, a, out, i=i: weights.__setitem__(i, out[1].mean(1))) for i in range(K)]
+        try:
+            for layer in lm.layers[:K]:
+                mask = torch.zeros(n, n, dtype=hidden.dtype).masked_fill(~causal, low)[None, None]
+                hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=positions)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        prompt_image = image[:, :prompt_length]
+        kinds = torch.cat((segments_of(prompt_image), torch.full((batch, n - prompt_length), int(Segment.RESPONSE))), 1)
+        window = torch.zeros(batch, config.window, 4, dtype=torch.float64)
+        held = torch.ones(batch, prompt_length, dtype=torch.bool)
+        previous = torch.zeros(batch, dtype=torch.float64)
+        visible = causal.expand(batch, n, n).clone()  # (batch, query, key) in layers >= K
+        step_of = (torch.arange(n) - prompt_length + 1).clamp_min(0)
+        rates, kept_counts = [], []
+        for step in range(steps):
+            query = prompt_length - 1 + step
+            shares = torch.stack([D.segment_shares(weights[layer][:, query, : query + 1], kinds[:, : query + 1])
+                                  for layer in config.features]).mean(0)
+            window = torch.cat((window[:, 1:], shares[:, None]), dim=1)
+            rate = D.rate_values(config.rates)[predictor(window).argmax(-1)]
+            if monotone:
+                rate = torch.maximum(rate, previous)
+                previous = rate
+            kept = prompt_image.sum(-1) - torch.round(prompt_image.sum(-1) * rate).long()
+            scores = weights[K - 1][:, query, :prompt_length]
+            candidates = prompt_image & held if monotone else prompt_image
+            ranks = D.image_ranks(scores, candidates)
+            gone = candidates & ~(ranks < kept[:, None])
+            keys = torch.cat((gone, torch.zeros(batch, n - prompt_length, dtype=torch.bool)), 1)  # (batch, n)
+            if monotone:
+                held &= ~gone
+                queries = step_of >= step
+            else:
+                queries = step_of == step
+            hide = queries[None, :, None] & keys[:, None, :] & ~torch.eye(n, dtype=torch.bool)[None]
+            visible &= ~hide
+            rates.append(rate)
+            kept_counts.append(kept)
+        for layer in lm.layers[K:]:
+            mask = torch.zeros(batch, 1, n, n, dtype=hidden.dtype).masked_fill(~visible[:, None], low)
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=positions)
+        return model.lm_head(lm.norm(hidden)), torch.stack(rates, 1), torch.stack(kept_counts, 1)
+
+
+@pytest.mark.parametrize("monotone", [True, False])
+@pytest.mark.parametrize("predictor", ["linear", "recurrent"])
+@pytest.mark.parametrize("text", ["llama", "qwen2"])
+def test_cached_generation_equals_the_uncached_brute_force(monotone, predictor, text, images, tmp_path):
+    """Issue 25 test 3: generate under DyRate (rates moving over the steps, rows apart) equals the uncached
+    recomputation of every decision and every logit; monotone: each layer's KV cache holds per row what the plan
+    says (rows aligned to the longest)."""
+    config = D.PredictorConfig(layer=K, predictor=predictor, history=3, hidden=8)
+    net = ramp(config) if predictor == "linear" else recurrent_ramp(config)
+    path = save(tmp_path, net, config, text=text)
+    model = model_for(text)
+    ids = torch.stack([prompt(5, 7, seed=21), prompt(1, 11, seed=22)])  # one length, other instruction shares
+    pixels = images[:2].double()
+    dymu.apply(model, None, prune=f"dyrate:{path},monotone={str(monotone).lower()}")
+    out = generate(model, ids, pixels)
+    n = ids.shape[1]
+    policy = policy_of(model)
+    reference, rates, kept = brute_force(model, out.sequences[:, :-1], n, pixels, net, config, monotone)
+    assert torch.equal(policy.rates(), rates) and torch.equal(policy.kept(), kept)
+    assert len(set(rates.flatten().tolist())) >= 3, f"rates must move over the steps: {rates.tolist()}"
+    torch.testing.assert_close(logits_of(out), reference[:, n - 1:], rtol=1e-6, atol=1e-6)  # generate: fp32 logits
+    if monotone:
+        plan = get_vlm_patch(model).state.language.plan
+        cache = find_cache(out.values())
+        dropped = 576 - kept[:, -1]
+        for layer in range(LAYERS):
+            held = plan.keep_at(layer).sum(-1)
+            expected = torch.full_like(held, n) if layer < K else n - dropped
+            assert torch.equal(held, expected)
+            assert cache.get_seq_length(layer) == int(expected.max()) + STEPS - 1
+
+
+# ---------------------------------------------------------------------------------------------- test 5
+@pytest.mark.parametrize("monotone", [True, False])
+def test_a_batch_equals_one_by_one(monotone, images, tmp_path):
+    """Issue 25 test 5: a left-padded batch equals each prompt alone: logits, tokens, and each row's own rate
+    trajectory (the rows' rates differ)."""
+    config = D.PredictorConfig(layer=K)
+    path = save(tmp_path, ramp(config), config)
+    rows = [prompt(5, 7, seed=31), prompt(3, 40, seed=32)]
+    ids, mask = left_pad(rows)
+    pixels = images[:2].double()
+    model = model_for(eager=False)
+    dymu.apply(model, MERGING, prune=f"dyrate:{path},monotone={str(monotone).lower()}")
+    together = generate(model, ids, pixels, mask)
+    rates, kept = policy_of(model).rates(), policy_of(model).kept()
+    assert not torch.equal(rates[0], rates[1]), "the rows must choose differently"
+    for row, single in enumerate(rows):
+        alone = generate(model, single[None], pixels[row : row + 1])
+        torch.testing.assert_close(logits_of(alone)[0], logits_of(together)[row], rtol=1e-8, atol=1e-8)
+        assert torch.equal(alone.sequences[0, -STEPS:], together.sequences[row, -STEPS:])
+        assert torch.equal(policy_of(model).rates()[0], rates[row]) and torch.equal(policy_of(model).kept()[0], kept[row])
+
+
+# ---------------------------------------------------------------------------------------------- beam search
+def test_beam_search_follows_each_beam(images, tmp_path):
+    """Beams work: the plan, the caches and the policy's history follow generate's reordering. Oracle: each returned
+    sequence's beam score is the sum of the log-probabilities the uncached brute force gives its tokens."""
+    config = D.PredictorConfig(layer=K)
+    net = ramp(config)
+    path = save(tmp_path, net, config, text="qwen2")
+    model = model_for("qwen2", seed=2)  # beams that part at the first token (the rankings of their queries differ)
+    ids = prompt(5, 7, seed=41)[None]
+    pixels = images[:1].double()
+    dymu.apply(model, None, prune=f"dyrate:{path}")
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=STEPS, min_new_tokens=STEPS,
+                             num_beams=3, num_return_sequences=3, do_sample=False, length_penalty=0.0,
+                             return_dict_in_generate=True, output_scores=True)
+    n = ids.shape[1]
+    for sequence, score in zip(out.sequences, out.sequences_scores):
+        reference, rates, _ = brute_force(model, sequence[None, :-1], n, pixels, net, config, True)
+        logprobs = torch.log_softmax(reference[0, n - 1:], -1).gather(1, sequence[n:, None])
+        torch.testing.assert_close(logprobs.sum().to(score.dtype), score, rtol=1e-6, atol=1e-6)
+    assert len({tuple(s.tolist()) for s in out.sequences}) == 3
+    assert len({tuple(s[n : n + 2].tolist()) for s in out.sequences}) > 1, "the beams must part early"
+
+
+# ---------------------------------------------------------------------------------------------- the file
+def test_predictor_files_are_checked(tmp_path):
+    """A predictor file is versioned and tied to the language model: a mismatch is one line naming the file."""
+    config = D.PredictorConfig(layer=K)
+    path = save(tmp_path, D.forced(config, 1), config)
+    loaded = D.PredictorFile.load(path)
+    assert loaded.config == config and all(torch.equal(loaded.state[k], v) for k, v in D.forced(config, 1).state_dict().items())
+    with pytest.raises(DymuError, match="trained on a language model with num_hidden_layers=4.*has num_hidden_layers=2"):
+        dymu.apply(tiny_llava(layers=2), None, prune=f"dyrate:{path}")
+    deep = D.PredictorConfig(layer=LAYERS)
+    with pytest.raises(DymuError, match="prunes from layer 4, but the language model has 4 layers"):
+        dymu.apply(tiny_llava(layers=LAYERS), None, prune=f"dyrate:{save(tmp_path, D.forced(deep, 1), deep, 'deep.json')}")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "dymu-dyrate", "version": 2}')
+    with pytest.raises(DymuError, match="bad.json: predictor format version 2"):
+        dymu.apply(tiny_llava(layers=LAYERS), None, prune=f"dyrate:{bad}")
+    with pytest.raises(DymuError, match="monotone must be true or false"):
+        dymu.apply(tiny_llava(layers=LAYERS), None, prune=f"dyrate:{path},monotone=maybe")
