@@ -290,3 +290,153 @@ def test_predictor_files_are_checked(tmp_path):
         dymu.apply(tiny_llava(layers=LAYERS), None, prune=f"dyrate:{bad}")
     with pytest.raises(DymuError, match="monotone must be true or false"):
         dymu.apply(tiny_llava(layers=LAYERS), None, prune=f"dyrate:{path},monotone=maybe")
+
+
+# ---------------------------------------------------------------------------------------------- test 4: training
+@pytest.fixture(scope="module")
+def trainable(tmp_path_factory, image_paths):
+    """A 3-layer random tiny-llava checkpoint with its processor, and a tiny training set of its images."""
+    import json
+
+    from dymu.models import load_model, load_processor, make_model
+
+    folder = make_model("tiny-llava", tmp_path_factory.mktemp("train") / "tiny-llava", layers=3)
+    data = tmp_path_factory.mktemp("data") / "train.jsonl"
+    answers = ("a red circle on grass", "two coins", "a camera man", "the moon", "a checkerboard", "yes")
+    rows = [{"image": path, "prompt": "Describe the image.", "answer": answers[i % len(answers)]}
+            for i, path in enumerate(image_paths[:6])]
+    data.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    return folder, load_model(folder).eval(), load_processor(folder, full=True), data
+
+
+def test_the_training_forward_is_inference_with_the_same_rates(trainable, tmp_path):
+    """Spec D5: the teacher-forced training forward with argmax rates (one-hot y) gives the logits and rates of
+    non-monotone DyRate generating the same tokens (every step its own rate, the prompt pruned at step 0's)."""
+    from dymu.dyrate_train import Batch, training_forward
+    from dymu.llava import chat_prompt
+    from dymu.images import open_image
+
+    import copy
+
+    _, model, processor, data = trainable
+    model = copy.deepcopy(model).double()
+    config = D.PredictorConfig(layer=1, rates=4)
+    net = ramp(config)
+    path = tmp_path / "ramp.json"
+    D.PredictorFile(config, net.state_dict(), D.identity(model.config)).save(path)
+    from dymu.dyrate_train import read_records
+
+    records = read_records(data)[:2]
+    images = [open_image(r.image) for r in records]
+    inputs = processor(images=images, text=[chat_prompt(processor, r.prompt, 1) for r in records], return_tensors="pt",
+                       padding=True)
+    dymu.apply(model, None, prune=f"dyrate:{path},monotone=false")
+    out = generate(model, inputs["input_ids"], inputs["pixel_values"].double(), inputs["attention_mask"])
+    rates = policy_of(model).rates()
+    dymu.remove(model)
+    assert len(set(rates.flatten().tolist())) >= 2, "the rates must move"
+    sequences = out.sequences
+    mask = torch.cat((inputs["attention_mask"], torch.ones(2, STEPS, dtype=torch.long)), 1)
+    batch = Batch(sequences, mask, inputs["pixel_values"], torch.full((2,), STEPS))
+    with torch.no_grad():
+        forward = training_forward(model, batch, net, config)
+    n = sequences.shape[1]
+    torch.testing.assert_close(forward.logits[:, n - STEPS - 1 : n - 1].double(), logits_of(out), rtol=1e-6, atol=1e-6)
+    chosen = forward.y.argmax(-1)[:, n - STEPS - 1 : n - 1].double() / config.rates
+    assert torch.equal(chosen, rates)
+
+
+def test_gradients_reach_the_predictor_only(trainable):
+    """Spec D6: through the soft masks the loss has a gradient in every predictor parameter; the VLM's weights get
+    none and its requires_grad flags are as before. An additive -inf mask would give none (the guard)."""
+    from dymu.dyrate_train import Encoder, loss_of, place_noise, read_records, record_noise, training_forward
+
+    _, model, processor, data = trainable
+    records = read_records(data)
+    config = D.PredictorConfig(layer=1, predictor="mlp", hidden=8)
+    torch.manual_seed(0)
+    net = D.Predictor(config)
+    encoder = Encoder(processor)
+    batch = encoder(records)
+    noise = place_noise(record_noise(torch.Generator().manual_seed(0), [len(encoder.answer_ids(r)) for r in records], 4), batch)
+    model.requires_grad_(False)
+    try:
+        forward = training_forward(model, batch, net, config, 1.0, noise)
+        loss_of(forward, batch, config, penalty=0.5).total.backward()
+    finally:
+        model.requires_grad_(True)
+    assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in net.parameters()), [(n, p.grad) for n, p in net.named_parameters()]
+    assert all(p.grad is None for p in model.parameters())
+    # the guard: the same key weights through an additive log-mask (0 / -inf) carry no gradient
+    y = torch.tensor([0.0, 1.0], requires_grad=True)
+    scores = torch.tensor([1.0, 2.0, 3.0])
+    masks = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0]])  # (keys, rates): key 1 gone at rate 1
+    soft = (masks * y).sum(-1)
+    (torch.exp(scores) * soft / (torch.exp(scores) * soft).sum())[0].backward()
+    assert bool(y.grad.abs().sum() > 0)
+    y.grad = None
+    hard = torch.where((masks * y).sum(-1) > 0, 0.0, float("-inf"))
+    torch.softmax(scores + hard, -1)[0].backward() if hard.requires_grad else None
+    assert y.grad is None or not bool(y.grad.abs().sum() > 0)
+
+
+def _train(trainable, out, penalty, steps_to_stop=None, resume=False, predictor="linear"):
+    from dymu.dyrate_train import Settings, read_records, train
+
+    _, model, processor, data = trainable
+    records = read_records(data)
+    config = D.PredictorConfig(layer=1, predictor=predictor, hidden=8, history=3, penalty=penalty)
+    settings = Settings(epochs=2, batch_size=3, lr=0.3, seed=1, save_every=1)
+
+    def stop(step, loss):
+        if step == steps_to_stop:
+            raise KeyboardInterrupt
+
+    return train(model, processor, records, config, out, settings, resume=resume, progress=False,
+                 on_step=stop if steps_to_stop else None)
+
+
+def _eval_loss(trainable, predictor_file):
+    from dymu.dyrate_train import Encoder, loss_of, read_records, training_forward
+
+    _, model, processor, data = trainable
+    batch = Encoder(processor)(read_records(data))
+    config = predictor_file.config
+    with torch.no_grad():
+        return float(loss_of(training_forward(model, batch, predictor_file.predictor(), config), batch, config,
+                             config.penalty).total)
+
+
+def test_training_lowers_the_loss_and_the_penalty_moves_the_rates(trainable, tmp_path):
+    """Issue 25 test 4: training on a tiny set lowers its loss (argmax rates, no noise); a larger penalty weight picks
+    larger rates; the file it writes loads as ``prune="dyrate:FILE"``."""
+    from dymu.dyrate_train import chosen_rates, initial_predictor, read_records
+
+    folder, model, processor, data = trainable
+    records = read_records(data)
+    low = _train(trainable, tmp_path / "low.json", penalty=0.0)
+    high = _train(trainable, tmp_path / "high.json", penalty=5.0)
+    untrained = D.PredictorFile(high.config, initial_predictor(high.config, 1).state_dict(), high.model)
+    assert _eval_loss(trainable, high) < _eval_loss(trainable, untrained)
+    rate_low = chosen_rates(model, processor, records, low.predictor(), low.config)
+    rate_high = chosen_rates(model, processor, records, high.predictor(), high.config)
+    assert rate_high > rate_low, (rate_low, rate_high)
+    assert D.PredictorFile.load(tmp_path / "high.json").config == high.config
+    assert not (tmp_path / "high.json.state").exists()
+    dymu.apply(model, None, prune=f"dyrate:{tmp_path / 'high.json'}")
+    dymu.remove(model)
+
+
+@pytest.mark.parametrize("predictor", ["linear", "recurrent"])
+def test_a_killed_and_resumed_training_ends_with_the_same_weights(trainable, tmp_path, predictor):
+    """Issue 25 test 4: stopped after step 2 of 4 (its state written), resumed: bit-identical to an uninterrupted run;
+    a resume with other settings is refused in one line."""
+    whole = _train(trainable, tmp_path / "whole.json", 1.0, predictor=predictor)
+    with pytest.raises(KeyboardInterrupt):
+        _train(trainable, tmp_path / "cut.json", 1.0, steps_to_stop=2, predictor=predictor)
+    assert (tmp_path / "cut.json.state").exists() and not (tmp_path / "cut.json").exists()
+    with pytest.raises(DymuError, match="made with another predictor config"):
+        _train(trainable, tmp_path / "cut.json", 2.0, resume=True, predictor=predictor)
+    resumed = _train(trainable, tmp_path / "cut.json", 1.0, resume=True, predictor=predictor)
+    assert all(torch.equal(resumed.state[k], whole.state[k]) for k in whole.state)
+    assert resumed.training["history"] == whole.training["history"]

@@ -185,7 +185,7 @@ def gumbel_softmax(logits: torch.Tensor, temperature: float, hard: bool, noise: 
     """(..., K) Gumbel-softmax sample of ``logits`` with the uniform ``noise`` (same shape, in (0, 1)) given, so a
     training run draws it from its own generator; hard: one-hot forward, the soft sample's gradient."""
     tiny = torch.finfo(logits.dtype).tiny
-    gumbel = -torch.log(-torch.log(noise.to(logits.dtype).clamp_min(tiny)).clamp_min(tiny))
+    gumbel = -torch.log((-torch.log(noise.to(logits.dtype).clamp_min(tiny))).clamp_min(tiny))  # -log(-log u)
     soft = torch.softmax((logits + gumbel) / temperature, dim=-1)
     if not hard:
         return soft
@@ -210,8 +210,13 @@ class Predictor(nn.Module):
             self.gru = nn.GRU(width, config.hidden, batch_first=True)
             self.net = nn.Linear(config.hidden, rates)
 
+    @property
+    def readout(self) -> nn.Linear:
+        """The last linear layer (its outputs are the rate logits)."""
+        return self.net[-1] if isinstance(self.net, nn.Sequential) else self.net
+
     def forward(self, window: torch.Tensor) -> torch.Tensor:
-        window = window.to(self.net.weight.dtype)
+        window = window.to(self.readout.weight.dtype)
         if self.config.predictor != "recurrent":
             return self.net(window[..., -1, :])
         lead = window.shape[:-2]
@@ -225,7 +230,7 @@ def forced(config: PredictorConfig, rate_index: int) -> Predictor:
     with torch.no_grad():
         for parameter in predictor.parameters():
             parameter.zero_()
-        predictor.net.bias[rate_index] = FORCED_LOGIT
+        predictor.readout.bias[rate_index] = FORCED_LOGIT
     return predictor
 
 
