@@ -290,6 +290,10 @@ def test_predictor_files_are_checked(tmp_path):
         dymu.apply(tiny_llava(layers=LAYERS), None, prune=f"dyrate:{bad}")
     with pytest.raises(DymuError, match="monotone must be true or false"):
         dymu.apply(tiny_llava(layers=LAYERS), None, prune=f"dyrate:{path},monotone=maybe")
+    from dymu import flops as F
+
+    with pytest.raises(DymuError, match="dyrate chooses its rates while generating"):
+        F.language_plan(F.Prompt(10, 576, 576), LAYERS, "fast", f"dyrate:{path}")
 
 
 # ---------------------------------------------------------------------------------------------- test 4: training
@@ -440,3 +444,88 @@ def test_a_killed_and_resumed_training_ends_with_the_same_weights(trainable, tmp
     resumed = _train(trainable, tmp_path / "cut.json", 1.0, resume=True, predictor=predictor)
     assert all(torch.equal(resumed.state[k], whole.state[k]) for k in whole.state)
     assert resumed.training["history"] == whole.training["history"]
+
+
+# ---------------------------------------------------------------------------------------------- FLOPs and the CLI
+@pytest.mark.parametrize("monotone", [True, False])
+def test_generation_flops_of_a_constant_rate_are_fastvs_plus_the_step_readings(monotone, images, tmp_path):
+    """A constant rate c: cache-aware = FastV(K, c)'s prefill plan and decode steps (``flops.decode_step_flops``:
+    monotone, the pruned caches; non-monotone, full caches) + one ranking query per step at layer K-1; fastv-formula
+    = FastV's Eq. 5 per forward with n_t = prompt + t."""
+    from dymu import flops as F
+    from dymu.llava import last_prefill_plan
+    from dymu.methods import FastV
+
+    config = D.PredictorConfig(layer=K)
+    path = save(tmp_path, D.forced(config, 2), config)
+    model = model_for(eager=False)
+    ids = prompt(5, 7, seed=51)[None]
+    dymu.apply(model, None, prune=f"dyrate:{path},monotone={str(monotone).lower()}")
+    generate(model, ids, images[:1].double())
+    decoder = F.Decoder.from_config(model.config)
+    counts = D.generation_flops(decoder, last_prefill_plan(model), policy_of(model))
+    n, image = ids.shape[1], 576
+    fastv = F.language_plan(F.Prompt(n - image, image, image), LAYERS, "fast", FastV(k=K, r=0.5))
+    stock = F.language_plan(F.Prompt(n - image, image, image), LAYERS, "fast")
+    steps = range(1, STEPS)
+    q_width = decoder.heads * decoder.head_dim
+    # non-monotone: the prefill hides (computes everything) and reads layer K-1 once, as FastV rerank=step
+    read = [F.LayerShape(s.rows, s.queries, s.keys, ranking_queries=int(i == K - 1)) for i, s in enumerate(stock)]
+    cached = fastv if monotone else stock
+    expected = F.prefill_flops(decoder, fastv if monotone else read).flops + sum(
+        F.decode_step_flops(decoder, cached, t).flops + 2 * (cached[K - 1].keys + t) * q_width for t in steps)
+    assert counts.cache_aware.flops == expected and counts.cache_aware.counter == F.CACHE_AWARE
+    assert counts.cache_aware_unpruned.flops == F.prefill_flops(decoder, stock).flops + sum(
+        F.decode_step_flops(decoder, stock, t).flops for t in steps)
+    formula = sum(F.fastv_formula(decoder, n + t, image, FastV(k=K, r=0.5)).flops for t in range(STEPS))
+    assert counts.fastv_formula.flops == pytest.approx(formula, rel=1e-12)
+    assert counts.ratios[F.FASTV_FORMULA] < counts.ratios[F.CACHE_AWARE] < 1 if monotone else \
+        counts.ratios[F.CACHE_AWARE] > 1  # hiding saves nothing in the cache-aware count, the readings cost
+
+
+def test_generate_prints_the_rates_and_kept_tokens(tiny_llava_dir, image_paths, tmp_path, capsys):
+    """dymu generate --prune dyrate:FILE: a line per 8 steps of rate / kept image tokens, FLOPs by both counters
+    (named), the trajectory PNG."""
+    from transformers import AutoConfig
+
+    from dymu.cli import main
+
+    config = D.PredictorConfig(layer=1)
+    path = tmp_path / "p.json"
+    D.PredictorFile(config, D.forced(config, 1).state_dict(), D.identity(AutoConfig.from_pretrained(tiny_llava_dir))).save(path)
+    png = tmp_path / "rates.png"
+    assert main(["generate", str(tiny_llava_dir), "--image", image_paths[0], "--prompt", "What is it?",
+                 "--prune", f"dyrate:{path}", "--max-new-tokens", "10", "--rate-plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "DyRate (linear, monotone, from layer 1): per step (0 = prefill) rate / image tokens kept" in out
+    assert "  0: 0.25/432" in out and "  9: 0.25/432" in out
+    assert "(cache-aware)" in out and "(fastv-formula)" in out
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert main(["generate", str(tiny_llava_dir), "--image", image_paths[0], "--prompt", "What is it?",
+                 "--prune", "fastv:k=1,r=0.5", "--rate-plot", str(png)]) == 2
+
+
+def test_train_dyrate_command(trainable, tmp_path, capsys):
+    """dymu train-dyrate MODEL DATA --out FILE: writes a predictor the model loads; an interrupted run's state is
+    refused without --resume; bad DATA is one line."""
+    from dymu.cli import main
+
+    folder, model, _, data = trainable
+    out = tmp_path / "p.json"
+    args = ["train-dyrate", str(folder), str(data), "--out", str(out), "--layer", "1", "--batch-size", "3",
+            "--predictor", "recurrent", "--history", "2", "--hidden", "4"]
+    assert main(args) == 0
+    assert "wrote" in capsys.readouterr().out
+    loaded = D.PredictorFile.load(out)
+    assert loaded.config.predictor == "recurrent" and loaded.training["steps"] == 2
+    dymu.apply(model, None, prune=f"dyrate:{out}")
+    dymu.remove(model)
+    (tmp_path / "q.json.state").write_bytes(b"x")
+    assert main([*args[:3], "--out", str(tmp_path / "q.json"), *args[5:]]) == 2
+    assert "holds an interrupted training: pass --resume" in capsys.readouterr().err
+    assert main([*args[:3], "--out", str(tmp_path / "q.json"), "--resume", *args[5:]]) == 2
+    assert "not a readable training state" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "x.png"}\n')
+    assert main(["train-dyrate", str(folder), str(bad), "--out", str(tmp_path / "r.json")]) == 2
+    assert f"{bad}:1: needs" in capsys.readouterr().err

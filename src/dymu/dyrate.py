@@ -424,3 +424,105 @@ def load_policy(method, num_layers: int, config=None) -> DyRatePolicy:
     stored.check(config, num_layers)
     monotone = stored.config.monotone if method.monotone is None else method.monotone
     return DyRatePolicy(stored.predictor(), stored.config, num_layers, monotone)
+
+
+# ---------------------------------------------------------------------------------------------- FLOPs
+@dataclass(frozen=True)
+class GenerationFlops:
+    """The language model's FLOPs of one DyRate generation (one row) and of the same generation unpruned, by both
+    counters (spec §4.3 item 10), each a ``dymu.flops.Count`` naming its counter."""
+
+    cache_aware: object  # Count: the prefill as it ran + every decode step against what each layer cached
+    cache_aware_unpruned: object
+    fastv_formula: object  # Count: FastV's Eq. 5 per-layer average per step, the sequence recomputed at each step
+    fastv_formula_unpruned: object
+
+    @property
+    def ratios(self) -> dict:
+        return {self.cache_aware.counter: self.cache_aware.flops / self.cache_aware_unpruned.flops,
+                self.fastv_formula.counter: self.fastv_formula.flops / self.fastv_formula_unpruned.flops}
+
+
+def generation_flops(decoder, plan: TokenPlan, policy: DyRatePolicy, row: int = 0, vtu: str = "fast") -> GenerationFlops:
+    """FLOPs of the last generation of ``policy`` (its trajectory: the prefill, then one step per further token) for
+    batch row ``row``; ``plan``: the prefill plan as it ran (``dymu.llava.last_prefill_plan``).
+
+    cache-aware: ``flops.plan_shapes`` of the prefill (with its drop and the ranking query), then at decode step t
+    every layer computes one token against the prompt positions it holds (monotone: minus those dropped up to step t
+    from layer K on; non-monotone hides keys, which the kernel still computes) plus the t tokens decoded, and the
+    layers DyRate reads rank once more; the unpruned generation is the same without drops or reads.
+    fastv-formula: per forward t, [K·C(n_t) + (T−K)·C(n̂_t)] / T with n_t the real prompt positions + t and
+    n̂_t = n_t − round(r_t·N) (N: image positions), summed over the forwards."""
+    from . import flops as F
+
+    layer_k = policy.config.layer
+    real = int((plan.segments[row] != Segment.PAD).sum())
+    image = int(plan.image[row].sum())
+    prefill = F.plan_shapes(plan, row, vtu)
+    unpruned_plan = [F.LayerShape(rows=prefill[0].rows, queries=real, keys=real, score_width=prefill[0].score_width)
+                     for _ in prefill]  # every layer as layer 0, which nothing edits
+    reads = set(policy.score_layers)
+    cache = F.prefill_flops(decoder, prefill).flops
+    stock = F.prefill_flops(decoder, unpruned_plan).flops
+    dropped = 0
+    formula = stock_formula = 0.0
+    for t, step in enumerate(policy.trajectory):
+        if policy.monotone:
+            dropped += int(step.dropped[row].sum())
+        n = real + t
+        kept = n - int(torch.round(step.rate[row] * image))
+        full_cost = F.fastv_layer(n, decoder.hidden, decoder.intermediate)
+        formula += (layer_k * full_cost + (decoder.layers - layer_k) * F.fastv_layer(kept, decoder.hidden, decoder.intermediate)) / decoder.layers
+        stock_formula += full_cost
+        if t == 0:
+            continue
+        for layer in range(decoder.layers):
+            keys = real - (dropped if layer >= layer_k else 0) + t
+            cache += F.decoder_layer_flops(decoder, F.LayerShape(rows=1, queries=1, keys=keys,
+                                                                 ranking_queries=int(layer in reads)))
+            stock += F.decoder_layer_flops(decoder, F.LayerShape(rows=1, queries=1, keys=real + t))
+        cache += F.lm_head_flops(decoder)
+        stock += F.lm_head_flops(decoder)
+    return GenerationFlops(F.Count(cache, F.CACHE_AWARE), F.Count(stock, F.CACHE_AWARE),
+                           F.Count(formula, F.FASTV_FORMULA), F.Count(stock_formula, F.FASTV_FORMULA))
+
+
+def describe_trajectory(policy: DyRatePolicy, row: int = 0) -> list[str]:
+    """Lines for ``dymu generate``: the rate and the image tokens kept at every forward of the last generation."""
+    steps = policy.trajectory
+    width = max(len(str(int(s.kept[row]))) for s in steps)
+    mode = "monotone" if policy.monotone else "non-monotone"
+    lines = [f"  DyRate ({policy.config.predictor}, {mode}, from layer {policy.config.layer}): per step (0 = prefill) "
+             "rate / image tokens kept"]
+    for start in range(0, len(steps), TRAJECTORY_PER_LINE):
+        chunk = steps[start : start + TRAJECTORY_PER_LINE]
+        lines.append("    " + "  ".join(f"{start + i:>3}: {float(s.rate[row]):.2f}/{int(s.kept[row]):>{width}}"
+                                        for i, s in enumerate(chunk)))
+    return lines
+
+
+#: dymu generate prints this many steps of a trajectory per line
+TRAJECTORY_PER_LINE = 8
+
+
+def plot_trajectories(trajectories: list, path, title: str = "DyRate: the rate chosen at each step") -> None:
+    """A PNG of rate trajectories: ``trajectories`` is a list of (label, rates (steps,)) to draw as steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7.0, 3.8), dpi=120)
+    for label, rates in trajectories:
+        rates = [float(r) for r in rates]
+        axis.step(range(len(rates)), rates, where="post", label=label, alpha=0.8)
+    axis.set_xlabel("generation step (0 = prefill)")
+    axis.set_ylabel("fraction of image tokens pruned")
+    axis.set_ylim(-0.03, 1.0)
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    if len(trajectories) <= 10:
+        axis.legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)

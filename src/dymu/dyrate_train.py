@@ -378,8 +378,11 @@ def train(model, processor, records: list[Record], config: D.PredictorConfig, ou
                     torch.distributed.all_reduce(parameter.grad)
             optimizer.step()
             step += 1
-            history.append({"step": step, "loss": float(loss.total.detach()), "cross_entropy": loss.cross_entropy,
-                            "kept": loss.kept, "rate": loss.rate})
+            stats = torch.tensor([float(loss.total.detach()), loss.cross_entropy, loss.kept, loss.rate],
+                                 dtype=torch.float64) * (len(mine) / len(chosen))
+            if distributed:  # the batch's numbers: each process's share of them, summed
+                torch.distributed.all_reduce(stats)
+            history.append({"step": step, **dict(zip(("loss", "cross_entropy", "kept", "rate"), stats.tolist()))})
             bar.update(1)
             bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", kept=f"{loss.kept:.2f}")
             if rank == 0 and (step % settings.save_every == 0 or step == total):
