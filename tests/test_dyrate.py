@@ -475,6 +475,10 @@ def test_generation_flops_of_a_constant_rate_are_fastvs_plus_the_step_readings(m
     expected = F.prefill_flops(decoder, fastv if monotone else read).flops + sum(
         F.decode_step_flops(decoder, cached, t).flops + 2 * (cached[K - 1].keys + t) * q_width for t in steps)
     assert counts.cache_aware.flops == expected and counts.cache_aware.counter == F.CACHE_AWARE
+    if monotone:  # charged only for the prefill's reading, DyRate forced to c is FastV(K, c) pruned once exactly
+        once = D.generation_flops(decoder, last_prefill_plan(model), policy_of(model), reads="prefill")
+        assert once.cache_aware.flops == F.prefill_flops(decoder, fastv).flops + sum(
+            F.decode_step_flops(decoder, fastv, t).flops for t in steps)
     assert counts.cache_aware_unpruned.flops == F.prefill_flops(decoder, stock).flops + sum(
         F.decode_step_flops(decoder, stock, t).flops for t in steps)
     formula = sum(F.fastv_formula(decoder, n + t, image, FastV(k=K, r=0.5)).flops for t in range(STEPS))

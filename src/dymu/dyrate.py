@@ -443,34 +443,52 @@ class GenerationFlops:
                 self.fastv_formula.counter: self.fastv_formula.flops / self.fastv_formula_unpruned.flops}
 
 
-def generation_flops(decoder, plan: TokenPlan, policy: DyRatePolicy, row: int = 0, vtu: str = "fast") -> GenerationFlops:
+#: which forwards read attention, for ``generation_flops``: DyRate every one; a fixed rate decided once (FastV pruned
+#: at the prefill, the same as DyRate forced to that rate, monotone) the prefill only; nothing (rate 0, unpruned)
+READS = ("every", "prefill", "none")
+
+
+def generation_flops(decoder, plan: TokenPlan, policy: DyRatePolicy, row: int = 0, vtu: str = "fast",
+                     reads: str = "every", forwards: int | None = None) -> GenerationFlops:
     """FLOPs of the last generation of ``policy`` (its trajectory: the prefill, then one step per further token) for
-    batch row ``row``; ``plan``: the prefill plan as it ran (``dymu.llava.last_prefill_plan``).
+    batch row ``row``, its first ``forwards`` forwards (default: all; a row that ended before the batch did);
+    ``plan``: the prefill plan as it ran (``dymu.llava.last_prefill_plan``); ``reads``: which forwards read
+    attention (``READS``).
 
     cache-aware: ``flops.plan_shapes`` of the prefill (with its drop and the ranking query), then at decode step t
     every layer computes one token against the prompt positions it holds (monotone: minus those dropped up to step t
     from layer K on; non-monotone hides keys, which the kernel still computes) plus the t tokens decoded, and the
     layers DyRate reads rank once more; the unpruned generation is the same without drops or reads.
-    fastv-formula: per forward t, [K·C(n_t) + (T−K)·C(n̂_t)] / T with n_t the real prompt positions + t and
-    n̂_t = n_t − round(r_t·N) (N: image positions), summed over the forwards."""
+    fastv-formula: per forward t, [K·C(n_t) + (T−K)·C(n̂_t)] / T with n_t the real prompt tokens + t and
+    n̂_t = n_t − round(r_t·N) (N: image tokens; with VTU both count unique tokens, what the model computes on),
+    summed over the forwards."""
     from . import flops as F
 
+    if reads not in READS:
+        raise ValueError(f"reads must be one of {', '.join(READS)}, got {reads!r}")
     layer_k = policy.config.layer
-    real = int((plan.segments[row] != Segment.PAD).sum())
+    pad = plan.segments[row] == Segment.PAD
+    real = int((~pad).sum())
     image = int(plan.image[row].sum())
+    tokens, image_tokens = real, image
+    if plan.vmap is not None:  # the formula counts the tokens computed on: unique tokens
+        tokens = int(torch.unique(plan.vmap.full_to_unique[row][~pad]).numel())
+        image_tokens = int(plan.image_tokens()[row])
     prefill = F.plan_shapes(plan, row, vtu)
+    if reads == "none":
+        prefill = [dataclasses.replace(shape, ranking_queries=0) for shape in prefill]
     unpruned_plan = [F.LayerShape(rows=prefill[0].rows, queries=real, keys=real, score_width=prefill[0].score_width)
                      for _ in prefill]  # every layer as layer 0, which nothing edits
-    reads = set(policy.score_layers)
+    read_layers = set(policy.score_layers) if reads == "every" else set()
     cache = F.prefill_flops(decoder, prefill).flops
     stock = F.prefill_flops(decoder, unpruned_plan).flops
     dropped = 0
     formula = stock_formula = 0.0
-    for t, step in enumerate(policy.trajectory):
+    for t, step in enumerate(policy.trajectory[:forwards]):
         if policy.monotone:
             dropped += int(step.dropped[row].sum())
-        n = real + t
-        kept = n - int(torch.round(step.rate[row] * image))
+        n = tokens + t
+        kept = n - int(torch.round(step.rate[row] * image_tokens))
         full_cost = F.fastv_layer(n, decoder.hidden, decoder.intermediate)
         formula += (layer_k * full_cost + (decoder.layers - layer_k) * F.fastv_layer(kept, decoder.hidden, decoder.intermediate)) / decoder.layers
         stock_formula += full_cost
@@ -479,7 +497,7 @@ def generation_flops(decoder, plan: TokenPlan, policy: DyRatePolicy, row: int = 
         for layer in range(decoder.layers):
             keys = real - (dropped if layer >= layer_k else 0) + t
             cache += F.decoder_layer_flops(decoder, F.LayerShape(rows=1, queries=1, keys=keys,
-                                                                 ranking_queries=int(layer in reads)))
+                                                                 ranking_queries=int(layer in read_layers)))
             stock += F.decoder_layer_flops(decoder, F.LayerShape(rows=1, queries=1, keys=real + t))
         cache += F.lm_head_flops(decoder)
         stock += F.lm_head_flops(decoder)
