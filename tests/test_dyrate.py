@@ -2,6 +2,8 @@
 model (rate 0), FastV (a constant rate), an uncached brute force that recomputes every decision from the stock
 modules, one-by-one runs of a batch, and beam scores recomputed from the brute force."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -533,3 +535,19 @@ def test_train_dyrate_command(trainable, tmp_path, capsys):
     bad.write_text('{"image": "x.png"}\n')
     assert main(["train-dyrate", str(folder), str(bad), "--out", str(tmp_path / "r.json")]) == 2
     assert f"{bad}:1: needs" in capsys.readouterr().err
+
+
+def test_the_toy_benchmark_layout_is_training_data(tmp_path):
+    """DATA may be a folder in the toy benchmark layout: every question with its answer, then every describe prompt
+    with its first reference description."""
+    from dymu.dyrate_train import read_records
+    from toyvlm import data as T
+
+    examples = T.make_split("train", num_scenes=2, image_size=64)
+    T.write_benchmark(tmp_path, examples)
+    records = read_records(tmp_path)
+    questions = [qa for e in examples for qa in e.qas]
+    assert len(records) == len(questions) + 2
+    assert [(r.prompt, r.answer) for r in records[: len(questions)]] == [(qa.question, qa.answer) for qa in questions]
+    assert [(r.prompt, r.answer) for r in records[len(questions):]] == [(e.describe_prompt, e.descriptions[0]) for e in examples]
+    assert all(Path(r.image).is_file() for r in records)

@@ -41,6 +41,8 @@ BATCH_SIZE = 32
 #: FastV's layer on the 4-layer toy decoder (as toyvlm.baselines) and the rates compared
 FASTV_K = 2
 FASTV_RATES = (0.25, 0.5, 0.75)
+#: the predictor composed with DToMe-mid + VTU
+COMPOSED = "linear-3"
 #: trajectories drawn in dyrate_trajectories.png
 TRAJECTORIES = 8
 RESULTS_FORMAT = "toyvlm-dyrate"
@@ -67,14 +69,15 @@ def settings(model, predictors: dict, forced: Path, thresholds) -> list[dict]:
         rows.append({"name": f"FastV k={FASTV_K} r={rate} (re-ranked per step)",
                      "apply": {"prune": f"dyrate:{path},monotone=false"}, "reads": "every", "family": "fastv-step"})
     for name, path in predictors.items():
-        rows.append({"name": f"DyRate {name}", "apply": {"prune": f"dyrate:{path}"}, "reads": "every", "family": "dyrate"})
+        rows.append({"name": f"DyRate {name}", "apply": {"prune": f"dyrate:{path}"}, "reads": "every", "family": "dyrate",
+                     "predictor": name})
     rows.append({"name": "DToMe-mid + VTU", "apply": {"thresholds": thresholds, "prune": f"dyrate:{forced_file(model, forced, 0.0)}"},
                  "reads": "none", "family": "dtome"})
-    middle = next((n for n in predictors if "0.3" in n), next(iter(predictors), None))
+    middle = next((n for n in predictors if n == COMPOSED), next(iter(predictors), None))
     if middle is not None:
         rows.append({"name": f"DToMe-mid + VTU + DyRate {middle}",
                      "apply": {"thresholds": thresholds, "prune": f"dyrate:{predictors[middle]}"}, "reads": "every",
-                     "family": "dtome-dyrate"})
+                     "family": "dtome-dyrate", "predictor": middle})
     return rows
 
 
@@ -149,8 +152,19 @@ def run(model_dir, predictors_dir, out_dir=None, scenes: int = DEFAULT_SCENES, d
     predictors = {path.stem: path for path in sorted(Path(predictors_dir).glob("*.json"))}
     started = time.time()
     rows = []
+    # rows measured before on the same slice are kept (a killed run, or new predictors, measures only what is missing)
+    done_path = out / "dyrate_rows.json"
+    slice_ = {"scenes": scenes, "describe_scenes": describe_scenes, "seed": seed,
+              "predictors": {k: _file_hash(v) for k, v in predictors.items()}}
+    done = json.loads(done_path.read_text()) if done_path.is_file() else {}
+    done = {name: row for name, row in done.items() if row.get("slice", {}).get("scenes") == scenes
+            and row["slice"].get("describe_scenes") == describe_scenes and row["slice"].get("seed") == seed
+            and row["slice"].get("predictor") == slice_["predictors"].get(row["slice"].get("predictor_name"))}
     with tempfile.TemporaryDirectory() as forced:
         for setting in settings(model, predictors, Path(forced), thresholds):
+            if setting["name"] in done:
+                rows.append(done[setting["name"]])
+                continue
             dymu.apply(model, **{"thresholds": None, **setting["apply"]})
             try:
                 merged = setting["apply"].get("thresholds") is not None
@@ -163,21 +177,26 @@ def run(model_dir, predictors_dir, out_dir=None, scenes: int = DEFAULT_SCENES, d
             finally:
                 dymu.remove(model)
             cider, _ = cider_d(dict(enumerate(texts)), {i: r["references"] for i, r in enumerate(described)})
-            row = {"name": setting["name"], "family": setting.get("family", "unmerged"), "prune": setting["apply"]["prune"],
+            row = {"name": setting["name"], "family": setting.get("family", "unmerged"),
+                   "prune": setting["apply"]["prune"].replace(str(forced) + "/", ""),
                    "dtome": merged, **D.accuracy(questions, answers), "cider": cider,
                    "answer_flops": {c: float(np.mean([x[c] for x in answer_costs])) for c in answer_costs[0]},
                    "describe_flops": {c: float(np.mean([x[c] for x in describe_costs])) for c in describe_costs[0]},
                    "describe_tokens": float(np.mean([len(t) for t in trajectories])),
                    "describe_rate": float(np.mean([r for t in trajectories for r in t])),
                    "trajectories": trajectories[:TRAJECTORIES]}
+            name = setting.get("predictor")
+            row["slice"] = {"scenes": scenes, "describe_scenes": describe_scenes, "seed": seed, "predictor_name": name,
+                            "predictor": slice_["predictors"].get(name)}
             rows.append(row)
-            unmerged = rows[0]
-            for kind in ("answer", "describe"):
-                row[f"{kind}_fraction"] = {c: row[f"{kind}_flops"][c] / unmerged[f"{kind}_flops"][c] for c in row[f"{kind}_flops"]}
+            done[row["name"]] = row
+            done_path.write_text(json.dumps(done))
+            _fractions(rows)
             print(f"{row['name']:<44} accuracy {100 * row['overall']:5.1f}%  answer FLOPs "
                   f"{100 * row['answer_fraction'][F.CACHE_AWARE]:5.1f}%  CIDEr-D {row['cider']:.3f}  describe FLOPs "
                   f"{100 * row['describe_fraction'][F.CACHE_AWARE]:5.1f}% / {100 * row['describe_fraction'][F.FASTV_FORMULA]:5.1f}% "
                   f"(cache-aware / fastv-formula)  mean rate {row['describe_rate']:.2f}", flush=True)
+    _fractions(rows)
     results = {"format": RESULTS_FORMAT, "version": RESULTS_VERSION, "model": str(model_dir), "split": "test", "seed": seed,
                "scenes": scenes, "questions": len(questions), "describe_scenes": describe_scenes,
                "predictors": {k: str(v) for k, v in predictors.items()}, "counters": [F.CACHE_AWARE, F.FASTV_FORMULA],
@@ -187,6 +206,19 @@ def run(model_dir, predictors_dir, out_dir=None, scenes: int = DEFAULT_SCENES, d
     plot(results, out / "dyrate.png")
     plot_trajectories(results, out / "dyrate_trajectories.png")
     return results
+
+
+def _fractions(rows: list) -> None:
+    """Each row's FLOPs as fractions of the first row's (unmerged), per counter."""
+    for row in rows:
+        for kind in ("answer", "describe"):
+            row[f"{kind}_fraction"] = {c: row[f"{kind}_flops"][c] / rows[0][f"{kind}_flops"][c] for c in row[f"{kind}_flops"]}
+
+
+def _file_hash(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def markdown_table(results: dict) -> str:
