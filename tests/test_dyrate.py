@@ -551,3 +551,21 @@ def test_the_toy_benchmark_layout_is_training_data(tmp_path):
     assert [(r.prompt, r.answer) for r in records[: len(questions)]] == [(qa.question, qa.answer) for qa in questions]
     assert [(r.prompt, r.answer) for r in records[len(questions):]] == [(e.describe_prompt, e.descriptions[0]) for e in examples]
     assert all(Path(r.image).is_file() for r in records)
+
+
+def test_the_shipped_predictors_load_on_the_toy_model():
+    """assets/toy-llava/dyrate: one file per penalty weight and the recurrent one, each loadable with
+    prune="dyrate:FILE" on the toy LLaVA (its architecture), refused on another."""
+    from toyvlm.evaluate import load
+
+    toy = Path(__file__).resolve().parents[1] / "assets" / "toy-llava"
+    model, _ = load(toy)
+    files = sorted((toy / "dyrate").glob("*.json"))
+    assert {f.stem for f in files} == {"linear-1", "linear-3", "linear-10", "recurrent-3"}
+    for path in files:
+        dymu.apply(model, None, prune=f"dyrate:{path}")
+        policy = policy_of(model)
+        assert policy.config.layer == 2 and policy.monotone and policy.config.predictor == path.stem.split("-")[0]
+        dymu.remove(model)
+    with pytest.raises(DymuError, match="trained on a language model with"):
+        dymu.apply(tiny_llava(layers=LAYERS), None, prune=f"dyrate:{files[0]}")
