@@ -239,32 +239,37 @@ FAMILIES = (("unmerged", "*", "black"), ("fastv-prefill", "v", "tab:orange"), ("
 
 
 def plot(results: dict, path) -> None:
+    """Accuracy (questions) and CIDEr-D (descriptions) vs the generation's FLOPs, one row per counter."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(11.0, 4.4), dpi=120)
-    panels = ((axes[0], "answer_fraction", "overall", 100.0, "accuracy (%)", f"{results['questions']} questions"),
-              (axes[1], "describe_fraction", "cider", 1.0, "CIDEr-D", f"{results['describe_scenes']} descriptions"))
-    for axis, fraction, metric, scale, label, title in panels:
-        for family, marker, colour in FAMILIES:
-            members = sorted((r for r in results["rows"] if r["family"] == family), key=lambda r: r[fraction]["cache-aware"])
-            if not members:
-                continue
-            axis.plot([100 * r[fraction]["cache-aware"] for r in members], [scale * r[metric] for r in members],
-                      marker=marker, color=colour, ls="-" if family.startswith("fastv") else "", label=family, ms=8)
-            for r in members:
-                short = r["name"].replace("FastV k=2 ", "").replace(" (pruned once)", "").replace(" (re-ranked per step)", "")
-                axis.annotate(short.replace("DToMe-mid + VTU + ", "DToMe+").replace("DyRate ", ""),
-                              (100 * r[fraction]["cache-aware"], scale * r[metric]), textcoords="offset points",
-                              xytext=(5, 3), fontsize=6, color=colour)
-        axis.set_xlabel("FLOPs of the generation, vision + language model (% of unmerged; cache-aware)")
-        axis.set_ylabel(label)
-        axis.set_title(f"toy LLaVA, {title}")
-        axis.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="lower left")
-    figure.tight_layout()
+    figure, axes = plt.subplots(2, 2, figsize=(11.0, 8.4), dpi=120)
+    counters = (("cache-aware", "vision + language model, cache-aware"),
+                ("fastv-formula", "language model, FastV's formula per step"))
+    for line, (counter, what) in enumerate(counters):
+        panels = ((axes[line, 0], "answer_fraction", "overall", 100.0, "accuracy (%)", f"{results['questions']} questions"),
+                  (axes[line, 1], "describe_fraction", "cider", 1.0, "CIDEr-D", f"{results['describe_scenes']} descriptions"))
+        for axis, fraction, metric, scale, label, title in panels:
+            for family, marker, colour in FAMILIES:
+                members = sorted((r for r in results["rows"] if r["family"] == family), key=lambda r: r[fraction][counter])
+                if not members:
+                    continue
+                axis.plot([100 * r[fraction][counter] for r in members], [scale * r[metric] for r in members],
+                          marker=marker, color=colour, ls="-" if family.startswith("fastv") else "", label=family, ms=8)
+                for r in members:
+                    short = r["name"].replace("FastV k=2 ", "").replace(" (pruned once)", "").replace(" (re-ranked per step)", "")
+                    axis.annotate(short.replace("DToMe-mid + VTU + DyRate ", "DToMe+").replace("DyRate ", ""),
+                                  (100 * r[fraction][counter], scale * r[metric]), textcoords="offset points",
+                                  xytext=(5, 3), fontsize=6, color=colour)
+            axis.set_xlabel(f"FLOPs of the generation (% of unmerged; {what})", fontsize=8)
+            axis.set_ylabel(label)
+            axis.set_title(f"toy LLaVA, {title}", fontsize=9)
+            axis.grid(alpha=0.3)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
+    figure.tight_layout(rect=(0, 0.04, 1, 1))
     figure.savefig(path)
     plt.close(figure)
 
