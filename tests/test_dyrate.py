@@ -172,6 +172,8 @@ def brute_force(model, sequences, prompt_length, pixels, predictor, config, mono
                                   for layer in config.features]).mean(0)
             window = torch.cat((window[:, 1:], shares[:, None]), dim=1)
             rate = D.rate_values(config.rates)[predictor(window).argmax(-1)]
+            if step == 0 and not config.prune_prefill:
+                rate = torch.zeros_like(rate)
             if monotone:
                 rate = torch.maximum(rate, previous)
                 previous = rate
@@ -196,14 +198,14 @@ def brute_force(model, sequences, prompt_length, pixels, predictor, config, mono
         return model.lm_head(lm.norm(hidden)), torch.stack(rates, 1), torch.stack(kept_counts, 1)
 
 
-@pytest.mark.parametrize("monotone", [True, False])
+@pytest.mark.parametrize("monotone, prune_prefill", [(True, True), (False, True), (True, False)])
 @pytest.mark.parametrize("predictor", ["linear", "recurrent"])
 @pytest.mark.parametrize("text", ["llama", "qwen2"])
-def test_cached_generation_equals_the_uncached_brute_force(monotone, predictor, text, images, tmp_path):
+def test_cached_generation_equals_the_uncached_brute_force(monotone, prune_prefill, predictor, text, images, tmp_path):
     """Issue 25 test 3: generate under DyRate (rates moving over the steps, rows apart) equals the uncached
     recomputation of every decision and every logit; monotone: each layer's KV cache holds per row what the plan
     says (rows aligned to the longest)."""
-    config = D.PredictorConfig(layer=K, predictor=predictor, history=3, hidden=8)
+    config = D.PredictorConfig(layer=K, predictor=predictor, history=3, hidden=8, prune_prefill=prune_prefill)
     net = ramp(config) if predictor == "linear" else recurrent_ramp(config)
     path = save(tmp_path, net, config, text=text)
     model = model_for(text)
