@@ -31,8 +31,11 @@ Our reading (``research/decoder_pruning_spec.md`` §4.3, item by item; every ope
 * **FLOPs** (item 10; ``generation_flops``): both counters, each named: FastV's Eq. 5 per step (the whole sequence
   recomputed at every step: mode A's accounting) and the cache-aware count of what dymu runs.
 
-Open points kept as fields without a choice to make: head pooling is the mean over heads (per-head features are
-not implemented), no KL term to the unpruned model in the loss.
+Where we depart from §4.3 or leave a point out: the monotone rule is inference only (training uses the per-step,
+non-monotone masks, which equal inference with the same rates exactly); training starts from a predictor that picks
+rate 0 (``dyrate_train.INITIAL_BIAS``); mode A (the whole sequence recomputed at every step) is not an execution
+mode, only the fastv-formula counter's accounting; the head pooling is the mean over heads (no per-head features)
+and the loss has no KL term to the unpruned model (neither is a config field yet).
 
 The predictor file (JSON, ``format: "dymu-dyrate"``, ``version: 1``) holds the config, the weights (every value a
 float32 written exactly), the training record and the identity of the language model it was trained on; loading it
