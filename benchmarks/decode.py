@@ -9,6 +9,10 @@ a decode step over --new-tokens generated tokens (the language model forward of 
 after the prefill, and the speedups over unmerged beside the ones the cache-aware FLOPs counter predicts
 (`dymu.flops`). Goal: measured >= 0.9 of predicted, prefill and decode (issue 22; 0.8 before).
 
+DyRate (issue 25): with the fixed rate trajectory FIXED_TRAJECTORY (0 until step 8, then 1/4, 1/2 from step 24, 3/4
+from step 40; monotone, so the caches of layers >= k shrink at each change) and with a real predictor forced to 1/2
+(its reading of the attention shares at every step included); FLOPs of the steps at the rates chosen.
+
 Usage: python benchmarks/decode.py [--llm-layers 4] [--new-tokens 64] [--repeats 3] [--json out.json]
 
 Each repeat runs every configuration once, in turn (round 0 warms up); the best time per configuration counts.
@@ -39,14 +43,81 @@ TEXT_TOKENS = 40
 TIMED_PHOTO = "astronaut"
 #: measured speedup / FLOPs-predicted speedup the issue asks for
 GOAL = 0.9
-#: (label, DyMU-low?, VTU mode, prune spec as a function of the language-model depth)
+#: DyRate with a fixed rate trajectory: (first step, rate index of 4) - nothing pruned for the prefill and the first
+#: steps, then 1/4, 1/2, 3/4 of the image tokens (monotone: the caches of layers >= k shrink at each change)
+FIXED_TRAJECTORY = ((0, 0), (8, 1), (24, 2), (40, 3))
+
+
+def _fastv_k(layers: int) -> int:
+    return max(1, round(2 * layers / 32))
+
+
+class FixedRates(torch.nn.Module):
+    """A DyRate predictor that ignores the shares: the rate of FIXED_TRAJECTORY at its n-th call (one per forward;
+    ``restart`` before each generation)."""
+
+    def __init__(self, rates: int = 4):
+        super().__init__()
+        self.rates, self.calls = rates, 0
+
+    def restart(self) -> None:
+        self.calls = 0
+
+    def forward(self, window: torch.Tensor) -> torch.Tensor:
+        index = max(i for start, i in FIXED_TRAJECTORY if start <= self.calls)
+        self.calls += 1
+        return torch.nn.functional.one_hot(torch.full(window.shape[:-2], index), self.rates).float()
+
+
+def _dyrate(layers: int, predictor=None):
+    """A DyRate policy at FastV's layer: the fixed trajectory, or ``predictor`` (a dymu.dyrate.Predictor)."""
+    from dymu import dyrate as Y
+
+    config = Y.PredictorConfig(layer=_fastv_k(layers))
+    return Y.DyRatePolicy(predictor if predictor is not None else FixedRates(), config, layers)
+
+
+def _dyrate_predictor(layers: int):
+    """DyRate with a real (linear) predictor forced to 1/2: what reading the shares and running the net costs."""
+    from dymu import dyrate as Y
+
+    return _dyrate(layers, Y.forced(Y.PredictorConfig(layer=_fastv_k(layers)), 2))
+
+
+#: (label, DyMU-low?, VTU mode, prune spec (or a policy) as a function of the language-model depth)
 CONFIGS = (
     ("unmerged", False, "fast", lambda layers: None),
-    ("FastV(2/32, 0.5)", False, "fast", lambda layers: f"fastv:k={max(1, round(2 * layers / 32))},r=0.5"),
+    ("FastV(2/32, 0.5)", False, "fast", lambda layers: f"fastv:k={_fastv_k(layers)},r=0.5"),
     ("VTW(half depth)", False, "fast", lambda layers: f"vtw:k={layers // 2}"),
     ("DyMU-low + VTU", True, "fast", lambda layers: None),
-    ("DyMU-low + VTU + FastV", True, "fast", lambda layers: f"fastv:k={max(1, round(2 * layers / 32))},r=0.5"),
+    ("DyMU-low + VTU + FastV", True, "fast", lambda layers: f"fastv:k={_fastv_k(layers)},r=0.5"),
+    ("DyRate fixed 0-.75", False, "fast", _dyrate),
+    ("DyRate predictor (.5)", False, "fast", _dyrate_predictor),
 )
+
+
+def _restart(prune) -> None:
+    predictor = getattr(prune, "predictor", None)
+    if isinstance(predictor, FixedRates):
+        predictor.restart()
+
+
+def _dyrate_counts(model, inputs, policy, vtu: str, new_tokens: int):
+    """(KV cache after the prefill, prefill FLOPs, mean decode-step FLOPs, image tokens kept at the last step) of a
+    DyRate generation (``dymu.dyrate.generation_flops``, cache-aware, the steps at the rates it chose)."""
+    from dymu import dyrate as Y
+    from dymu import flops as F
+
+    _restart(policy)
+    with torch.no_grad():
+        cache = find_cache(model(**inputs, use_cache=True, logits_to_keep=1).values())
+        _restart(policy)
+        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    decoder = F.Decoder.from_config(model.config)
+    plan = last_prefill_plan(model)
+    counts = Y.generation_flops(decoder, plan, policy, 0, vtu)
+    prefill = F.prefill_flops(decoder, F.plan_shapes(plan, 0, vtu)).flops
+    return cache, prefill, (counts.cache_aware.flops - prefill) / (new_tokens - 1), int(policy.trajectory[-1].kept[0])
 
 
 def main(argv=None) -> None:
@@ -69,7 +140,9 @@ def main(argv=None) -> None:
     best = {label: [math.inf, math.inf] for label, *_ in CONFIGS}  # label -> [prefill, mean decode step] seconds
     for round_ in range(args.repeats + 1):  # round 0 warms up; configurations take turns, so host noise hits all alike
         for label, merged, vtu, spec in CONFIGS:
-            dymu.apply(model, low if merged else None, vtu=vtu, prune=spec(args.llm_layers))
+            prune = spec(args.llm_layers)
+            dymu.apply(model, low if merged else None, vtu=vtu, prune=prune)
+            _restart(prune)
             timer.times = []
             with torch.no_grad():
                 model.generate(**inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
@@ -82,16 +155,21 @@ def main(argv=None) -> None:
         prune = spec(args.llm_layers)
         dymu.apply(model, low if merged else None, vtu=vtu, prune=prune)
         best_prefill, best_step = best[label]
-        with torch.no_grad():
-            cache = find_cache(model(**inputs, use_cache=True, logits_to_keep=1).values())
-        plan = last_prefill_plan(model)
-        last = last_prefill(model, inputs["input_ids"].shape[1], vtu)
         steps = range(1, args.new_tokens)  # the timed steps: every generated token after the first
-        rows.append({"config": label, "prune": prune, "visual_tokens": dymu.encode(model, inputs["pixel_values"]).num_tokens[0],
-                     "kept_image_tokens": int(plan.image_tokens(plan.keep_at(len(plan.layers) - 1))[0]) if prune and plan is not None else None,
+        if isinstance(prune, str) or prune is None:
+            with torch.no_grad():
+                cache = find_cache(model(**inputs, use_cache=True, logits_to_keep=1).values())
+            plan = last_prefill_plan(model)
+            last = last_prefill(model, inputs["input_ids"].shape[1], vtu)
+            prefill, step = prefill_flops(last.decoder, last.plan).flops, \
+                sum(decode_step_flops(last.decoder, last.plan, t).flops for t in steps) / len(steps)
+            kept = int(plan.image_tokens(plan.keep_at(len(plan.layers) - 1))[0]) if prune and plan is not None else None
+        else:  # DyRate: its FLOPs follow the rates it chose, step by step
+            cache, prefill, step, kept = _dyrate_counts(model, inputs, prune, vtu, args.new_tokens)
+        rows.append({"config": label, "prune": prune if isinstance(prune, str) else label.split(" ")[0].lower(),
+                     "visual_tokens": dymu.encode(model, inputs["pixel_values"]).num_tokens[0], "kept_image_tokens": kept,
                      "prefill_seconds": best_prefill, "step_seconds": best_step, "kv_bytes": kv_bytes(cache),
-                     "prefill_flops": prefill_flops(last.decoder, last.plan).flops,
-                     "step_flops": sum(decode_step_flops(last.decoder, last.plan, t).flops for t in steps) / len(steps)})
+                     "prefill_flops": prefill, "step_flops": step})
         dymu.remove(model)
     base = rows[0]
     print(f"language model only (prefill: the language_model forward of the prompt; step: mean over decode steps "

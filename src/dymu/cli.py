@@ -28,6 +28,8 @@ GENERATE_WARMUPS = 1
 GENERATE_REPEATS = 3
 #: dymu generate: a prefill faster than this is mostly fixed per-call cost, where fewer tokens cannot show
 SMALL_PREFILL_SECONDS = 0.1
+#: dymu train-dyrate: the pruning layer by default (spec §4.3 item 9: FastV's K = 3), capped below the model's depth
+DYRATE_LAYER = 3
 #: dymu flops: the table's columns and their widths
 FLOPS_COLUMNS = ("vision", "language", "prefill", "", "decode/step", "", "KV cache", "")
 FLOPS_WIDTHS = (13, 13, 13, 6, 13, 6, 10, 6)
@@ -530,6 +532,26 @@ def _prefill_report(model, prompt_length: int, vtu: str) -> str:
             f"({CACHE_AWARE})")
 
 
+def _dyrate_report(model, vtu: str, plot: str | None) -> str:
+    """DyRate's rate and kept image tokens at every step of the last generation, its language-model FLOPs by both
+    counters vs the same generation without it, and the trajectory's PNG (``plot``); "" for other prunings."""
+    from .dyrate import DyRatePolicy, describe_trajectory, generation_flops, plot_trajectories
+    from .flops import Decoder
+    from .llava import get_vlm_patch, last_prefill_plan
+
+    policy = get_vlm_patch(model).state.language.policy
+    if not isinstance(policy, DyRatePolicy):
+        return ""
+    counts = generation_flops(Decoder.from_config(model.config), last_prefill_plan(model), policy, 0, vtu)
+    lines = describe_trajectory(policy)
+    lines.append("  language-model FLOPs of this generation vs without DyRate: " + ", ".join(
+        f"{100 * ratio:.1f}% ({counter})" for counter, ratio in counts.ratios.items()))
+    if plot is not None:
+        plot_trajectories([("this prompt", policy.rates()[0])], plot)
+        lines.append(f"  wrote {plot}")
+    return "\n" + "\n".join(lines)
+
+
 def _layer_span(first: int, end: int) -> str:
     return f"layer {first}" if end == first + 1 else f"layers {first}-{end - 1}"
 
@@ -542,6 +564,12 @@ def cmd_generate(args) -> None:
     from .models import describe, load_model, load_processor
 
     prune = parse_prune(args.prune)  # a bad spec fails before any loading
+    if args.rate_plot is not None:
+        from .methods import DyRate
+
+        if not isinstance(prune, DyRate):
+            raise DymuError("--rate-plot draws DyRate's rates: give --prune dyrate:FILE")
+        _out_file(args.rate_plot, overwrite=True, inputs=[*args.image, prune.path])
     merging, vtu = _encoder_merging(args)
     text = _text_config(args.model)
     _check_context(args.model, getattr(text, "max_position_embeddings", None), args.max_new_tokens)
@@ -561,6 +589,7 @@ def cmd_generate(args) -> None:
         merged = _run_generate(model, processor, images, text, args.max_new_tokens, args.model)
         merged["images"] = last_images(model)  # per image: (placeholders, tokens the language model gets)
         merged["report"] = _prefill_report(model, merged["prompt_length"], vtu)
+        merged["report"] += _dyrate_report(model, vtu, args.rate_plot)
         if args.show_plan:
             from .llava import last_prefill_plan
 
@@ -590,6 +619,53 @@ def cmd_generate(args) -> None:
     if not reduced:
         print("(no merging: pass --thresholds FILE or --merge SPEC (or enable thresholds with `dymu enable`), or --prune SPEC)",
               file=sys.stderr)
+
+
+def cmd_train_dyrate(args) -> None:
+    from .dyrate import PredictorConfig
+    from .dyrate_train import Settings, chosen_rates, init_distributed, read_records, train
+    from .llava import is_vlm, supports_language_side
+    from .models import describe, load_model, load_processor
+
+    records = read_records(args.data, args.limit)  # a bad DATA fails before any loading
+    out = _out_file(args.out, args.overwrite, [r.image for r in records] + [args.data, *_model_files(args)],
+                    resume=args.resume)
+    state = out.with_name(out.name + ".state")
+    if state.exists() and not args.resume:
+        raise DymuError(f"{state} holds an interrupted training: pass --resume to continue it, or delete it to start over")
+    text = _text_config(args.model)
+    layers = getattr(text, "num_hidden_layers", None) or 0
+    layer = args.layer if args.layer is not None else min(DYRATE_LAYER, max(layers - 1, 1))
+    config = PredictorConfig(predictor=args.predictor, rates=args.rates, layer=layer, hidden=args.hidden,
+                             history=args.history, penalty=args.penalty)
+    config.check(layers or None, "train-dyrate")
+    distributed = init_distributed()
+    model = load_model(args.model)
+    if not (is_vlm(model) and supports_language_side(model)):
+        raise DymuError(f"{args.model} is a {type(model).__name__}: train-dyrate needs a LLaVA-1.5 checkpoint")
+    processor = load_processor(args.model, full=True)
+    print(f"model: {args.model} ({describe(model)}); {plural(len(records), 'training record')}", file=sys.stderr)
+    settings = Settings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                        save_every=args.save_every)
+    with _lock(out):
+        try:
+            result = train(model, processor, records, config, out, settings, resume=args.resume, data_name=str(args.data))
+        except KeyboardInterrupt:
+            saved = f"the training state is in {state}: rerun with --resume to continue" if state.exists() else "nothing was saved"
+            raise KeyboardInterrupt(f"interrupted; {saved}") from None
+    if distributed:
+        import torch.distributed as dist
+
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if rank != 0:
+            return
+    last = result.training["history"][-1]
+    rate = chosen_rates(model, processor, records[: args.batch_size * 4], result.predictor(), config)
+    print(f"wrote {out}: {config.predictor} predictor over rates {{{', '.join(f'{i}/{config.rates}' for i in range(config.rates))}}} "
+          f"from layer {config.layer}, penalty {config.penalty}; {result.training['steps']} steps, last loss "
+          f"{last['loss']:.3f} (cross-entropy {last['cross_entropy']:.3f}, kept {last['kept']:.2f}); mean rate chosen "
+          f"{rate:.2f} on the first {min(len(records), args.batch_size * 4)} records")
 
 
 def cmd_calibrate_vtw(args) -> None:
@@ -870,11 +946,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune", metavar="SPEC", help=f"prune image tokens in the language model: {PRUNE_HELP}; k must be below the "
                    "language model's depth; fastv:k=0 ranks at random (no attention exists before layer 0) (default: none)")
     p.add_argument("--compare", action="store_true", help="also run the unmerged model and print both answers")
+    p.add_argument("--rate-plot", metavar="PNG", help="with --prune dyrate:FILE, write the rate chosen at each step as a "
+                   "PNG (default: none)")
     p.add_argument("--show-plan", action="store_true",
                    help="print the language model's token plan of the prefill: per layer and row, positions per segment, "
                         "KV-cache length, VTU unique tokens, layers whose attention a policy read")
     _add_limits(p)
     p.set_defaults(func=cmd_generate)
+
+    from .dyrate import PREDICTORS
+    from .dyrate_train import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_SAVE_EVERY
+
+    p = sub.add_parser("train-dyrate", help="train a DyRate predictor (the VLM frozen): the fraction of image tokens "
+                       "pruned at every generation step, for --prune dyrate:FILE")
+    p.add_argument("model", help="local LLaVA checkpoint folder or hub id")
+    p.add_argument("data", help="JSON lines of {\"image\", \"prompt\", \"answer\"} (images relative to the file), or a "
+                   "folder in the toy benchmark layout (python -m toyvlm.data)")
+    p.add_argument("--out", required=True, help="predictor file to write (JSON); OUT.state holds the training state while it runs")
+    _add_overwrite(p)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.state (same model, data "
+                   "and settings, else refused)")
+    p.add_argument("--penalty", type=float, default=0.5, help="weight of the mean kept fraction of image tokens in the "
+                   "loss: larger prunes more (default: %(default)s)")
+    p.add_argument("--rates", type=int, default=4, help="K: the rates are 0, 1/K, ..., (K-1)/K (default: %(default)s)")
+    p.add_argument("--predictor", choices=PREDICTORS, default="linear",
+                   help="linear / mlp on the step's attention shares, recurrent over the last --history steps (default: %(default)s)")
+    p.add_argument("--layer", type=int, help=f"pruning layer K (default: {DYRATE_LAYER}, or the last layer of a shallower model)")
+    p.add_argument("--history", type=int, default=8, help="recurrent: steps it reads (default: %(default)s)")
+    p.add_argument("--hidden", type=int, default=32, help="mlp / recurrent width (default: %(default)s)")
+    p.add_argument("--epochs", type=_positive_int, default=DEFAULT_EPOCHS, help="passes over DATA (default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE, help="records per step (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=DEFAULT_LR, help="AdamW learning rate (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation, data order and Gumbel noise (default: %(default)s)")
+    p.add_argument("--limit", type=_positive_int, help="use the first N records of DATA (default: all)")
+    p.add_argument("--save-every", type=_positive_int, default=DEFAULT_SAVE_EVERY,
+                   help="steps between writes of the training state (default: %(default)s)")
+    p.set_defaults(func=cmd_train_dyrate)
 
     from .calibrate import DEFAULT_FIRST_LAYER, DEFAULT_KL_THRESHOLD, DEFAULT_PROMPT, DEFAULT_SAMPLES
 

@@ -23,7 +23,8 @@ What is relied on, by adapter:
   (a plan that edits a layer gathers them). The KV cache is found by type (``Cache``) in the language model's
   inputs and outputs, never by argument name; a plan that drops positions at decode steps shrinks
   ``cache.layers[i].keys / .values`` of :data:`SHRINKABLE_CACHE_LAYERS` (``keep_cache_slots``) and refuses any other
-  cache. Exact VTU also needs ``rotary_emb`` (returns ``(cos, sin)``); exact VTU and policies that read attention
+  cache; beam search reorders it through ``reorder_cache(beam_idx)``, which ``follow_reorder`` wraps on the instance
+  so the plan's rows follow. Exact VTU also needs ``rotary_emb`` (returns ``(cos, sin)``); exact VTU and policies that read attention
   select their own kernel through ``config._attn_implementation`` and the ``AttentionInterface`` /
   ``AttentionMaskInterface`` registries (wrapping the model's own kernel, and its module's
   ``eager_attention_forward`` for eager).
@@ -253,6 +254,18 @@ def keep_cache_slots(cache, layer: int, index) -> None:
     gather = index[:, None, :, None]
     entry.keys = entry.keys.gather(2, gather.expand(-1, entry.keys.shape[1], -1, entry.keys.shape[-1]))
     entry.values = entry.values.gather(2, gather.expand(-1, entry.values.shape[1], -1, entry.values.shape[-1]))
+
+
+def follow_reorder(cache, callback) -> None:
+    """After beam search reorders the rows of ``cache`` (``Cache.reorder_cache(beam_idx)``, which generate calls after
+    every step), ``callback(beam_idx)`` runs: the instance's method is wrapped (the class is left alone)."""
+    reorder = cache.reorder_cache
+
+    def reordered(beam_idx):
+        reorder(beam_idx)
+        callback(beam_idx)
+
+    cache.reorder_cache = reordered
 
 
 def bind_arguments(function, *args, **kwargs) -> tuple[dict, dict]:

@@ -27,7 +27,7 @@ import torch
 from . import vtu as V
 from .errors import DymuError
 from .merge import layer_flops, matching_flops
-from .methods import VTW, FastV, check_vtu, parse_prune
+from .methods import VTW, DyRate, FastV, check_vtu, parse_prune
 from .plan import Segment, TokenPlan
 from .policies import policy_for
 from .prune import kept_count
@@ -89,11 +89,19 @@ def fastv_formula(decoder: Decoder, tokens: int, image_tokens: int, prune=None) 
     tokens: n (FastV's paper: system prompt + image, 36 + 576); image_tokens: N of them. FastV removes
     round(R·N) image tokens (the rule dymu runs), VTW all N; K >= T removes nothing.
     """
-    prune = parse_prune(prune)
+    prune = _static(parse_prune(prune))
     k = min(prune.k, decoder.layers) if prune is not None else decoder.layers
     kept = tokens - image_tokens + _kept_image_tokens(prune, image_tokens)
     full, pruned = (fastv_layer(n, decoder.hidden, decoder.intermediate) for n in (tokens, kept))
     return Count((k * full + (decoder.layers - k) * pruned) / decoder.layers, FASTV_FORMULA)
+
+
+def _static(prune):
+    """A pruning whose plan is known before generating (DyRate's rates are chosen while it generates)."""
+    if isinstance(prune, DyRate):
+        raise DymuError("dyrate chooses its rates while generating: its FLOPs are counted per generation "
+                        "(dymu generate --prune dyrate:FILE prints them; dymu.dyrate.generation_flops)")
+    return prune
 
 
 def _kept_image_tokens(prune: FastV | VTW | None, image_tokens: int) -> int:
@@ -138,7 +146,7 @@ def language_plan(prompt: Prompt, layers: int, vtu: str = "fast", prune=None,
     mean group size, rounded).
     """
     check_vtu(vtu)
-    prune = parse_prune(prune)
+    prune = _static(parse_prune(prune))
     if isinstance(prune, FastV) and prune.rerank != "prefill":
         raise DymuError(f"FastV rerank={prune.rerank} has no FLOPs count yet (counted: rerank=prefill)")
     plan = synthetic_plan(prompt, layers, vtu, _kept_image_tokens(prune, prompt.image_tokens), kept_image_positions)

@@ -81,7 +81,7 @@ class LanguageAdapter:
             raise DymuError(f"vtu must be one of {', '.join(VTU_MODES)}, got {vtu!r}")
         layers = language_model.layers
         self.prune = prune  # the method as given (a dymu.methods spec object or a policy): re-applying it reproduces us
-        self.policy = policy_for(prune, len(layers))
+        self.policy = policy_for(prune, len(layers), getattr(language_model, "config", None))
         compat.check_language_model(language_model, exact=vtu == "exact", prune=self.policy is not None)
         self.language_model = language_model
         self.num_layers = len(layers)
@@ -154,6 +154,7 @@ class LanguageAdapter:
                                 "prefill_chunk_size, or a cache carried over from an earlier prompt is not supported)")
             if cache is not None:
                 compat.check_shrinkable(cache)
+                compat.follow_reorder(cache, self._reorder)  # beam search: the plan's rows follow the cache's
         if self.vtu == "exact" and cache is not None and not compat.is_dynamic(cache):
             raise DymuError(f"vtu='exact' needs a dynamic KV cache, got {type(cache).__name__}")
         plan.step, plan.generated, plan.queries, plan.cursor = 0, 0, plan.num_prompt, 0
@@ -178,6 +179,18 @@ class LanguageAdapter:
         for layer in plan.layers:
             layer.hidden = layer.scores = None
         self._run = Run(plan=plan, prefill=False, cache=cache, cache_before=before)
+
+    def _reorder(self, index: torch.Tensor) -> None:
+        """Beam search reordered the cache's rows (``index``: (batch,) old row of each row): so do the plan, the
+        layouts the caches hold and the policy's per-row state (``reorder``, if it has any)."""
+        plan = self.plan
+        if plan is None:
+            return
+        plan.reorder(index)
+        self._held = [plan.layout(layer) for layer in range(self.num_layers)]
+        reorder = getattr(self.policy, "reorder", None)
+        if reorder is not None:
+            reorder(index)
 
     def _held_length(self, layer: int) -> int:
         held = self._held[layer]

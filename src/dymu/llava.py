@@ -403,9 +403,10 @@ def _generate(self, *args, **kwargs):
                 raise DymuError(f"generate({option}=...) with pruning: assisted decoding crops the KV cache, which "
                                 "the pruned layers hold shorter; pass prune=None or drop the option")
         beams = kwargs.get("num_beams") or getattr(config, "num_beams", None) or self.generation_config.num_beams or 1
-        if language.decode_edits and beams > 1:
+        if language.decode_edits and beams > 1 and not hasattr(language.policy, "reorder"):
+            # the plan follows the cache's reordering; a policy's own per-row state only if it can reorder it
             raise DymuError(f"{type(language.policy).__name__} edits each row at decode steps; beam search reorders "
-                            "rows: use num_beams=1")
+                            "rows: use num_beams=1 (or give the policy a reorder(beam_idx) method)")
     outputs = kwargs.get("mm_encoder_outputs")
     if isinstance(outputs, dict):
         kwargs["mm_encoder_outputs"] = {key: copy.copy(value) for key, value in outputs.items()}

@@ -1,7 +1,8 @@
 """Method specs: one parser for the strings the API, the CLI and the evaluation runner take.
 
 Encoder side (``merge=``): ``dtome:FILE`` (DyMU thresholds), ``tome:r=8`` (ToMe, a fixed number of merges per layer).
-Decoder side (``prune=``): ``fastv:k=2,r=0.5[,rerank=prefill|step][,score=last|all]``, ``vtw:k=16``.
+Decoder side (``prune=``): ``fastv:k=2,r=0.5[,rerank=prefill|step][,score=last|all]``, ``vtw:k=16``,
+``dyrate:FILE[,monotone=true|false]``.
 A method says *what* happens to tokens; the adapters (``dymu.vision``, ``dymu.language``) carry it out.
 """
 
@@ -69,10 +70,45 @@ class VTW:
         _at_least("k", self.k, 0)
 
 
+@dataclass(frozen=True)
+class DyRate:
+    """At every forward, a trained predictor (``dymu train-dyrate``; ``path``: its file, ``dymu.dyrate``) picks from the
+    attention shares of system / image / instruction / response the fraction of image tokens dropped from its layer on.
+
+    monotone: a dropped token never comes back (caches shrink); false: hidden for this step only. None: the file's.
+    """
+
+    path: str
+    monotone: bool | None = None
+
+    #: options after the path (``dyrate:FILE,monotone=false``)
+    OPTIONS = ("monotone",)
+
+    @classmethod
+    def from_spec(cls, rest: str) -> "DyRate":
+        parts = rest.split(",")
+        options = {}
+        while len(parts) > 1 and parts[-1].partition("=")[0].strip() in cls.OPTIONS:
+            key, _, text = parts.pop().partition("=")
+            options[key.strip()] = _boolean(key.strip(), text.strip())
+        path = ",".join(parts).strip()
+        if not path:
+            raise ValueError("the predictor file is missing")
+        return cls(path=path, **options)
+
+
+def _boolean(name: str, text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(f"{name} must be true or false, got {text!r}")
+
+
 MERGE_METHODS = {"dtome": DToMe, "tome": ToMe}
-PRUNE_METHODS = {"fastv": FastV, "vtw": VTW}
+PRUNE_METHODS = {"fastv": FastV, "vtw": VTW, "dyrate": DyRate}
 MERGE_SYNTAX = "dtome:FILE | tome:r=R"
-PRUNE_SYNTAX = "fastv:k=K,r=R[,rerank=prefill|step][,score=last|all] | vtw:k=K"
+PRUNE_SYNTAX = "fastv:k=K,r=R[,rerank=prefill|step][,score=last|all] | vtw:k=K | dyrate:FILE[,monotone=true|false]"
 
 
 def _at_least(name: str, value: int, low: int) -> None:
@@ -109,6 +145,8 @@ def parse(spec, methods: dict, syntax: str, what: str):
             if not rest:
                 raise ValueError("the thresholds file is missing")
             return DToMe(path=rest)
+        if method is DyRate:
+            return DyRate.from_spec(rest)
         values = {}
         for item in filter(None, (part.strip() for part in rest.split(","))):
             key, equals, text = item.partition("=")

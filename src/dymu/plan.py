@@ -18,6 +18,7 @@ and every layer holds them. Edits:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 
@@ -26,6 +27,12 @@ import torch
 from . import prune as P
 from . import vtu as V
 from .errors import DymuError
+
+
+def _select_rows(vmap: V.VirtualMap, index: torch.Tensor) -> V.VirtualMap:
+    """The map of rows ``index`` (batch,) of ``vmap`` (every field is per row)."""
+    fields = {f.name: getattr(vmap, f.name) for f in dataclasses.fields(vmap)}
+    return V.VirtualMap(**{name: None if value is None else value.index_select(0, index) for name, value in fields.items()})
 
 
 class Segment(enum.IntEnum):
@@ -195,6 +202,31 @@ class TokenPlan:
         token_of = self.vmap.full_to_unique if self.vmap is not None else None
         keep, _ = P.keep_best(scores, image, fraction, token_of)
         return image & ~keep
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Beam search reordered the rows of the KV cache: row i becomes old row ``index[i]`` (batch,) in every per-row
+        tensor. Each layer keeps the slot layout its cache holds (rows are only selected, so its width stays)."""
+        self.segments = self.segments.index_select(0, index)
+        if self.vmap is not None:
+            self.vmap = _select_rows(self.vmap, index)
+        new = {}  # id(old keep) -> new keep (layers that shared one tensor still do)
+        layouts = {}
+        for layer in self.layers:
+            if layer.keep is not None and id(layer.keep) not in new:
+                keep = layer.keep.index_select(0, index)
+                cached = self._layouts.get(id(layer.keep))
+                if cached is not None and cached[0] is layer.keep:
+                    kept = cached[1]
+                    layouts[id(keep)] = (keep, P.Kept(positions=kept.positions.index_select(0, index),
+                                                      filler=kept.filler.index_select(0, index),
+                                                      image_tokens=kept.image_tokens.index_select(0, index)))
+                new[id(layer.keep)] = keep
+            if layer.keep is not None:
+                layer.keep = new[id(layer.keep)]
+            if layer.hidden is not None:
+                layer.hidden = layer.hidden.index_select(0, index)
+        self.scores = {layer: scores.index_select(0, index) for layer, scores in self.scores.items()}
+        self._layouts = layouts
 
     def snapshot(self) -> "TokenPlan":
         """A copy that later edits leave alone (edits replace tensors, never write into them)."""

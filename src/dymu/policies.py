@@ -9,10 +9,12 @@ A policy is any object with
   (prefill only); both a mean over heads, put in ``plan.scores[layer]`` as (batch, positions);
 * ``edit(plan, layer)``: called right before decoder layer ``layer`` runs, at the prefill and at every decode step,
   once the scores of earlier layers are in; it may call ``plan.drop`` / ``plan.hide`` from ``layer`` on;
-* ``decode_edits``: whether it drops positions at decode steps (then each row's plan is its own and beam search,
-  which reorders rows, is refused).
+* ``decode_edits``: whether it drops positions at decode steps (then each row's plan is its own: beam search, which
+  reorders rows, is refused unless the policy has ``reorder(beam_idx)`` for its own per-row state; the plan and the
+  caches follow the reordering in ``dymu.language``).
 
-The adapter has no method-specific branch: FastV and VTW below are two such policies, and a test writes a third.
+The adapter has no method-specific branch: FastV and VTW below are two such policies, DyRate (``dymu.dyrate``) a
+third, and a test writes a fourth.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import DymuError
-from .methods import VTW, FastV, is_policy
+from .methods import VTW, DyRate, FastV, is_policy
 from .plan import Segment, TokenPlan
 
 #: FastV with k = 0 has no attention to rank by: it keeps a random subset, drawn with this seed (reproducible)
@@ -87,11 +89,16 @@ class VTWPolicy:
             plan.drop(plan.segments == Segment.IMAGE, from_layer=layer)
 
 
-def policy_for(method, num_layers: int):
+def policy_for(method, num_layers: int, config=None):
     """The policy that carries out a parsed ``prune=`` method (``dymu.methods``); objects that already are
-    policies (they have ``edit``) pass through."""
+    policies (they have ``edit``) pass through. ``config``: the language model's, which a DyRate predictor file is
+    checked against (None: its depth only)."""
     if method is None or is_policy(method):
         return method
+    if isinstance(method, DyRate):
+        from .dyrate import load_policy
+
+        return load_policy(method, num_layers, config)
     if isinstance(method, (FastV, VTW)) and method.k >= num_layers:  # it would change nothing
         name = "fastv" if isinstance(method, FastV) else "vtw"
         raise DymuError(f"{name}:k={method.k} acts from layer {method.k} on, but the language model has {num_layers} "

@@ -72,33 +72,53 @@ def all_query_scores(query: torch.Tensor, key: torch.Tensor, scaling: float, pad
     return total / (heads * real.sum(-1, keepdim=True).clamp_min(1))
 
 
-def kept_count(image_tokens: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Image tokens kept when the fraction ``fraction`` is removed: N - round(fraction * N), as FastV's HF code."""
+def kept_count(image_tokens: torch.Tensor, fraction) -> torch.Tensor:
+    """Image tokens kept when the fraction ``fraction`` (a float or a tensor broadcasting with ``image_tokens``) is
+    removed: N - round(fraction * N), as FastV's HF code."""
+    if isinstance(fraction, torch.Tensor):
+        fraction = fraction.to(torch.float64)
     return image_tokens - torch.round(image_tokens.double() * fraction).long()
 
 
-def keep_best(scores: torch.Tensor, image: torch.Tensor, fraction: float,
-              token_of: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which positions stay when the lowest-scored ``fraction`` of image tokens goes (VTU groups whole).
+def keep_best(scores: torch.Tensor, image: torch.Tensor, fraction, token_of: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which positions stay when the lowest-scored ``fraction`` (a float, or (batch,) per row) of image tokens goes
+    (VTU groups whole).
 
     scores: (batch, n) attention received per position (ignored for fraction 1); image: (batch, n) bool.
     token_of: (batch, n) the image token each position belongs to (VTU groups), or None (one per position).
     Ties keep the earlier token (stable sort). Returns ((batch, n) bool keep, (batch,) image tokens kept).
     """
+    token_of, is_image_token = _image_tokens(image, token_of)
+    keep_tokens = kept_count(is_image_token.sum(-1), fraction)  # (batch,)
+    return keep_top(scores, image, keep_tokens, token_of), keep_tokens
+
+
+def _image_tokens(image: torch.Tensor, token_of: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token_of (batch, n), (batch, tokens) bool: which tokens hold an image position)."""
     batch, n = image.shape
-    device = image.device
     if token_of is None:
-        token_of = torch.arange(n, device=device).expand(batch, n)
+        token_of = torch.arange(n, device=image.device).expand(batch, n)
     tokens = int(token_of.max()) + 1 if n else 0
-    is_image_token = torch.zeros(batch, tokens, dtype=torch.long, device=device).scatter_add_(1, token_of, image.long()) > 0
+    is_image_token = torch.zeros(batch, tokens, dtype=torch.long, device=image.device).scatter_add_(
+        1, token_of, image.long()) > 0
+    return token_of, is_image_token
+
+
+def keep_top(scores: torch.Tensor, image: torch.Tensor, keep_tokens: torch.Tensor,
+             token_of: torch.Tensor | None = None) -> torch.Tensor:
+    """(batch, n) bool: every non-image position and the ``keep_tokens`` (batch,) best-scored image tokens of each row
+    (a token's score: the sum over its positions; VTU groups whole; ties keep the earlier token)."""
+    batch = image.shape[0]
+    device = image.device
+    token_of, is_image_token = _image_tokens(image, token_of)
+    tokens = is_image_token.shape[1]
     token_scores = torch.zeros(batch, tokens, dtype=scores.dtype, device=device).scatter_add_(
         1, token_of, scores.masked_fill(~image, 0))
-    image_tokens = is_image_token.sum(-1)
-    keep_tokens = kept_count(image_tokens, fraction)  # (batch,)
     order = torch.sort(token_scores.masked_fill(~is_image_token, float("-inf")), dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(tokens, device=device).expand(batch, tokens))
     kept_token = is_image_token & (rank < keep_tokens[:, None])  # (batch, tokens)
-    return ~image | kept_token.gather(1, token_of), keep_tokens
+    return ~image | kept_token.gather(1, token_of)
 
 
 def layout(keep: torch.Tensor, image_tokens: torch.Tensor | None = None) -> Kept:
