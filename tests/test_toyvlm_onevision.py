@@ -287,3 +287,66 @@ def test_a_killed_onevision_training_resumes_bit_identically(tiny_run, tmp_path,
     assert all(s["cpu_seconds"] > 0 for s in saved)
     assert_same_run(out, summary, *tiny_run)
     assert summary["train_cpu_seconds"] > saved[-1]["cpu_seconds"]
+
+
+def test_reference_layout_concatenates_the_crops_and_dymu_follows_it(tiny_run):
+    """The reference's layout: each image's crops one after the other (crops x 16 placeholders, no newline), the
+    stock forward reading the tower's projected crop tokens in that order; dymu lays merged tokens out with it
+    too: infinite thresholds give the unmerged logits with fast and exact VTU."""
+    import dymu
+    from toyvlm import evaluate_onevision as EO
+
+    out, _ = tiny_run
+    model, processor = EO.load(out)
+    pictures = [O.render(SQUARE, SQUARE_SIZE), O.render(SQUARE, (64, 64))]  # 3 and 5 crops
+    prompts = [T.PROMPT.format(question="What colour is the square?")] * 2
+    inputs = EO.reference_inputs(processor)(pictures, prompts)
+    token = model.config.image_token_id
+    assert (inputs["input_ids"] == token).sum(-1).tolist() == [3 * 16, 5 * 16]
+    with torch.no_grad(), EO.reference_layout(model):
+        features = model.model.get_image_features(pixel_values=inputs["pixel_values"],
+                                                  image_sizes=inputs["image_sizes"]).pooler_output
+        crops = torch.cat([inputs["pixel_values"][0, :3], inputs["pixel_values"][1]])
+        projected = model.model.multi_modal_projector(O.tower_hidden(model, crops))  # (8 crops, 16, hidden)
+        torch.testing.assert_close(torch.cat(list(features)), projected.flatten(0, 1), rtol=1e-6, atol=1e-6)
+        stock = model(**inputs).logits
+        for vtu in ("fast", "exact"):  # the reference has no compact mode for several crops (its spec, section 5)
+            dymu.apply(model, [math.inf] * model.config.vision_config.num_hidden_layers, vtu=vtu)
+            try:
+                real = inputs["attention_mask"].bool()
+                torch.testing.assert_close(model(**inputs).logits[real], stock[real], rtol=1e-5, atol=1e-5)
+            finally:
+                dymu.remove(model)
+    assert "pack_image_features" not in vars(model.model), "the stock layout is back"
+
+
+def test_the_onevision_evaluation_runs_resumes_and_tabulates(tiny_run, tmp_path, monkeypatch):
+    from toyvlm import evaluate as E
+    from toyvlm import evaluate_onevision as EO
+
+    out, _ = tiny_run
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for path in out.iterdir():
+        (model_dir / path.name).write_bytes(path.read_bytes())
+    results = EO.run(model_dir, scenes=3, describe_scenes=2, threshold_scenes=4, levels=("mid",), progress=False)
+    names = [row["name"] for row in results["rows"]]
+    assert names == ["unmerged", "blind (grey image)", "prior (text only)", "DToMe-mid (VTU)", "DToMe-mid (no VTU)",
+                     "unmerged, reference layout", "DToMe-mid (VTU), reference layout"]
+    rows = {row["name"]: row for row in results["rows"]}
+    unmerged, merged = rows["unmerged"]["tokens"], rows["DToMe-mid (VTU)"]["tokens"]
+    assert unmerged["mean"] == 16 and unmerged["lm_tokens"] == unmerged["positions"] > unmerged["per_image"] / 2
+    assert merged["mean"] < 16 and merged["lm_tokens"] < merged["positions"] == unmerged["positions"]
+    assert rows["DToMe-mid (no VTU)"]["tokens"] == merged
+    reference = rows["unmerged, reference layout"]["tokens"]
+    assert reference["positions"] == reference["per_image"] and reference["mean"] == 16
+    assert rows["DToMe-mid (VTU), reference layout"]["tokens"]["mean"] == merged["mean"]  # equal thresholds
+    assert (model_dir / "thresholds" / "mid.json").is_file()
+    table = (model_dir / "eval" / "table.md").read_text()
+    assert table.count("\n") == 2 + len(names) and "reference layout" in table
+    assert (model_dir / "eval" / "accuracy_vs_tokens.png").is_file() and (model_dir / "eval" / "cider_vs_tokens.png").is_file()
+    monkeypatch.setattr(E, "answer", lambda *args, **kwargs: pytest.fail("a finished row was run again"))
+    again = EO.run(model_dir, scenes=3, describe_scenes=2, threshold_scenes=4, levels=("mid",), progress=False)
+    assert [row["overall"] for row in again["rows"]] == [row["overall"] for row in results["rows"]]
+    with pytest.raises(EO.RowJournalError, match="holds rows of another evaluation"):
+        EO.run(model_dir, scenes=4, describe_scenes=2, threshold_scenes=4, levels=("mid",), progress=False)
