@@ -350,3 +350,29 @@ def test_the_onevision_evaluation_runs_resumes_and_tabulates(tiny_run, tmp_path,
     assert [row["overall"] for row in again["rows"]] == [row["overall"] for row in results["rows"]]
     with pytest.raises(EO.RowJournalError, match="holds rows of another evaluation"):
         EO.run(model_dir, scenes=4, describe_scenes=2, threshold_scenes=4, levels=("mid",), progress=False)
+
+
+def test_the_model_card_states_the_measured_numbers(tiny_run, tmp_path):
+    from toyvlm import card
+    from toyvlm import evaluate_onevision as EO
+
+    out, _ = tiny_run
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for path in out.iterdir():
+        (model_dir / path.name).write_bytes(path.read_bytes())
+    results = EO.run(model_dir, scenes=2, describe_scenes=2, threshold_scenes=3, levels=("low", "high"),
+                     progress=False, baselines=False)
+    card.main([str(model_dir)])
+    text = (model_dir / "README.md").read_text()
+    rows = {row["name"]: row for row in results["rows"]}
+    assert text.startswith("# toy-llava-onevision") and "Qwen2" in text and "anyres_max_3" in text
+    for size in O.IMAGE_SHAPES:  # the sizes table, one line each
+        assert "| {} x {} |".format(*O.shape_pixels(size, 32)) in text
+    assert EO.markdown_table(results) in text
+    high, moved = rows["DToMe-high (VTU)"], rows["DToMe-high (VTU), reference layout"]
+    assert (f"high: {100 * high['overall']:.1f}% with the model's layout vs {100 * moved['overall']:.1f}% with the "
+            "reference's") in text
+    assert "training the tower, projector and word embeddings on" in text  # TINY starts fresh
+    warm = {"tower_steps": 2, "tower_batch_size": 3, "tower_learning_rate": 0.003, "init_from": "assets/toy-llava"}
+    assert "training the tower and projector on" in card._stage_one(warm)  # a warm start keeps the word embeddings

@@ -250,9 +250,9 @@ def _history(folder: Path) -> str:
 def _stage_one(cfg: dict) -> str:
     if not cfg.get("tower_steps"):
         return ""
-    return (f"Stage 1: {cfg['tower_steps']} steps of {cfg['tower_batch_size']} images training the tower, projector and "
-            f"word embeddings on the auxiliary and word-alignment losses alone (lr {cfg['tower_learning_rate']}). "
-            "Stage 2: ")
+    trained = "tower and projector" if cfg.get("init_from") else "tower, projector and word embeddings"
+    return (f"Stage 1: {cfg['tower_steps']} steps of {cfg['tower_batch_size']} images training the {trained} on the "
+            f"auxiliary and word-alignment losses alone (lr {cfg['tower_learning_rate']}). Stage 2: ")
 
 
 def _extra_losses(cfg: dict) -> str:
@@ -286,7 +286,12 @@ def main(argv=None) -> None:
     parser.add_argument("folder")
     args = parser.parse_args(argv)
     folder = Path(args.folder)
-    (folder / "README.md").write_text(model_card(folder))
+    if json.loads((folder / "config.json").read_text()).get("model_type") == "llava_onevision":
+        from .card_onevision import model_card as onevision_card
+
+        (folder / "README.md").write_text(onevision_card(folder))
+    else:
+        (folder / "README.md").write_text(model_card(folder))
     print(f"wrote {folder / 'README.md'}")
 
 

@@ -273,6 +273,7 @@ def run(model_dir, out_dir=None, scenes: int = E.DEFAULT_TEST_SCENES, seed: int 
                "seed": seed, "scenes": scenes, "questions": len(records), "patches": processor.num_image_tokens,
                "slice_questions": E.SLICE_QUESTIONS, "describe_scenes": describe_scenes,
                "slice_descriptions": min(E.SLICE_DESCRIPTIONS, describe_scenes), "seconds": time.time() - started,
+               "threshold_scenes": threshold_scenes,
                "targets": {level: thresholds[level].target_tokens for level in levels},
                "rows": [{k: v for k, v in row.items() if k != "answers"} for row in rows]}
     (out / "results.json").write_text(json.dumps(results, indent=1))
