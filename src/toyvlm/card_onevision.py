@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from . import onevision as O
-from .card import _describe_rows, _describing, _extra_losses, _history, _parameters, _stage_one
+from .card import _describe_rows, _describing, _extra_losses, _history, _stage_one, card_inputs
 from .evaluate_onevision import OV_LEVELS, REFERENCE, markdown_table
 
 #: shown in the card's snippet and reproduce lines
@@ -74,17 +73,9 @@ def _start(cfg: dict) -> str:
 
 def model_card(folder) -> str:
     folder = Path(folder)
-    log = json.loads((folder / "training_log.json").read_text())
-    results = json.loads((folder / "eval" / "results.json").read_text())
-    config = json.loads((folder / "config.json").read_text())
-    cfg, vision, text = log["config"], config["vision_config"], config["text_config"]
-    params = _parameters(folder)
-    rows = {row["name"]: row for row in results["rows"]}
+    log, results, config, cfg, vision, text, params, rows, baselines = card_inputs(folder)
     unmerged = rows["unmerged"]
     kinds = " | ".join(unmerged["per_kind"])
-    baselines = "\n".join(f"| {name} | {100 * rows[name]['overall']:.1f} | "
-                          + " | ".join(f"{100 * v:.1f}" for v in rows[name]["per_kind"].values()) + " |"
-                          for name in ("unmerged", "blind (grey image)", "prior (text only)") if name in rows)
     minutes, cpu_minutes = log["train_seconds"] / 60, log.get("train_cpu_seconds", 0) / 60
     levels = [level for level in OV_LEVELS if level in results.get("targets", {})]
     targets = ", ".join(f"{level} {results['targets'][level]}" for level in levels)
