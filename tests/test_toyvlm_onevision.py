@@ -376,3 +376,24 @@ def test_the_model_card_states_the_measured_numbers(tiny_run, tmp_path):
     assert "training the tower, projector and word embeddings on" in text  # TINY starts fresh
     warm = {"tower_steps": 2, "tower_batch_size": 3, "tower_learning_rate": 0.003, "init_from": "assets/toy-llava"}
     assert "training the tower and projector on" in card._stage_one(warm)  # a warm start keeps the word embeddings
+
+
+def test_colour_targets_sit_on_pixels_of_that_colour():
+    """The targets (cut from the probe map) and the pixels (cut by the processor) are the same crops: at the default
+    geometry, the centre of almost every patch an object covers fully is nearest to that object's palette colour
+    (the rest: a letter or an outline drawn there). Shifted by two rows and three columns, they miss almost all."""
+    config = replace(T.default_config("onevision"), vision_hidden=16, vision_layers=1, vision_heads=1, text_hidden=32,
+                     text_layers=1, text_heads=4, text_kv_heads=1, init_from="")
+    _, processor = T.recipe_for(config).build()
+    batch = O.SceneStream(0, processor.image_processor, config.patch_size).draw(None, 30)
+    pixels = batch.crop_pixels() * 0.5 + 0.5  # SigLIP's normalisation undone: (crops, 3, 112, 112) in [0, 1]
+    patches = pixels.unfold(2, 14, 14).unfold(3, 14, 14)[..., 4:10, 4:10].mean((-1, -2))  # (crops, 3, 8, 8)
+    centre = patches.permute(0, 2, 3, 1).reshape(len(pixels), 64, 3)
+    palette = torch.tensor([T.D.PALETTE[name] for name in T.D.COLOURS], dtype=torch.float) / 255
+    covers = torch.cat(batch.covers)[..., : T.D.MAX_OBJECTS]
+    colour = batch.targets[:, 0]
+    full = (colour > 0) & (covers.max(-1).values > 0.9)
+    nearest = ((centre[full][:, None] - palette) ** 2).sum(-1).argmin(-1) + 1
+    assert int(full.sum()) > 200 and (nearest == colour[full]).float().mean() > 0.95
+    shifted = colour.roll(2 * 8 + 3, dims=1)[full]
+    assert (nearest == shifted).float().mean() < 0.2
