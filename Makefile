@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 CONSTRAINTS := constraints.txt
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test test-lowest test-transformers bench install clean toy-model toy-eval eval-setup eval-test
+.PHONY: demo test test-lowest test-transformers bench install clean toy-model toy-eval eval-setup eval-test toy-onevision toy-onevision-eval
 
 install: $(STAMP)
 
@@ -59,6 +59,21 @@ toy-eval: $(STAMP)
 	$(BIN)/python -m toyvlm.baselines --model $(TOY_MODEL)
 	$(BIN)/python -m toyvlm.diagnose --model $(TOY_MODEL) --drift
 	$(BIN)/python -m toyvlm.card $(TOY_MODEL)
+
+# Train the toy OneVision (toyvlm.train --arch onevision, its language model started from the toy LLaVA's), evaluate
+# it and write its card. Resumes like toy-model; OMP_WAIT_POLICY=PASSIVE: on a shared machine spinning OpenMP threads
+# made a training step ~10x slower (README, The toy model).
+TOY_ONEVISION ?= assets/toy-llava-onevision
+toy-onevision: $(STAMP)
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m toyvlm.train --arch onevision --out $(TOY_ONEVISION) --resume
+	rm -rf $(TOY_ONEVISION)/thresholds $(TOY_ONEVISION)/eval
+	$(MAKE) toy-onevision-eval
+
+# The toy OneVision's test table (unmerged, blind, prior; DToMe ov-low/mid/high with VTU and compact; the reference's
+# layout) and its model card; a killed evaluation keeps its finished rows.
+toy-onevision-eval: $(STAMP)
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m toyvlm.evaluate_onevision --model $(TOY_ONEVISION)
+	$(BIN)/python -m toyvlm.card $(TOY_ONEVISION)
 
 # The eval extra (dymu eval, the lmms-eval plugin) in its own venv, so that `make test` keeps the small one: lmms-eval
 # 0.7.3 pulls ~150 packages. Installed with torch pinned to the CPU wheel and the versions of constraints-eval.txt;

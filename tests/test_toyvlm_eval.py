@@ -166,14 +166,16 @@ def test_shipped_checkpoint_was_trained_with_the_default_config():
     """`make toy-model` (python -m toyvlm.train with defaults) reproduces the shipped training run."""
     from dataclasses import asdict
 
-    from toyvlm.train import TrainConfig
+    from toyvlm.train import ONEVISION_ONLY, TrainConfig
 
     log = json.loads((TOY / "training_log.json").read_text())
     defaults = asdict(TrainConfig())
     assert set(log["config"]) <= set(defaults)
     assert log["config"] == {name: value for name, value in defaults.items() if name in log["config"]}
-    # options added after the shipped run must default to off (weight 0), or the defaults would train another model
-    assert all(defaults[name] == 0 for name in set(defaults) - set(log["config"]))
+    # options added after the shipped run must default to off (weight 0; the LLaVA arch, no OneVision setting), or
+    # the defaults would train another model
+    off = {"arch": "llava", **ONEVISION_ONLY}
+    assert all(defaults[name] == off.get(name, 0) for name in set(defaults) - set(log["config"]))
     assert log["train_seconds"] <= TRAINING_BUDGET_SECONDS
 
 

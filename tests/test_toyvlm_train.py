@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests import toyvlm_runs
+from tests.toyvlm_runs import assert_same_run, killed_and_resumed
 from toyvlm import train as T
 from toyvlm.cider import ptb_tokenize
 from toyvlm.data import COLOURS, LABEL_LETTERS, QA, QUESTION_KINDS, SHAPES, Obj, Scene, candidate_questions, make_split
@@ -133,8 +135,7 @@ TINY = T.TrainConfig(image_size=64, patch_size=16, vision_hidden=32, vision_laye
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """(output folder, summary) of an uninterrupted training with the TINY config."""
-    out = tmp_path_factory.mktemp("tiny") / "toy"
-    return out, T.train(TINY, out, log_every=1, progress=False)
+    return toyvlm_runs.tiny_run(tmp_path_factory, TINY, "tiny")
 
 
 def test_training_runs_end_to_end_and_saves_a_checkpoint(tiny_run):
@@ -165,52 +166,16 @@ def test_training_runs_end_to_end_and_saves_a_checkpoint(tiny_run):
     assert not (out / T.STATE_FILE).exists()
 
 
-class Killed(Exception):
-    pass
-
-
 def test_a_killed_training_resumes_bit_identically(tiny_run, tmp_path, monkeypatch):
     """Killed mid-step in the tower stage, in the first step of the main stage (the state on disk: the tower stage's
     end) and in its step 2 (after the evaluation; two steps left, so the LR schedule matters), then resumed each time:
     the same weights, bit for bit, and the same logs as the uninterrupted run."""
-    from safetensors.torch import load_file
-
-    reference, expected = tiny_run
     out = tmp_path / "toy"
-    state = out / T.STATE_FILE
-    monkeypatch.setattr(T, "STATE_EVERY_SECONDS", 0)  # a state after every step
-    stock_total = T.weighted_total
-
-    def kill_at(call: int) -> None:
-        """The ``call``-th loss (from 0) of the next run raises before its backward pass."""
-        calls = iter(range(call + 1))
-
-        def total(losses, config):
-            if next(calls) == call:
-                raise Killed
-            return stock_total(losses, config)
-
-        monkeypatch.setattr(T, "weighted_total", total)
-
-    saved = []
-    for call in (1, 1, 2):  # the tower's step 1 (--resume without a state starts afresh); main steps 0 and 2
-        kill_at(call)
-        with pytest.raises(Killed):
-            T.train(TINY, out, log_every=1, progress=False, resume=True)
-        saved.append(torch.load(state, weights_only=True))
+    saved, summary = killed_and_resumed(TINY, out, monkeypatch)
     assert [(s["stage"], s["step"]) for s in saved] == [("tower", 1), ("tower", 2), ("main", 2)]
     assert len(saved[-1]["logs"]["evaluations"]) == 1  # made after main step 1
-    monkeypatch.setattr(T, "weighted_total", stock_total)
-    summary = T.train(TINY, out, log_every=1, progress=False, resume=True)
-
-    got, want = load_file(out / "model.safetensors"), load_file(reference / "model.safetensors")
-    assert got.keys() == want.keys() and all(torch.equal(got[name], want[name]) for name in want)
-    untimed = lambda entries: [{k: v for k, v in e.items() if k != "seconds"} for e in entries]  # noqa: E731
-    for name in ("log", "evaluations", "tower_log"):
-        assert untimed(summary[name]) == untimed(expected[name]), name
-    assert summary["validation"] == expected["validation"]
+    assert_same_run(out, summary, *tiny_run)
     assert summary["train_seconds"] > saved[-1]["seconds"]  # the segments' seconds add up
-    assert not state.exists()
 
 
 def test_a_training_state_is_not_overwritten_nor_resumed_with_another_config(tmp_path):
@@ -220,7 +185,7 @@ def test_a_training_state_is_not_overwritten_nor_resumed_with_another_config(tmp
     state = T.TrainingState(out, TINY, resume=False)
     layer = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(layer.parameters())
-    state.attach(0.0, layer, layer, np.random.default_rng(0), T.SceneStream(0, 64, 16))
+    state.attach(0.0, 0.0, layer, layer, np.random.default_rng(0), T.SceneStream(0, 64, 16))
     state.step_done("tower", 1, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), last=True)
     path = out / T.STATE_FILE
     with pytest.raises(SystemExit) as refused:

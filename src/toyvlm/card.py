@@ -53,19 +53,26 @@ def _describe_rows(cfg: dict) -> str:
     return "".join(parts)
 
 
-def model_card(folder) -> str:
-    folder = Path(folder)
+def card_inputs(folder: Path):
+    """What a card is written from: (training log, eval results, config.json, the log's training config, vision
+    config, text config, parameters per part, result rows by name, the accuracy table's rows (unmerged, blind,
+    prior) as Markdown)."""
     log = json.loads((folder / "training_log.json").read_text())
     results = json.loads((folder / "eval" / "results.json").read_text())
     config = json.loads((folder / "config.json").read_text())
-    cfg, vision, text = log["config"], config["vision_config"], config["text_config"]
-    params = _parameters(folder)
     rows = {row["name"]: row for row in results["rows"]}
-    unmerged = rows["unmerged"]
-    kinds = " | ".join(unmerged["per_kind"])
     baselines = "\n".join(f"| {name} | {100 * rows[name]['overall']:.1f} | "
                           + " | ".join(f"{100 * v:.1f}" for v in rows[name]["per_kind"].values()) + " |"
                           for name in ("unmerged", "blind (grey image)", "prior (text only)") if name in rows)
+    return (log, results, config, log["config"], config["vision_config"], config["text_config"], _parameters(folder),
+            rows, baselines)
+
+
+def model_card(folder) -> str:
+    folder = Path(folder)
+    log, results, config, cfg, vision, text, params, rows, baselines = card_inputs(folder)
+    unmerged = rows["unmerged"]
+    kinds = " | ".join(unmerged["per_kind"])
     minutes = log["train_seconds"] / 60
     weak = [kind for kind, value in unmerged["per_kind"].items() if value < TARGET_PER_KIND]
     blind = rows.get("blind (grey image)", {}).get("per_kind", {})
@@ -250,9 +257,9 @@ def _history(folder: Path) -> str:
 def _stage_one(cfg: dict) -> str:
     if not cfg.get("tower_steps"):
         return ""
-    return (f"Stage 1: {cfg['tower_steps']} steps of {cfg['tower_batch_size']} images training the tower, projector and "
-            f"word embeddings on the auxiliary and word-alignment losses alone (lr {cfg['tower_learning_rate']}). "
-            "Stage 2: ")
+    trained = "tower and projector" if cfg.get("init_from") else "tower, projector and word embeddings"
+    return (f"Stage 1: {cfg['tower_steps']} steps of {cfg['tower_batch_size']} images training the {trained} on the "
+            f"auxiliary and word-alignment losses alone (lr {cfg['tower_learning_rate']}). Stage 2: ")
 
 
 def _extra_losses(cfg: dict) -> str:
@@ -286,7 +293,12 @@ def main(argv=None) -> None:
     parser.add_argument("folder")
     args = parser.parse_args(argv)
     folder = Path(args.folder)
-    (folder / "README.md").write_text(model_card(folder))
+    if json.loads((folder / "config.json").read_text()).get("model_type") == "llava_onevision":
+        from .card_onevision import model_card as onevision_card
+
+        (folder / "README.md").write_text(onevision_card(folder))
+    else:
+        (folder / "README.md").write_text(model_card(folder))
     print(f"wrote {folder / 'README.md'}")
 
 

@@ -64,13 +64,13 @@ def load(folder):
 
 
 def test_records(num_scenes: int = DEFAULT_TEST_SCENES, seed: int = D.DEFAULT_SEED, image_size: int | None = None,
-                 split: str = "test"):
+                 split: str = "test", render=None):
     """(records, images): question records in benchmark order (as ``write_benchmark`` would write them) and
-    {image_id: PIL image}."""
+    {image_id: PIL image}; ``render(example)``: the image of an example (default: its square ``image``)."""
     examples = D.make_split(split, seed=seed, num_scenes=num_scenes, image_size=image_size or D.DEFAULT_IMAGE_SIZE)
     records, images = [], {}
     for example in examples:
-        images[example.id] = example.image
+        images[example.id] = render(example) if render else example.image
         for j, qa in enumerate(example.qas):
             records.append({"question_id": f"{example.id}_q{j:02d}", "image": example.id, "question": qa.question,
                             "kind": qa.kind, "answer": qa.answer, "background": example.scene.background})
@@ -78,23 +78,41 @@ def test_records(num_scenes: int = DEFAULT_TEST_SCENES, seed: int = D.DEFAULT_SE
 
 
 def describe_records(num_scenes: int = DEFAULT_DESCRIBE_SCENES, seed: int = D.DEFAULT_SEED,
-                     image_size: int | None = None, split: str = "test"):
+                     image_size: int | None = None, split: str = "test", render=None):
     """(records, images): one describe record per scene ({question_id, image, question: its describe prompt, kind,
-    references, background}) and {image_id: PIL image}."""
+    references, background}) and {image_id: PIL image}; ``render``: as for :func:`test_records`."""
     examples = D.make_split(split, seed=seed, num_scenes=num_scenes, image_size=image_size or D.DEFAULT_IMAGE_SIZE,
                             per_kind=0)
     records = [{"question_id": f"{e.id}_describe", "image": e.id, "question": e.describe_prompt, "kind": D.DESCRIBE_KIND,
                 "references": e.descriptions, "background": e.scene.background} for e in examples]
-    return records, {e.id: e.image for e in examples}
+    return records, {e.id: render(e) if render else e.image for e in examples}
 
 
 def describe(model, processor, records, images, batch_size: int = BATCH_SIZE, progress: bool = False,
-             desc: str = "describing") -> dict:
+             desc: str = "describing", inputs=None) -> dict:
     """Greedy descriptions of describe ``records`` (:func:`describe_records`): {"cider": CIDEr-D, "ended": share that
-    ended with </s>, "descriptions": the texts}."""
-    texts, ended = generations(model, processor, records, images, batch_size, progress, desc, MAX_DESCRIPTION_TOKENS)
+    ended with </s>, "descriptions": the texts}. ``inputs``: as for :func:`generations`."""
+    texts, ended = generations(model, processor, records, images, batch_size, progress, desc, MAX_DESCRIPTION_TOKENS,
+                               inputs)
     cider, _ = cider_d(dict(enumerate(texts)), {i: r["references"] for i, r in enumerate(records)})
     return {"cider": cider, "ended": float(np.mean(ended)), "descriptions": texts}
+
+
+def describe_row(row: dict, model, processor, records, images, progress: bool = False, batch_size: int = BATCH_SIZE,
+                 inputs=None) -> None:
+    """Add a row's describe columns: CIDEr-D of its descriptions of ``records`` (``images``), the share that ended,
+    the first SLICE_DESCRIPTIONS texts and their CIDEr-D alone (:func:`slice_cider`)."""
+    descriptions = describe(model, processor, records, images, batch_size, progress, f"{row['name']}, describing", inputs)
+    kept = descriptions["descriptions"][:SLICE_DESCRIPTIONS]
+    row.update(cider=descriptions["cider"], describe_ended=descriptions["ended"], descriptions=kept,
+               slice_cider=slice_cider(kept, records))
+
+
+def summary_line(row: dict, head: str) -> str:
+    """The line printed when a row is done: ``head`` (its name and tokens), accuracy, per kind, CIDEr-D."""
+    return (f"{head}  accuracy {100 * row['overall']:5.1f}%  "
+            + " ".join(f"{k} {100 * v:.1f}" for k, v in row["per_kind"].items())
+            + (f"  CIDEr-D {row['cider']:.3f} ({100 * row['describe_ended']:.0f}% ended)" if "cider" in row else ""))
 
 
 def slice_cider(descriptions: list[str], records) -> float:
@@ -108,15 +126,17 @@ def image_size_of(processor) -> int:
 
 
 def answer(model, processor, records, images, batch_size: int = BATCH_SIZE, progress: bool = False,
-           desc: str = "answering") -> list[str]:
+           desc: str = "answering", inputs=None) -> list[str]:
     """Greedy answers, one per record. Uses ``dymu.prepare_inputs`` when the model is in compact mode."""
-    return generations(model, processor, records, images, batch_size, progress, desc)[0]
+    return generations(model, processor, records, images, batch_size, progress, desc, inputs=inputs)[0]
 
 
 def generations(model, processor, records, images, batch_size: int = BATCH_SIZE, progress: bool = False,
-                desc: str = "answering", max_new_tokens: int = MAX_ANSWER_TOKENS) -> tuple[list[str], list[bool]]:
+                desc: str = "answering", max_new_tokens: int = MAX_ANSWER_TOKENS,
+                inputs=None) -> tuple[list[str], list[bool]]:
     """(greedy answers of at most ``max_new_tokens`` tokens, whether each generation ended with </s>), one per
-    record."""
+    record. ``inputs(pictures, prompts)``: the model inputs of a batch, when not the processor's (or
+    ``dymu.prepare_inputs`` in compact mode)."""
     from tqdm.auto import tqdm
 
     from dymu.llava import get_vlm_patch
@@ -127,13 +147,15 @@ def generations(model, processor, records, images, batch_size: int = BATCH_SIZE,
         chunk = records[start : start + batch_size]
         prompts = [PROMPT.format(question=r["question"]) for r in chunk]
         pictures = [images[r["image"]] for r in chunk]
-        if compact:
+        if inputs is not None:
+            batch = inputs(pictures, prompts)
+        elif compact:
             import dymu
 
-            inputs = dymu.prepare_inputs(model, processor, pictures, prompts)
+            batch = dymu.prepare_inputs(model, processor, pictures, prompts)
         else:
-            inputs = processor(images=pictures, text=prompts, return_tensors="pt", padding=True)
-        texts, finished = greedy_generate(model, processor.tokenizer, inputs, max_new_tokens)
+            batch = processor(images=pictures, text=prompts, return_tensors="pt", padding=True)
+        texts, finished = greedy_generate(model, processor.tokenizer, batch, max_new_tokens)
         answers += texts
         ended += finished
     return answers, ended
@@ -172,11 +194,12 @@ def prior_answers(records, train_scenes: int = PRIOR_TRAIN_SCENES, seed: int = D
     return out
 
 
-def blind_images(images) -> dict:
-    """Every image replaced by a uniform image of the CLIP mean colour (zero after normalisation)."""
+def blind_images(images, mean=OPENAI_CLIP_MEAN) -> dict:
+    """Every image replaced by a uniform image of the processor's mean colour (zero after normalisation; default
+    CLIP's)."""
     from PIL import Image
 
-    colour = tuple(round(255 * m) for m in OPENAI_CLIP_MEAN)
+    colour = tuple(round(255 * m) for m in mean)
     return {key: Image.new("RGB", image.size, colour) for key, image in images.items()}
 
 
@@ -254,15 +277,9 @@ def run(model_dir, out_dir=None, scenes: int = DEFAULT_TEST_SCENES, seed: int = 
         row["slice_accuracy"] = accuracy(records[:SLICE_QUESTIONS], answers[:SLICE_QUESTIONS])["overall"]
         if described and visual:  # every row that sees an image describes too
             shown = described_images if pictures is images else blind_images(described_images)
-            descriptions = describe(model, processor, described, shown, progress=progress, desc=f"{name}, describing")
-            kept = descriptions["descriptions"][:SLICE_DESCRIPTIONS]
-            row.update(cider=descriptions["cider"], describe_ended=descriptions["ended"], descriptions=kept,
-                       slice_cider=slice_cider(kept, described))
+            describe_row(row, model, processor, described, shown, progress)
         rows.append(row)
-        print(f"{name:<22} tokens {tokens['mean']:6.1f}  accuracy {100 * row['overall']:5.1f}%  "
-              + " ".join(f"{k} {100 * v:.1f}" for k, v in row["per_kind"].items())
-              + (f"  CIDEr-D {row['cider']:.3f} ({100 * row['describe_ended']:.0f}% ended)" if "cider" in row else ""),
-              flush=True)
+        print(summary_line(row, f"{name:<22} tokens {tokens['mean']:6.1f}"), flush=True)
         return answers
 
     reference = evaluate("unmerged", None, None)
@@ -322,7 +339,12 @@ def markdown_table(results: dict) -> str:
 PLOT_METRICS = {"overall": ("accuracy (%)", 100.0), "cider": ("CIDEr-D (test descriptions)", 1.0)}
 
 
-def plot(results: dict, path, metric: str = "overall") -> None:
+#: the DToMe series :func:`plot` draws: (row "vtu", marker, label)
+PLOT_SERIES = (("fast", "o", "DToMe + VTU"), ("none", "s", "DToMe, compact (no VTU)"))
+
+
+def plot(results: dict, path, metric: str = "overall", series=PLOT_SERIES, model_name: str = "toy LLaVA",
+         tokens_label: str = "mean visual tokens per image") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -338,16 +360,16 @@ def plot(results: dict, path, metric: str = "overall") -> None:
         row = next((r for r in rows if r["name"] == name), None)
         if row:
             axis.axhline(scale * row[metric], color="grey", lw=1, ls=style, label=name)
-    for mode, marker, label in (("fast", "o", "DToMe + VTU"), ("none", "s", "DToMe, compact (no VTU)")):
+    for mode, marker, label in series:
         points = sorted((r["tokens"]["mean"], scale * r[metric], r["level"]) for r in rows if r["vtu"] == mode and r["level"])
         if points:
             axis.plot([p[0] for p in points], [p[1] for p in points], marker=marker, label=label)
             for x, y, level in points:
                 axis.annotate(level, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
-    axis.set_xlabel(f"mean visual tokens per image (of {results['patches']})")
+    axis.set_xlabel(f"{tokens_label} (of {results['patches']})")
     axis.set_ylabel(ylabel)
-    axis.set_title(f"toy LLaVA, {results['questions']} test questions" if metric == "overall"
-                   else f"toy LLaVA, {results['describe_scenes']} test descriptions")
+    axis.set_title(f"{model_name}, {results['questions']} test questions" if metric == "overall"
+                   else f"{model_name}, {results['describe_scenes']} test descriptions")
     axis.set_xlim(0, results["patches"] * 1.05)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8, loc="lower right")

@@ -59,6 +59,16 @@ it training-time only; the saved model is plain LLaVA):
   stage-2 step instead of 1.02-1.22 s with eager everywhere (one measurement, default sizes).
 
 Images are kept as uint8. Everything is seeded.
+
+**The toy OneVision** (``--arch onevision``, the defaults of :data:`ONEVISION_DEFAULTS`; :mod:`toyvlm.onevision`):
+the same recipe (both stages, every loss, the same scenes and conversations) on a stock
+``LlavaOnevisionForConditionalGeneration``: scenes at 13 sizes and aspect ratios cut into 3-5 AnyRes crops of 112 px,
+the conversation's image placeholders as many as the stock layout has (base crop, unpadded grid, down-scaled where
+``anyres_max_3`` says, newline rows), the dense targets laid out by the model's own ``pack_image_features``, the
+Qwen2 started from the toy LLaVA's language model (``init_from``). The training state also keeps the CPU seconds
+(``train_cpu_seconds`` in the log), so a run on a shared machine can say what it cost.
+
+    python -m toyvlm.train --arch onevision --out assets/toy-llava-onevision --resume
 """
 
 from __future__ import annotations
@@ -149,6 +159,26 @@ class TrainConfig:
     eval_scenes: int = 40
     seed: int = 0
     threads: int = 2
+    arch: str = "llava"  # "llava" (LlavaForConditionalGeneration) or "onevision" (LLaVA-OneVision; ONEVISION_DEFAULTS)
+    anyres_max: int = 0  # onevision: grids above this many crops' worth of tokens are scaled down (anyres_max_N)
+    init_from: str = ""  # onevision: the toy LLaVA whose language model the Qwen2 starts from ("": fresh)
+
+
+#: the toy OneVision's recipe (``--arch onevision``; :mod:`toyvlm.onevision`): 112 px crops of 14 px patches (64
+#: tokens each), a SigLIP tower read at its last layer, the Qwen2 started from the toy LLaVA's language model, so
+#: fewer steps of fewer rows (a row's image is 2-5 crops, ~250 tokens) fit the budget; tower batches are images
+#: (all their crops, ~70 per step)
+ONEVISION_DEFAULTS = dict(arch="onevision", image_size=112, patch_size=14, anyres_max=3, init_from="assets/toy-llava",
+                          steps=1500, batch_size=24, readout_start=750, curriculum_steps=400, tower_steps=1200,
+                          tower_batch_size=16)
+#: fields only the OneVision recipe reads, with the value that means "unused" in the LLaVA one
+ONEVISION_ONLY = {"anyres_max": 0, "init_from": ""}
+ARCHES = ("llava", "onevision")
+
+
+def default_config(arch: str = "llava") -> "TrainConfig":
+    """The recipe's defaults for ``arch``."""
+    return TrainConfig(**(ONEVISION_DEFAULTS if arch == "onevision" else {}))
 
 
 def build_tokenizer():
@@ -367,17 +397,18 @@ def sample_turns(scene: D.Scene, rng: np.random.Generator, turns: int, hard_no_s
 
 
 class ConversationEncoder:
-    """Token ids for LLaVA-1.5 multi-turn conversations (cached per text piece)."""
+    """Token ids for LLaVA-1.5 multi-turn conversations (cached per text piece). ``patches``: the image tokens of
+    every image, or None when each conversation gives its own (OneVision's count depends on the image size)."""
 
-    def __init__(self, tokenizer, patches: int):
+    def __init__(self, tokenizer, patches: int | None):
         self.tokenizer, self.patches = tokenizer, patches
-        self._cache: dict[tuple[str, str], list[int]] = {}
+        self._cache: dict[tuple[str, str, int | None], list[int]] = {}
 
-    def _ids(self, kind: str, text: str) -> list[int]:
-        key = (kind, text)
+    def _ids(self, kind: str, text: str, patches: int | None = None) -> list[int]:
+        key = (kind, text, patches if kind == "first" else None)
         if key not in self._cache:
             if kind == "first":
-                ids = self.tokenizer(PROMPT.format(question=text).replace("<image>", "<image>" * self.patches)).input_ids
+                ids = self.tokenizer(PROMPT.format(question=text).replace("<image>", "<image>" * patches)).input_ids
             elif kind == "turn":
                 ids = self.tokenizer(TURN.format(question=text), add_special_tokens=False).input_ids
             else:
@@ -385,11 +416,12 @@ class ConversationEncoder:
             self._cache[key] = ids
         return self._cache[key]
 
-    def __call__(self, qas: list[D.QA]) -> tuple[list[int], list[int]]:
-        """(input_ids, labels) of one conversation; labels cover each answer and its </s>."""
+    def __call__(self, qas: list[D.QA], patches: int | None = None) -> tuple[list[int], list[int]]:
+        """(input_ids, labels) of one conversation whose image has ``patches`` tokens (default: the encoder's);
+        labels cover each answer and its </s>."""
         ids, labels = [], []
         for turn, qa in enumerate(qas):
-            prompt = self._ids("first" if turn == 0 else "turn", qa.question)
+            prompt = self._ids("first" if turn == 0 else "turn", qa.question, patches or self.patches)
             answer = self._ids("answer", qa.answer)
             ids += prompt + answer
             labels += [IGNORE_INDEX] * len(prompt) + answer
@@ -610,36 +642,39 @@ def tower_features(model, pixel_values) -> torch.Tensor:
     return hidden[:, 1:]
 
 
-def tower_losses(model, aux_head, hidden, targets, words=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def tower_losses(model, aux_head, hidden, targets, words=None, where_rows=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(projected image tokens (images, patches, text hidden), {"aux", "align", "where"}) for tower features
     ``hidden``: :class:`AuxiliaryHead`, :func:`alignment_loss` (0 when ``words`` is None) and
-    :meth:`AuxiliaryHead.position_loss` (0 when the head has no position read-out)."""
+    :meth:`AuxiliaryHead.position_loss` (0 when the head has no position read-out; on the images ``where_rows``
+    only when given: OneVision's base crops, the only crops whose patch position is the image position)."""
     projected = model.model.multi_modal_projector(hidden)  # (images, patches, text hidden)
     losses = {"aux": aux_head(hidden, targets), "align": torch.zeros(()), "where": torch.zeros(())}
     if words is not None:
         losses["align"] = alignment_loss(projected, model.get_input_embeddings().weight, targets, words)
     if aux_head.where is not None:
-        losses["where"] = aux_head.position_loss(projected, targets)
+        rows = slice(None) if where_rows is None else where_rows
+        losses["where"] = aux_head.position_loss(projected[rows], targets[rows])
     return projected, losses
 
 
-def pretrain_tower(model, aux_head, config: "TrainConfig", scenes, words, rng, state: "TrainingState",
+def pretrain_tower(model, aux_head, config: "TrainConfig", recipe, scenes, words, rng, state: "TrainingState",
                    progress: bool = True) -> list:
     """Stage 1: train the tower (and projector / word embeddings through the alignment loss) on the auxiliary and
     alignment losses alone, without the language model, so stage 2 starts from readable image tokens. Returns the log
-    (``state.logs["tower_log"]``); continues from ``state`` when it was saved in this stage."""
+    (``state.logs["tower_log"]``); continues from ``state`` when it was saved in this stage. A language model started
+    from a trained one (``init_from``) keeps its word embeddings: the images are aligned to them, not they to the
+    images."""
     from tqdm.auto import tqdm
 
     parameters = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(),
-                  *aux_head.parameters(), model.get_input_embeddings().weight]
+                  *aux_head.parameters(), *([] if config.init_from else [model.get_input_embeddings().weight])]
     optimizer = torch.optim.AdamW(parameters, lr=config.tower_learning_rate, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.warmup_steps, config.tower_steps))
     log = state.logs["tower_log"]
     start = state.start("tower", optimizer, schedule, config.tower_steps)
     for step in tqdm(range(start, config.tower_steps), initial=start, total=config.tower_steps, desc="tower", unit="step",
                      disable=not progress):
-        _, pixels, targets, _ = scenes.draw(rng, config.tower_batch_size)  # scenes: SceneStream
-        _, losses = tower_losses(model, aux_head, tower_features(model, normalize(pixels)), targets, words)
+        losses = recipe.tower_losses(model, aux_head, scenes, rng, words)
         optimizer.zero_grad(set_to_none=True)
         weighted_total(losses, config).backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -713,6 +748,18 @@ def training_loss(model, aux_head, pixel_values, input_ids, mask, labels, target
     embeds = model.get_input_embeddings()(input_ids)
     image_tokens = input_ids == model.config.image_token_id  # (rows, tokens)
     embeds = embeds.masked_scatter(image_tokens[..., None], features.to(embeds.dtype))
+    return language_losses(model, aux_head, embeds, mask, labels, image_tokens, losses, pointing, point_layer,
+                           point_heads, counting, locate, tally)
+
+
+def language_losses(model, aux_head, embeds, mask, labels, image_tokens, losses, pointing=None, point_layer: int = 0,
+                    point_heads: int = 0, counting=None, locate: bool = False, tally: bool = False,
+                    locate_masks=None) -> dict[str, torch.Tensor]:
+    """The language-model side of :func:`training_loss`, added to the tower's ``losses``: the stock loss on the input
+    embeddings ``embeds`` (images already in place), and the pointing / counting / locate / tally losses, whose
+    attention is read on the positions ``image_tokens`` (rows, tokens) bool marks (the same count in every row).
+    ``locate_masks``: the (queries, 2, patches) masks the locate read-out's positions come from, when not
+    ``pointing``'s own."""
     supervised = pointing is not None or counting is not None
     with captured_attention(model.model.language_model.layers[point_layer].self_attn if supervised else None) as captured:
         output = model(inputs_embeds=embeds, attention_mask=mask, labels=labels,
@@ -724,6 +771,7 @@ def training_loss(model, aux_head, pixel_values, input_ids, mask, labels, target
         losses["point"] = pointing_loss(captured[0], image_tokens, *pointing, heads=point_heads)
         if locate:
             rows, positions, masks = pointing
+            masks = masks if locate_masks is None else locate_masks
             losses["locate"] = aux_head.locate_loss(after_point[rows, positions], masks)
     if counting is not None:
         losses["count"] = counting_loss(captured[0], image_tokens, *counting, head=2 * point_heads)
@@ -747,37 +795,49 @@ def greedy_answers(model, tokenizer, inputs) -> list[str]:
     return greedy_generate(model, tokenizer, inputs)[0]
 
 
-def evaluate(model, processor, examples, pixels: torch.Tensor, batch_size: int = 32) -> dict:
-    """Greedy answers for every question of ``examples``; ``toyvlm.data.accuracy`` of them."""
-    tokenizer = processor.tokenizer
+def llava_inputs(model, processor, pixels: torch.Tensor):
+    """``prepare(indices, questions)``: the toy LLaVA's inputs for the images ``pixels[indices]`` (uint8) asked
+    ``questions`` (the toy prompt, the image token expanded, CLIP-normalised pixels; left padding)."""
     patches = model.config.image_seq_length
+
+    def prepare(indices: list[int], questions: list[str]):
+        prompts = [PROMPT.format(question=question).replace("<image>", "<image>" * patches) for question in questions]
+        encoded = processor.tokenizer(prompts, return_tensors="pt", padding=True)  # left padding for generation
+        encoded["pixel_values"] = normalize(pixels[indices])
+        return encoded
+
+    return prepare
+
+
+def evaluate(model, processor, examples, pixels, batch_size: int = 32, prepare=None) -> dict:
+    """Greedy answers for every question of ``examples``; ``toyvlm.data.accuracy`` of them. ``prepare``: the model's
+    inputs for (indices into ``pixels``, questions); default :func:`llava_inputs`."""
+    tokenizer = processor.tokenizer
+    prepare = prepare or llava_inputs(model, processor, pixels)
     items = [(i, qa) for i, example in enumerate(examples) for qa in example.qas]
     predictions = []
     model.eval()
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        prompts = [PROMPT.format(question=qa.question).replace("<image>", "<image>" * patches) for _, qa in chunk]
-        encoded = tokenizer(prompts, return_tensors="pt", padding=True)  # left padding for generation
-        encoded["pixel_values"] = normalize(pixels[[i for i, _ in chunk]])
+        encoded = prepare([i for i, _ in chunk], [qa.question for _, qa in chunk])
         predictions += greedy_answers(model, tokenizer, encoded)
     records = [{"kind": qa.kind, "answer": qa.answer, "background": examples[i].scene.background} for i, qa in items]
     return D.accuracy(records, predictions)
 
 
-def describe_score(model, processor, examples, pixels: torch.Tensor, batch_size: int = 32) -> dict:
+def describe_score(model, processor, examples, pixels, batch_size: int = 32, prepare=None) -> dict:
     """Greedy descriptions (at most MAX_DESCRIPTION_TOKENS) of ``examples`` asked their describe prompt: CIDEr-D
-    against their references (:mod:`toyvlm.cider`) and the share that ended with </s>."""
+    against their references (:mod:`toyvlm.cider`) and the share that ended with </s>. ``prepare``: as for
+    :func:`evaluate`."""
     from .cider import cider_d
 
     tokenizer = processor.tokenizer
-    patches = model.config.image_seq_length
+    prepare = prepare or llava_inputs(model, processor, pixels)
     texts, ended = [], []
     model.eval()
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        prompts = [PROMPT.format(question=e.describe_prompt).replace("<image>", "<image>" * patches) for e in chunk]
-        encoded = tokenizer(prompts, return_tensors="pt", padding=True)  # left padding for generation
-        encoded["pixel_values"] = normalize(pixels[start : start + len(chunk)])
+        encoded = prepare(list(range(start, start + len(chunk))), [e.describe_prompt for e in chunk])
         batch_texts, batch_ended = greedy_generate(model, tokenizer, encoded, MAX_DESCRIPTION_TOKENS)
         texts += batch_texts
         ended += batch_ended
@@ -787,6 +847,10 @@ def describe_score(model, processor, examples, pixels: torch.Tensor, batch_size:
 
 class StateError(Exception):
     """A training state that must not be overwritten or cannot be resumed from."""
+
+
+class ConfigError(ValueError):
+    """A training config the recipe cannot run."""
 
 
 class TrainingState:
@@ -819,10 +883,16 @@ class TrainingState:
         """Training seconds of the earlier segments."""
         return self.saved["seconds"] if self.saved else 0.0
 
-    def attach(self, started: float, model, aux_head, rng: np.random.Generator, scenes: SceneStream) -> None:
-        """The training's state-holding parts, restored from the saved state when resuming; ``started``: the time
-        training started, minus the earlier segments' seconds."""
-        self.started, self.parts = started, {"model": model, "aux_head": aux_head, "rng": rng, "scenes": scenes}
+    @property
+    def cpu_seconds(self) -> float:
+        """CPU seconds (this process, all threads) of the earlier segments (0 for a state written without them)."""
+        return self.saved.get("cpu_seconds", 0.0) if self.saved else 0.0
+
+    def attach(self, started: float, cpu_started: float, model, aux_head, rng: np.random.Generator, scenes) -> None:
+        """The training's state-holding parts, restored from the saved state when resuming; ``started`` /
+        ``cpu_started``: the wall / process CPU time training started, minus the earlier segments' seconds."""
+        self.started, self.cpu_started = started, cpu_started
+        self.parts = {"model": model, "aux_head": aux_head, "rng": rng, "scenes": scenes}
         if self.saved:
             model.load_state_dict(self.saved["model"])
             aux_head.load_state_dict(self.saved["aux_head"])
@@ -850,7 +920,7 @@ class TrainingState:
                  "aux_head": parts["aux_head"].state_dict(), "optimizer": optimizer.state_dict(),
                  "schedule": schedule.state_dict(), "numpy_rng": parts["rng"].bit_generator.state,
                  "torch_rng": torch.get_rng_state(), "next_scene": parts["scenes"].next_index, "logs": self.logs,
-                 "seconds": time.time() - self.started}
+                 "seconds": time.time() - self.started, "cpu_seconds": time.process_time() - self.cpu_started}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
@@ -864,9 +934,75 @@ class TrainingState:
         self.path.unlink(missing_ok=True)
 
 
+class LlavaRecipe:
+    """The toy LLaVA's side of :func:`train`: its model, its scene stream, the losses of a tower step and of a main
+    step, its evaluation inputs. :class:`toyvlm.onevision.OneVisionRecipe` is the toy OneVision's."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+
+    def build(self):
+        """(model, processor) with fresh weights."""
+        return build_model(self.config, build_tokenizer())
+
+    def stream(self, processor) -> SceneStream:
+        return SceneStream(self.config.seed, self.config.image_size, self.config.patch_size)
+
+    def encoder(self, model, processor) -> ConversationEncoder:
+        return ConversationEncoder(processor.tokenizer, model.config.image_seq_length)
+
+    def images(self, examples) -> torch.Tensor:
+        """The validation images, as :meth:`inputs` reads them."""
+        return render_split(examples, self.config.image_size)
+
+    def inputs(self, model, processor, images):
+        return llava_inputs(model, processor, images)
+
+    def tower_losses(self, model, aux_head, scenes, rng, words) -> dict[str, torch.Tensor]:
+        _, pixels, targets, _ = scenes.draw(rng, self.config.tower_batch_size)  # scenes: SceneStream
+        return tower_losses(model, aux_head, tower_features(model, normalize(pixels)), targets, words)[1]
+
+    def step_losses(self, model, aux_head, scenes, rng, step: int, encoder, words) -> dict[str, torch.Tensor]:
+        """Main step ``step``: draw its scenes and conversations, return :func:`training_loss`."""
+        config = self.config
+        batch, pixels, targets, objects = scenes.draw(rng, config.batch_size + config.describe_rows,
+                                                      object_limit(config, step))
+        turns = conversation_turns(batch, rng, config)
+        input_ids, mask, labels = pad_batch([encoder(qas) for qas in turns], encoder.tokenizer.pad_token_id)
+        pointing = pointing_targets(turns, batch, labels, objects) if config.point_weight else None
+        counting = counting_targets(turns, labels, targets[:, CENTRE_HEAD]) if config.count_weight else None
+        readouts = step >= config.readout_start  # the locate / tally read-outs join late (see the docstring)
+        return training_loss(model, aux_head, normalize(pixels), input_ids, mask, labels, targets, pointing,
+                             config.point_layer, config.point_heads, words if config.align_weight else None, counting,
+                             bool(config.locate_weight) and readouts, bool(config.tally_weight) and readouts)
+
+
+def conversation_turns(scenes: list[D.Scene], rng: np.random.Generator, config: TrainConfig) -> list[list[D.QA]]:
+    """The rows of a main step: ``batch_size`` conversations of short questions, then ``describe_rows`` single
+    describe turns (the scenes in that order)."""
+    return ([sample_turns(scene, rng, config.turns, config.hard_no_share) for scene in scenes[: config.batch_size]]
+            + [[D.describe_qa(scene, rng)] for scene in scenes[config.batch_size :]])
+
+
+def recipe_for(config: TrainConfig):
+    """The :class:`LlavaRecipe` or :class:`toyvlm.onevision.OneVisionRecipe` of ``config.arch``; a field the arch
+    does not read must keep its unused value (:data:`ONEVISION_ONLY`)."""
+    if config.arch not in ARCHES:
+        raise ConfigError(f"arch {config.arch!r}: choose one of {', '.join(ARCHES)}")
+    if config.arch == "onevision":
+        from .onevision import OneVisionRecipe
+
+        return OneVisionRecipe(config)
+    for name, unused in ONEVISION_ONLY.items():
+        if getattr(config, name) != unused:
+            raise ConfigError(f"{name} is a OneVision setting (--arch onevision); the LLaVA recipe has none")
+    return LlavaRecipe(config)
+
+
 def train(config: TrainConfig, out_dir, log_every: int = 50, progress: bool = True, resume: bool = False) -> dict:
     """Train, evaluate on the validation split, save model + processor + training_log.json to ``out_dir``.
-    ``resume``: continue from the :class:`TrainingState` in ``out_dir``, if there is one."""
+    ``resume``: continue from the :class:`TrainingState` in ``out_dir``, if there is one. ``config.arch`` chooses
+    the model (:func:`recipe_for`); everything else is the same recipe."""
     from tqdm.auto import tqdm
 
     heads_needed = 2 * config.point_heads + (1 if config.count_weight else 0)
@@ -875,6 +1011,7 @@ def train(config: TrainConfig, out_dir, log_every: int = 50, progress: bool = Tr
         raise ValueError(f"pointing / counting losses: point_layer {config.point_layer} must be < text_layers "
                          f"{config.text_layers} and 2 * point_heads {config.point_heads} (+1 when counting) <= "
                          f"text_heads {config.text_heads}")
+    recipe = recipe_for(config)
     out = Path(out_dir)
     state = TrainingState(out, config, resume)
     if state.saved:
@@ -883,49 +1020,33 @@ def train(config: TrainConfig, out_dir, log_every: int = 50, progress: bool = Tr
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
     started = time.time() - state.seconds
-    tokenizer = build_tokenizer()
-    model, processor = build_model(config, tokenizer)
+    cpu_started = time.process_time() - state.cpu_seconds
+    model, processor = recipe.build()
     language_model = model.model.language_model
     restore_attention = lambda: None  # noqa: E731
     if config.point_weight or config.count_weight:  # the pointing / counting losses read attention probabilities
         restore_attention = eager_attention_at(language_model, config.point_layer)
-    patches = model.config.image_seq_length
     aux_head = AuxiliaryHead(config.vision_hidden, config.image_size // config.patch_size,
                              config.text_hidden if config.where_weight or config.locate_weight or config.tally_weight
                              else None)
     val_examples = D.make_split("val", seed=config.seed, num_scenes=config.val_scenes, image_size=config.image_size)
-    scenes = SceneStream(config.seed, config.image_size, config.patch_size)  # every training scene new
-    val_pixels = render_split(val_examples, config.image_size)
-    encoder = ConversationEncoder(tokenizer, patches)
-    words = alignment_words(tokenizer)
+    scenes = recipe.stream(processor)  # every training scene new
+    val_images = recipe.images(val_examples)
+    encoder = recipe.encoder(model, processor)
+    words = alignment_words(processor.tokenizer)
     parameters = list(model.parameters()) + list(aux_head.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.warmup_steps, config.steps))
     rng = np.random.default_rng(config.seed)
-    state.attach(started, model, aux_head, rng, scenes)
-    tower_log = pretrain_tower(model, aux_head, config, scenes, words, rng, state, progress)
+    state.attach(started, cpu_started, model, aux_head, rng, scenes)
+    tower_log = pretrain_tower(model, aux_head, config, recipe, scenes, words, rng, state, progress)
     log, evaluations = state.logs["log"], state.logs["evaluations"]
     model.train()
     start = state.start("main", optimizer, schedule, config.steps)
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="training", unit="step",
                disable=not progress)
     for step in bar:
-        # rows: batch_size conversations of short questions, then describe_rows single describe turns
-        batch, pixels, targets, objects = scenes.draw(rng, config.batch_size + config.describe_rows,
-                                                      object_limit(config, step))
-        turns = ([sample_turns(scene, rng, config.turns, config.hard_no_share) for scene in batch[: config.batch_size]]
-                 + [[D.describe_qa(scene, rng)] for scene in batch[config.batch_size :]])
-        input_ids, mask, labels = pad_batch([encoder(qas) for qas in turns], tokenizer.pad_token_id)
-        pointing = None
-        if config.point_weight:
-            pointing = pointing_targets(turns, batch, labels, objects)
-        counting = None
-        if config.count_weight:
-            counting = counting_targets(turns, labels, targets[:, CENTRE_HEAD])
-        readouts = step >= config.readout_start  # the locate / tally read-outs join late (see the docstring)
-        losses = training_loss(model, aux_head, normalize(pixels), input_ids, mask, labels, targets, pointing,
-                               config.point_layer, config.point_heads, words if config.align_weight else None, counting,
-                               bool(config.locate_weight) and readouts, bool(config.tally_weight) and readouts)
+        losses = recipe.step_losses(model, aux_head, scenes, rng, step, encoder, words)
         optimizer.zero_grad(set_to_none=True)
         weighted_total(losses, config).backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -934,27 +1055,30 @@ def train(config: TrainConfig, out_dir, log_every: int = 50, progress: bool = Tr
         if step % log_every == 0 or step == config.steps - 1:
             log.append({"step": step, "loss": losses["lm"].item(),
                         **{f"{name}_loss": value.item() for name, value in losses.items() if name != "lm"},
-                        "objects": object_limit(config, step), "seconds": time.time() - started})
+                        "objects": object_limit(config, step), "seconds": time.time() - started,
+                        "cpu_seconds": time.process_time() - cpu_started})
             bar.set_postfix({name: f"{value.item():.3f}" for name, value in losses.items()})
         if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
-            partial = evaluate(model, processor, val_examples[: config.eval_scenes], val_pixels[: config.eval_scenes],
-                               batch_size=config.batch_size)
-            partial["describe"] = describe_score(model, processor, val_examples[: config.eval_scenes],
-                                                 val_pixels[: config.eval_scenes], config.batch_size)
+            prepare = recipe.inputs(model, processor, val_images[: config.eval_scenes])
+            partial = evaluate(model, processor, val_examples[: config.eval_scenes], None,
+                               batch_size=config.batch_size, prepare=prepare)
+            partial["describe"] = describe_score(model, processor, val_examples[: config.eval_scenes], None,
+                                                 config.batch_size, prepare=prepare)
             evaluations.append({"step": step + 1, "seconds": time.time() - started, **partial})
             bar.write(f"step {step + 1}: validation[:{config.eval_scenes} scenes] {_summary(partial)}", file=sys.stderr)
             model.train()
         state.step_done("main", step + 1, optimizer, schedule, last=step + 1 == config.steps)
-    train_seconds = time.time() - started
+    train_seconds, cpu_seconds = time.time() - started, time.process_time() - cpu_started
     model.eval()
-    validation = evaluate(model, processor, val_examples, val_pixels, batch_size=config.batch_size)
-    validation["describe"] = describe_score(model, processor, val_examples, val_pixels, config.batch_size)
+    prepare = recipe.inputs(model, processor, val_images)
+    validation = evaluate(model, processor, val_examples, None, batch_size=config.batch_size, prepare=prepare)
+    validation["describe"] = describe_score(model, processor, val_examples, None, config.batch_size, prepare=prepare)
     out.mkdir(parents=True, exist_ok=True)
     restore_attention()
     model.save_pretrained(out)
     processor.save_pretrained(out)
     summary = {"config": asdict(config), "validation": validation, "train_seconds": train_seconds,
-               "evaluations": evaluations, "tower_log": tower_log, "log": log}
+               "train_cpu_seconds": cpu_seconds, "evaluations": evaluations, "tower_log": tower_log, "log": log}
     (out / "training_log.json").write_text(json.dumps(summary, indent=1))
     state.remove()
     return summary
@@ -981,17 +1105,22 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--resume", action="store_true",
                         help=f"continue the killed run whose {STATE_FILE} is in --out (same options), if there is one")
-    defaults = TrainConfig()
-    for name, value in asdict(defaults).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--arch", choices=ARCHES, default="llava")
+    defaults = asdict(default_config(first.parse_known_args(argv)[0].arch))  # --arch chooses the other defaults
+    for name, value in defaults.items():
+        if name == "arch":
+            parser.add_argument("--arch", choices=ARCHES, default=value)
+        else:
+            parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = parser.parse_args(argv)
-    config = TrainConfig(**{name: getattr(args, name) for name in asdict(defaults)})
+    config = TrainConfig(**{name: getattr(args, name) for name in defaults})
     try:
         summary = train(config, args.out, resume=args.resume)
-    except StateError as exc:
+    except (StateError, ConfigError) as exc:
         raise SystemExit(f"error: {exc}") from None
-    print(json.dumps({"validation": summary["validation"], "train_seconds": round(summary["train_seconds"])}, indent=1),
-          flush=True)
+    print(json.dumps({"validation": summary["validation"], "train_seconds": round(summary["train_seconds"]),
+                      "train_cpu_seconds": round(summary["train_cpu_seconds"])}, indent=1), flush=True)
 
 
 if __name__ == "__main__":
