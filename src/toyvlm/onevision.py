@@ -57,10 +57,6 @@ NEWLINE_PROBE = -1.0
 VIDEO_TOKEN = "<video>"
 
 
-def crop_pixels(config) -> int:
-    return config.image_size
-
-
 def grid_pinpoints(crop: int) -> list[list[int]]:
     """AnyRes resolutions (height, width) in pixels for ``crop`` px crops."""
     return [[crop * rows, crop * columns] for rows, columns in GRID_CROPS]
@@ -205,7 +201,7 @@ def build_model(config, tokenizer):
     from dymu.models import onevision_processor_for
     from dymu.tokenizer import CHAT_TEMPLATE
 
-    crop = crop_pixels(config)
+    crop = config.image_size  # the crop size: the tower's image size
     vocab = math.ceil(len(tokenizer) / T.VOCAB_MULTIPLE) * T.VOCAB_MULTIPLE
     vision = SiglipVisionConfig(hidden_size=config.vision_hidden, intermediate_size=4 * config.vision_hidden,
                                 num_hidden_layers=config.vision_layers, num_attention_heads=config.vision_heads,
