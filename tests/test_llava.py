@@ -340,7 +340,8 @@ def test_generate_prune_reports_kept_tokens_and_prefill_flops(tiny_llava_dir, im
         assert f"image tokens in the language model: {kept}; prefill FLOPs {100 * ratio:.1f}% of unmerged (cache-aware)" in out
     assert main(["generate", str(tiny_llava_dir), "--image", image_paths[0], "--prompt", "What?", "--prune", "fastv:r=2"]) == 2
     assert capsys.readouterr().err.strip() == ("dymu generate: error: invalid prune spec 'fastv:r=2': r must be between 0 and 1, "
-                                               "got 2.0; syntax: fastv:k=K,r=R[,rerank=prefill|step][,score=last|all] | vtw:k=K")
+                                               "got 2.0; syntax: fastv:k=K,r=R[,rerank=prefill|step][,score=last|all] | vtw:k=K | "
+                                               "dyrate:FILE[,monotone=true|false]")
 
 
 def test_generate_with_merging_and_pruning_counts_the_kept_positions(tiny_llava_dir, image_paths, tmp_path, capsys):
