@@ -162,7 +162,7 @@ Llama (`vtu="fast"`); no VTU = the merged tokens fed as a shorter sequence (`vtu
 Visual tokens follow image complexity: the tokens column splits the mean by background
 ({" / ".join(D.BACKGROUND_KINDS)}). Full results: `eval/results.json`, plot: `eval/accuracy_vs_tokens.png`.
 Reproduce: `python -m toyvlm.evaluate --model assets/toy-llava`.
-{_drift(folder)}{_history(folder)}"""
+{_dyrate(folder)}{_drift(folder)}{_history(folder)}"""
 
 
 def _describing(folder: Path, results: dict) -> str:
@@ -194,6 +194,59 @@ frequencies from their own references), the number `tests/test_toyvlm_eval.py` r
 {references}
 
 """
+
+
+def _dyrate(folder: Path) -> str:
+    """The DyRate section from ``eval/dyrate.json`` (``python -m toyvlm.dyrate_eval``) and the predictor files in
+    ``dyrate/``, if present."""
+    path = folder / "eval" / "dyrate.json"
+    if not path.is_file():
+        return ""
+    results = json.loads(path.read_text())
+    rows = {row["name"]: row for row in results["rows"]}
+    training = {}
+    for name in results["predictors"]:
+        predictor = folder / "dyrate" / f"{name}.json"
+        if predictor.is_file():
+            stored = json.loads(predictor.read_text())
+            training[name] = (stored["config"], stored["training"])
+    if not training:
+        return ""
+    config, record = next(iter(training.values()))
+
+    def cells(row):
+        a, d = row["answer_fraction"], row["describe_fraction"]
+        return (f"{100 * row['overall']:.1f}% | {100 * a['cache-aware']:.1f}% / {100 * a['fastv-formula']:.1f}% | "
+                f"{row['cider']:.3f} | {100 * d['cache-aware']:.1f}% / {100 * d['fastv-formula']:.1f}% | "
+                f"{row['describe_rate']:.2f}")
+
+    lines = [f"| (unmerged) | - | {cells(rows['unmerged'])} |"]
+    for name, (stored, _) in training.items():
+        kind = "GRU over the last " + str(stored["history"]) + " steps" if stored["predictor"] == "recurrent" else stored["predictor"]
+        lines.append(f"| `{name}` ({kind}) | {stored['penalty']:g} | {cells(rows[f'DyRate {name}'])} |")
+    fastv = rows.get("FastV k=2 r=0.5 (pruned once)")
+    table = "\n".join(lines)
+    steps = record["steps"]
+    return f"""
+## With DyRate (predictors in `dyrate/`, trained by `dymu train-dyrate`)
+
+Predictors of the rate pruned at each generation step (`prune="dyrate:dyrate/NAME.json"`), each trained on
+{record['records']} records of the training split ({steps} steps of {record['batch_size']}, lr {record['lr']:g}, one
+epoch; Gumbel-softmax with straight-through samples, temperature {config['temperature']:g} -> {config['temperature_end']:g}),
+pruning layer {config['layer']} of the decoder, rates {{{", ".join(f"{i}/{config['rates']}" for i in range(config['rates']))}}},
+monotone; the VLM frozen. Measured by `python -m toyvlm.dyrate_eval` on {results['questions']} test questions
+({results['scenes']} scenes) and {results['describe_scenes']} descriptions; FLOPs of the whole generation, % of
+unmerged (cache-aware with the vision tower / FastV's formula per step, language model):
+
+| predictor | penalty | accuracy | answer FLOPs | CIDEr-D | description FLOPs | mean rate (descriptions) |
+|---|---|---|---|---|---|---|
+{table}
+""" + (f"""
+FastV k=2 r=0.5 pruned once: {100 * fastv['overall']:.1f}% / {fastv['cider']:.3f} at {100 * fastv['answer_fraction']['cache-aware']:.1f}% /
+{100 * fastv['describe_fraction']['cache-aware']:.1f}% (cache-aware). The whole comparison (FastV pruned once and
+re-ranked per step, DToMe-mid + VTU with and without DyRate): `eval/dyrate.md`, `eval/dyrate.png`,
+`eval/dyrate_trajectories.png`, and the main README ("DyRate: a rate per generation step").
+""" if fastv else "")
 
 
 def _drift(folder: Path) -> str:
