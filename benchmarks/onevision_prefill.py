@@ -9,8 +9,8 @@ found on the AnyRes crops of --calibration-images bundled photos (crops count as
 `dymu find-thresholds`).
 
 Reports per level:
-* encoder: the time to encode the photo's 7 crops in one batch (once their lengths differ, each crop attends on its
-  own tokens and the MLP runs on the valid tokens packed; the batch keeps a padded layout between layers), its
+* encoder: the time to encode the photo's 7 crops in one batch (once their lengths differ, every layer runs on the
+  valid tokens packed and only the attention kernel runs crop by crop; the merge reads a padded layout), its
   speedup over the unmerged tower, the speedup the FLOPs counter predicts from each crop's per-layer token counts,
   measured / predicted (goal >= 0.85 at ov-low), and the batch's time over the sum of each crop encoded alone.
 * language model (VTU fast / exact / compact): the `language_model` forward of the prefill (hooks; logits of the

@@ -73,10 +73,13 @@ def test_layers_with_inf_never_merge(clip, image_dir):
 
 
 @pytest.mark.parametrize("family", ["clip", "siglip"])
-def test_padded_batch_gives_the_same_groups_as_one_by_one(family, request, image_dir):
-    """Batch invariance, asserted exactly on merge groups in float64 (fp32 near-ties can flip argmax)."""
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_padded_batch_gives_the_same_groups_as_one_by_one(family, backend, request, image_dir):
+    """Batch invariance, asserted exactly on merge groups in float64 (fp32 near-ties can flip argmax); a batch of
+    different lengths runs packed, each image's attention through the model's own kernel."""
     model, processor = request.getfixturevalue(family)
     model = model.double()
+    model.set_attn_implementation(backend)
     x = pixels(processor, image_dir).double()
     thresholds = [0.9, 0.6, 0.4, 0.2] if family == "clip" else [0.95, 0.8, 0.6, 0.4]
     dymu.apply(model, thresholds)

@@ -52,6 +52,10 @@ NEXT_UNTESTED = "5.26"
 
 VISION_LAYER_ATTRIBUTES = ("layer_norm1", "self_attn", "layer_norm2", "mlp")
 VISION_ATTENTION_PARAMETERS = ("hidden_states", "attention_mask")
+#: what ``dymu.vision``'s packed path (images of different lengths) reads of a CLIP / SigLIP attention module: its
+#: projections (nn.Linear), head layout and scale; the kernel is the model's own (``base_kernel``)
+VISION_ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "out_proj")
+VISION_ATTENTION_ATTRIBUTES = ("num_heads", "head_dim", "scale")
 VLM_ATTRIBUTES = ("vision_tower", "multi_modal_projector", "language_model", "get_image_features")
 #: LlavaModel.forward parameters dymu reads or sets (by name, through inspect.signature binding)
 VLM_FORWARD_PARAMETERS = ("input_ids", "pixel_values", "attention_mask", "inputs_embeds", "mm_encoder_outputs",
@@ -141,8 +145,11 @@ def check_tower(tower: nn.Module, has_cls: bool) -> None:
         if missing := _missing(layer, VISION_LAYER_ATTRIBUTES):
             raise refuse(f"{name} encoder layer {index} ({type(layer).__name__}) has no {', '.join(missing)}")
         attention = layer.self_attn
-        if not isinstance(getattr(attention, "k_proj", None), nn.Linear):
-            raise refuse(f"{name} encoder layer {index}: {type(attention).__name__} has no k_proj linear layer")
+        if linears := [p for p in VISION_ATTENTION_LINEARS if not isinstance(getattr(attention, p, None), nn.Linear)]:
+            raise refuse(f"{name} encoder layer {index}: {type(attention).__name__} has no {', '.join(linears)} "
+                         f"linear layer")
+        if missing := _missing(attention, VISION_ATTENTION_ATTRIBUTES):
+            raise refuse(f"{name} encoder layer {index}: {type(attention).__name__} has no {', '.join(missing)}")
         if missing := [p for p in VISION_ATTENTION_PARAMETERS if p not in _parameters(attention.forward)]:
             raise refuse(f"{type(attention).__name__}.forward takes no {', '.join(missing)}")
 

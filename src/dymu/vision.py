@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import compat
 from . import merge as M
 from .errors import DymuError  # noqa: F401 (re-exported: dymu.vision.DymuError)
 
@@ -228,27 +229,21 @@ class MergeState:
 def _layer_forward(state: MergeState, index: int) -> Callable:
     """The stock pre-LN block plus proportional attention and the merge step.
 
-    Once images in a batch have different lengths, attention runs per image on its own tokens and the MLP on
-    the packed valid tokens, so compute follows the real token counts instead of the longest image.
+    Once images in a batch have different lengths (merging made them so, or AnyRes crops of different images), the
+    layer runs on the packed valid tokens (``_packed_layer``), so compute follows the real token counts instead of
+    the longest image.
     """
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         batch, tokens, _ = hidden_states.shape  # (batch, tokens, dim)
-        lengths = state.lengths
+        if attention_mask is None and batch > 1 and bool((state.lengths < tokens).any()):
+            return _packed_layer(self, state, index, hidden_states)
         residual = hidden_states
         hidden_states = self.layer_norm1(hidden_states)
-        if attention_mask is None and batch > 1 and bool((lengths < tokens).any()):
-            attended = torch.zeros_like(hidden_states)
-            for b, n in enumerate(lengths.tolist()):
-                sizes = None if state.sizes is None else state.sizes[b : b + 1, :n]  # (1, n)
-                bias = M.attention_bias(sizes, lengths[b : b + 1], n, hidden_states.dtype)  # (1, 1, 1, n)
-                out, _ = self.self_attn(hidden_states=hidden_states[b : b + 1, :n], attention_mask=bias, **kwargs)
-                attended[b, :n] = out[0]
-        else:
-            bias = M.attention_bias(state.sizes, lengths, tokens, hidden_states.dtype)  # (batch, 1, 1, tokens)
-            if attention_mask is not None:
-                bias = attention_mask if bias is None else bias + attention_mask
-            attended, _ = self.self_attn(hidden_states=hidden_states, attention_mask=bias, **kwargs)
+        bias = M.attention_bias(state.sizes, state.lengths, tokens, hidden_states.dtype)  # (batch, 1, 1, tokens)
+        if attention_mask is not None:
+            bias = attention_mask if bias is None else bias + attention_mask
+        attended, _ = self.self_attn(hidden_states=hidden_states, attention_mask=bias, **kwargs)
         hidden_states = residual + attended
         if state.merges_at(index):
             hidden_states = state.merge(index, hidden_states)
@@ -257,15 +252,66 @@ def _layer_forward(state: MergeState, index: int) -> Callable:
         if batch > 1 and bool((state.lengths < tokens).any()):
             valid = M.valid_mask(state.lengths, tokens)  # (batch, tokens)
             packed = hidden_states[valid][None]  # (1, valid tokens, dim)
-            hidden_states = hidden_states.clone()
-            hidden_states[valid] = (packed + self.mlp(self.layer_norm2(packed)))[0]
-            return hidden_states
+            return _unpack((packed + self.mlp(self.layer_norm2(packed)))[0], valid)
         residual = hidden_states
         hidden_states = self.layer_norm2(hidden_states)
         hidden_states = self.mlp(hidden_states)
         return residual + hidden_states
 
     return forward
+
+
+def _packed_layer(layer: nn.Module, state: MergeState, index: int, hidden: torch.Tensor) -> torch.Tensor:
+    """One encoder layer on a batch of images of different lengths, packed end to end.
+
+    Both layer norms, the q/k/v/out projections and the MLP run once on the valid tokens of the whole batch (one
+    matrix product each, no padding rows); only the attention kernel runs per image, on views of the packed
+    projections. The merge step reads the padded layout, so the layer converts there and back when it merges.
+    hidden: (batch, tokens, dim), real tokens first in each row (``state.lengths``). Returns the same layout.
+    """
+    valid = M.valid_mask(state.lengths, hidden.shape[1])  # (batch, tokens)
+    packed = hidden[valid]  # (valid tokens, dim)
+    attended, keys = _packed_attention(layer.self_attn, layer.layer_norm1(packed), state.lengths, state.sizes)
+    packed = packed + attended
+    if state.merges_at(index):
+        state.keys[index] = [_unpack(keys, valid)]  # the matching's keys, in place of what the k_proj hook saw
+        merged = state.merge(index, _unpack(packed, valid))  # (batch, tokens', dim)
+        valid = M.valid_mask(state.lengths, merged.shape[1])
+        packed = merged[valid]
+    state.layer_lengths.append(state.lengths)
+    packed = packed + layer.mlp(layer.layer_norm2(packed[None]))[0]
+    return _unpack(packed, valid)
+
+
+def _packed_attention(attention: nn.Module, hidden: torch.Tensor, lengths: torch.Tensor, sizes: torch.Tensor | None):
+    """CLIP / SigLIP self-attention of packed images (``hidden``: (valid tokens, dim), image after image, ``lengths``
+    (batch,) tokens each), proportional (log ``sizes``, (batch, tokens) or None, added to the keys' scores).
+
+    The projections run once over all tokens; the model's own attention kernel (sdpa / eager, as configured) once
+    per image. Returns (attended (valid tokens, dim), keys (valid tokens, dim): the k_proj output the matching reads).
+    """
+    heads, head_dim = attention.num_heads, attention.head_dim
+    query, key, value = attention.q_proj(hidden), attention.k_proj(hidden), attention.v_proj(hidden)  # (valid, dim)
+    kernel = compat.base_kernel(attention)
+    out = torch.empty_like(query)  # (valid tokens, heads * head_dim)
+    start = 0
+    for b, n in enumerate(lengths.tolist()):
+        def image(states):  # (1, heads, n, head_dim): a view of image b's rows
+            return states[start:start + n].view(1, n, heads, head_dim).transpose(1, 2)
+
+        bias = M.attention_bias(None if sizes is None else sizes[b:b + 1, :n], lengths[b:b + 1], n, hidden.dtype)
+        output, _ = kernel(attention, image(query), image(key), image(value), bias, scaling=attention.scale,
+                           dropout=0.0)  # (1, n, heads, head_dim)
+        out[start:start + n] = output.reshape(n, heads * head_dim)
+        start += n
+    return attention.out_proj(out), key
+
+
+def _unpack(packed: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(valid tokens, dim) -> (batch, tokens, dim), zeros on padding. ``valid``: (batch, tokens) bool."""
+    out = packed.new_zeros(*valid.shape, packed.shape[-1])
+    out[valid] = packed
+    return out
 
 
 def _encoder_forward(state: MergeState) -> Callable:
