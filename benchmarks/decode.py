@@ -13,6 +13,10 @@ DyRate (issue 25): with the fixed rate trajectory FIXED_TRAJECTORY (0 until step
 from step 40; monotone, so the caches of layers >= k shrink at each change) and with a real predictor forced to 1/2
 (its reading of the attention shares at every step included); FLOPs of the steps at the rates chosen.
 
+A compact-mode row (vtu="none": the merged tokens are the sequence) runs the language model's products at the row
+count of fast VTU's unique-token space with short attention: fast VTU's time over compact's, beside the FLOPs
+ratio, says what VTU itself costs beyond what the CPU gives for those rows.
+
 Usage: python benchmarks/decode.py [--llm-layers 4] [--new-tokens 64] [--repeats 3] [--json out.json]
 
 Each repeat runs every configuration once, in turn (round 0 warms up); the best time per configuration counts.
@@ -91,6 +95,9 @@ CONFIGS = (
     ("VTW(half depth)", False, "fast", lambda layers: f"vtw:k={layers // 2}"),
     ("DyMU-low + VTU", True, "fast", lambda layers: None),
     ("DyMU-low + VTU + FastV", True, "fast", lambda layers: f"fastv:k={_fastv_k(layers)},r=0.5"),
+    # the same merged tokens as the sequence: the language model's products at the same row count as fast VTU's
+    # unique-token space, attention short too; what the CPU gives for those rows (fast VTU's "ideal" but attention)
+    ("DyMU-low compact", True, "none", lambda layers: None),
     ("DyRate fixed 0-.75", False, "fast", _dyrate),
     ("DyRate predictor (.5)", False, "fast", _dyrate_predictor),
 )
@@ -136,12 +143,18 @@ def main(argv=None) -> None:
     pixels, _, _ = load_batch(paths, processor.image_processor)
     low = find_thresholds(model, pixels, target_tokens=LOW_TOKENS, batch_size=len(pixels), progress=False, measure=0)
     photo = open_image(next(p for p in paths if Path(p).stem == TIMED_PHOTO))
-    inputs = processor(images=[photo], text=[prompt_with_text_tokens(processor, TEXT_TOKENS)], return_tensors="pt")
+    text = prompt_with_text_tokens(processor, TEXT_TOKENS)
+    stock_inputs = processor(images=[photo], text=[text], return_tensors="pt")
+
+    def inputs_for(vtu: str):  # compact mode's prompt holds the merged tokens' placeholders only (dymu.apply first)
+        return dymu.prepare_inputs(model, processor, [photo], [text]) if vtu == "none" else stock_inputs
+
     best = {label: [math.inf, math.inf] for label, *_ in CONFIGS}  # label -> [prefill, mean decode step] seconds
     for round_ in range(args.repeats + 1):  # round 0 warms up; configurations take turns, so host noise hits all alike
         for label, merged, vtu, spec in CONFIGS:
             prune = spec(args.llm_layers)
             dymu.apply(model, low if merged else None, vtu=vtu, prune=prune)
+            inputs = inputs_for(vtu)
             _restart(prune)
             timer.times = []
             with torch.no_grad():
@@ -154,6 +167,7 @@ def main(argv=None) -> None:
     for label, merged, vtu, spec in CONFIGS:
         prune = spec(args.llm_layers)
         dymu.apply(model, low if merged else None, vtu=vtu, prune=prune)
+        inputs = inputs_for(vtu)
         best_prefill, best_step = best[label]
         steps = range(1, args.new_tokens)  # the timed steps: every generated token after the first
         if isinstance(prune, str) or prune is None:
@@ -167,7 +181,7 @@ def main(argv=None) -> None:
         else:  # DyRate: its FLOPs follow the rates it chose, step by step
             cache, prefill, step, kept = _dyrate_counts(model, inputs, prune, vtu, args.new_tokens)
         rows.append({"config": label, "prune": prune if isinstance(prune, str) else label.split(" ")[0].lower(),
-                     "visual_tokens": dymu.encode(model, inputs["pixel_values"]).num_tokens[0], "kept_image_tokens": kept,
+                     "visual_tokens": dymu.encode(model, stock_inputs["pixel_values"]).num_tokens[0], "kept_image_tokens": kept,
                      "prefill_seconds": best_prefill, "step_seconds": best_step, "kv_bytes": kv_bytes(cache),
                      "prefill_flops": prefill, "step_flops": step})
         dymu.remove(model)
@@ -188,6 +202,11 @@ def main(argv=None) -> None:
               f"{row['prefill_speedup']:>9.2f} {row['prefill_predicted']:>9.2f} {row['prefill_of_predicted']:>5.2f} "
               f"{row['step_speedup']:>6.2f} {row['step_predicted']:>9.2f} {row['step_of_predicted']:>5.2f} "
               f"{row['kv_bytes'] / 2**20:>7.1f}")
+    fast, compact = (next(r for r in rows if r["config"] == c) for c in ("DyMU-low + VTU", "DyMU-low compact"))
+    measured, predicted = (fast["prefill_seconds"] / compact["prefill_seconds"],
+                           fast["prefill_flops"] / compact["prefill_flops"])
+    print(f"fast VTU over compact (same merged tokens; fast VTU adds full-length attention, RoPE and expansions): "
+          f"prefill time x{measured:.2f}, FLOPs x{predicted:.2f}")
     print(f"goal: measured >= {GOAL} of predicted: " + ("met everywhere" if not failed else "missed for " + ", ".join(failed)))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
