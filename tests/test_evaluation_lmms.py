@@ -197,3 +197,32 @@ def test_errors_are_one_line(bench, tmp_path, capsys):
     assert len(errors) == 2 and "Traceback" not in err
     assert "unknown task(s) no_such_task" in errors[0]
     assert "CLIPVisionModel is not a VLM dymu evaluates" in errors[1]
+
+
+def test_a_missing_dataset_is_one_line_and_finished_pairs_stay(bench, tmp_path, monkeypatch, capsys):
+    """Offline with an empty cache, lmms-eval's `pope` cannot load its hub dataset: one line naming the task, the
+    dataset and the offline route, exit 2; the pair finished before it keeps its result."""
+    import datasets
+    import huggingface_hub
+    import tenacity
+    from lmms_eval.api.task import ConfigurableTask
+
+    from dymu.evaluation.runner import finished
+
+    for module in (datasets.config, huggingface_hub.constants):
+        monkeypatch.setattr(module, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    for name in ("HF_DATASETS_CACHE", "LMMS_EVAL_DATASETS_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(ConfigurableTask.download.retry, "wait", tenacity.wait_none())  # 5 attempts, not 2 s apart
+    out = tmp_path / "out"
+    assert main(["eval", str(TOY), "--tasks", "dymu_toy_qa,pope", "--methods", "full", "--out", str(out),
+                 "--limit", "2"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("dymu eval:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert errors[0].startswith("dymu eval: error: --tasks pope: its dataset lmms-lab-encoder/POPE could not be "
+                                "loaded (")
+    assert "OfflineModeIsEnabled" in errors[0] and "copy $HF_HOME" in errors[0] and "HF_HUB_OFFLINE=1" in errors[0]
+    assert finished(out / "full" / "dymu_toy_qa" / "result.json", "full", 2)
+    assert not (out / "full" / "pope" / "result.json").exists()
