@@ -8,6 +8,7 @@ finished pairs and continues an unfinished one from its journal; the table (:mod
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -36,11 +37,18 @@ OFFLINE_ROUTE = ("without the Hugging Face hub, copy $HF_HOME (its datasets/ and
 
 def task_manager():
     """lmms-eval's TaskManager with dymu's tasks included; lmms-eval's logging quieted to warnings."""
+    _quiet_logging()
+    return _task_manager()
+
+
+@functools.lru_cache(maxsize=1)
+def _task_manager():
+    """Built once per process: indexing lmms-eval's ~2000 task files takes seconds, and the index only names the
+    YAML files (a task's config is read from its file each time the task is loaded)."""
     from lmms_eval.tasks import TaskManager
 
     import dymu_lmms
 
-    _quiet_logging()
     return TaskManager("WARNING", include_path=dymu_lmms.TASKS)
 
 
