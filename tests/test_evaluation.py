@@ -172,3 +172,44 @@ def test_onevision_is_refused_until_its_costs_are_counted(tmp_path):
     folder = make_model("tiny-llava-onevision", tmp_path / "ov")
     with pytest.raises(DymuError, match="OneVision is not evaluated"):
         load_vlm(str(folder))
+
+
+def _raised_in(filename, source, call):
+    """The exception ``call`` raises in code compiled as if it were the file ``filename``."""
+    namespace = {}
+    exec(compile(source, filename, "exec"), namespace)
+    try:
+        call(namespace)
+    except Exception as error:
+        return error
+    raise AssertionError("nothing raised")
+
+
+def test_dataset_failure_is_found_inside_lmms_eval_retries():
+    """An error raised in lmms-eval's Task.download (behind tenacity's RetryError and a wrapper) is a dataset failure
+    naming the task's dataset; the same error raised elsewhere in lmms-eval, or in dymu, is not."""
+    from dymu.evaluation.runner import dataset_failure
+
+    task_file = str(Path("site-packages", "lmms_eval", "api", "task.py"))
+    source = ("class Task:\n    DATASET_PATH = 'org/data'\n    def download(self):\n        raise ConnectionError("
+              "\"Couldn't reach 'org/data' on the Hub (OfflineModeIsEnabled)\")\n"
+              "    def generate(self):\n        raise ConnectionError('elsewhere')\n")
+    offline = _raised_in(task_file, source, lambda ns: ns["Task"]().download())
+
+    class Attempt:
+        def exception(self):
+            return offline
+
+    class RetryError(Exception):  # tenacity's: the last attempt's exception in .last_attempt
+        last_attempt = Attempt()
+
+    try:
+        try:
+            raise RetryError("RetryError[<Future state=finished raised ConnectionError>]")
+        except RetryError as retry:
+            raise RuntimeError("while loading the tasks") from retry
+    except RuntimeError as error:
+        assert dataset_failure(error) == ("org/data", offline)
+    assert dataset_failure(_raised_in(task_file, source, lambda ns: ns["Task"]().generate())) is None
+    assert dataset_failure(_raised_in(str(Path("dymu", "task.py")), source, lambda ns: ns["Task"]().download())) is None
+    assert dataset_failure(DymuError("a model error")) is None

@@ -49,17 +49,29 @@ def _lmms_eval(args, out, launcher=()):
     return json.loads(results.read_text()), {row["doc_id"]: row["filtered_resps"] for row in rows}
 
 
-def test_lmms_eval_resolves_the_dymu_entry_point(bench, tmp_path):
+def _one_process_args(journal):
+    return ["--model_args", f"pretrained={TOY},method=dymu-mid,responses={journal}", "--batch_size", "2"]
+
+
+@pytest.fixture(scope="module")
+def one_process(bench, tmp_path_factory):
+    """`lmms-eval --model dymu` in one process: (results, answers by doc_id, output folder)."""
+    out = tmp_path_factory.mktemp("one")
+    results, answers = _lmms_eval(_one_process_args(out / "responses.jsonl"), out, launcher=[str(BIN / "lmms-eval")])
+    return results, answers, out
+
+
+def test_lmms_eval_resolves_the_dymu_entry_point(one_process):
     """`lmms-eval --model dymu` loads dymu through the entry point, without torch at resolution, and writes results."""
     probe = ("import sys; from importlib.metadata import entry_points; [e] = [e for e in entry_points("
              "group='lmms_eval.models') if e.name == 'dymu']; m = e.load()(); "
              "print(m.simple_class_path, 'torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           check=True).stdout.split() == ["dymu.evaluation.model.DymuLMM", "False"]
-    results, answers = _lmms_eval([str(BIN / "lmms-eval"), "--model_args", f"pretrained={TOY},method=dymu-mid",
-                                   "--batch_size", "4"][1:], tmp_path, launcher=[str(BIN / "lmms-eval")])
+    results, answers, out = one_process
     assert set(answers) == set(range(8))
     assert 0.0 <= results["results"]["dymu_toy_qa"]["exact_match,none"] <= 1.0
+    assert not (out / "responses.jsonl.rank1").exists()
 
 
 def _eval(out, methods, tasks="dymu_toy_qa,dymu_toy_describe", limit=LIMIT, extra=()):
@@ -155,20 +167,19 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(bench, tmp_path, monkey
     assert generated == []
 
 
-def test_two_processes_answer_as_one(bench, tmp_path):
-    """Two processes (torchrun; on CPU `accelerate launch --cpu` starts one unless MPI is set up) shard the requests
-    between them; the answers equal one process's."""
-    def args(name):
-        return ["--model_args", f"pretrained={TOY},method=dymu-mid,responses={tmp_path / name / 'responses.jsonl'}",
-                "--batch_size", "2"]
-
-    _, one = _lmms_eval(args("one"), tmp_path / "one", launcher=[str(BIN / "lmms-eval")])
-    _, two = _lmms_eval(args("two"), tmp_path / "two", launcher=[str(BIN / "torchrun"), "--nproc_per_node", "2",
-                                                                 "-m", "lmms_eval"])
+def test_two_processes_answer_as_one(one_process, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` starts two processes on a CPU machine too (accelerate's
+    torchrun launcher; `--cpu` would start one: README, Evaluation): each answers its half of the requests in its own
+    journal, and together they answer as one process does, with the same scores."""
+    results, one, _ = one_process
+    launcher = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", "-m", "lmms_eval"]
+    together, two = _lmms_eval(_one_process_args(tmp_path / "responses.jsonl"), tmp_path, launcher=launcher)
     assert two == one
-    journals = [tmp_path / "two" / name for name in ("responses.jsonl", "responses.jsonl.rank1")]
-    counts = [len(path.read_text().splitlines()) - 1 for path in journals]  # each process answered its share
-    assert counts == [4, 4] and not (tmp_path / "one" / "responses.jsonl.rank1").exists()
+    assert together["results"]["dymu_toy_qa"] == results["results"]["dymu_toy_qa"]
+    journals = [tmp_path / name for name in ("responses.jsonl", "responses.jsonl.rank1")]
+    ranks = [[json.loads(line)["doc_id"] for line in path.read_text().splitlines()[1:]] for path in journals]
+    assert sorted(ranks[0] + ranks[1]) == list(range(8)) and [len(r) for r in ranks] == [4, 4]  # rank 0 and rank 1
 
 
 def test_errors_are_one_line(bench, tmp_path, capsys):
@@ -186,3 +197,32 @@ def test_errors_are_one_line(bench, tmp_path, capsys):
     assert len(errors) == 2 and "Traceback" not in err
     assert "unknown task(s) no_such_task" in errors[0]
     assert "CLIPVisionModel is not a VLM dymu evaluates" in errors[1]
+
+
+def test_a_missing_dataset_is_one_line_and_finished_pairs_stay(bench, tmp_path, monkeypatch, capsys):
+    """Offline with an empty cache, lmms-eval's `pope` cannot load its hub dataset: one line naming the task, the
+    dataset and the offline route, exit 2; the pair finished before it keeps its result."""
+    import datasets
+    import huggingface_hub
+    import tenacity
+    from lmms_eval.api.task import ConfigurableTask
+
+    from dymu.evaluation.runner import finished
+
+    for module in (datasets.config, huggingface_hub.constants):
+        monkeypatch.setattr(module, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    for name in ("HF_DATASETS_CACHE", "LMMS_EVAL_DATASETS_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(ConfigurableTask.download.retry, "wait", tenacity.wait_none())  # 5 attempts, not 2 s apart
+    out = tmp_path / "out"
+    assert main(["eval", str(TOY), "--tasks", "dymu_toy_qa,pope", "--methods", "full", "--out", str(out),
+                 "--limit", "2"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("dymu eval:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert errors[0].startswith("dymu eval: error: --tasks pope: its dataset lmms-lab-encoder/POPE could not be "
+                                "loaded (")
+    assert "OfflineModeIsEnabled" in errors[0] and "copy $HF_HOME" in errors[0] and "HF_HUB_OFFLINE=1" in errors[0]
+    assert finished(out / "full" / "dymu_toy_qa" / "result.json", "full", 2)
+    assert not (out / "full" / "pope" / "result.json").exists()

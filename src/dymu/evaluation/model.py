@@ -9,14 +9,14 @@ Per sample it records, in the journal ``responses`` (JSON lines, one per answere
 the answer, the visual tokens the language model got, prefill FLOPs of the method and unmerged (:mod:`.costs`) and
 the batch's seconds per sample. A request already in the journal is not generated again (a killed run resumes);
 the journal's header ties it to the model and method, and another one is refused in one line.
-Under ``accelerate launch`` each process writes its own journal (``responses.rank{N}``); all are read on resume.
+Under ``accelerate launch`` / ``torchrun`` each process writes its own journal (``responses.rank{N}``); all are read
+on resume.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -175,14 +175,18 @@ class DymuLMM(lmms):
             dymu.apply(self.model, **self.setting.apply)
 
     def _setup_processes(self) -> None:
-        """Rank and world size under ``accelerate launch`` (CPU: gloo); one process otherwise."""
+        """Rank and world size under ``accelerate launch --multi_gpu`` or ``torchrun`` (on CPU: gloo); one process
+        otherwise. Taken from torch.distributed's process group: lmms-eval's CLI creates its ``Accelerator()`` first,
+        and on a machine without GPUs accelerate's state then says one process (``DistributedType.NO``, index 0) in
+        every process although the group spans all of them."""
+        import torch.distributed as dist
         from accelerate import Accelerator
 
-        accelerator = Accelerator(cpu=self._device.type == "cpu")
-        self.accelerator = accelerator
-        # lmms-eval's evaluator shards the requests by these variables (accelerate launch / torchrun set them)
-        self._rank = int(os.environ.get("RANK", accelerator.process_index))
-        self._world_size = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))
+        self.accelerator = Accelerator(cpu=self._device.type == "cpu")  # joins (or starts: gloo on CPU) the group
+        if dist.is_available() and dist.is_initialized():
+            self._rank, self._world_size = dist.get_rank(), dist.get_world_size()
+        else:
+            self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
 
     def journal_header(self) -> dict:
         from ..files import model_fingerprint

@@ -8,10 +8,12 @@ finished pairs and continues an unfinished one from its journal; the table (:mod
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from ..errors import DymuError
@@ -27,15 +29,26 @@ TOY_PREFIX = "dymu_toy_"
 #: test scenes of the toy benchmark written when none is there (toyvlm.evaluate's test set: 4,510 questions)
 TOY_SCENES = 1000
 DEFAULT_BATCH_SIZE = 8
+#: how lmms-eval's tasks get their data without the Hugging Face hub (README, Evaluation, Datasets)
+OFFLINE_ROUTE = ("without the Hugging Face hub, copy $HF_HOME (its datasets/ and hub/ folders) from a machine where "
+                 "the same lmms-eval ran the task, set HF_DATASETS_CACHE if the datasets are elsewhere, and "
+                 "HF_HUB_OFFLINE=1")
 
 
 def task_manager():
     """lmms-eval's TaskManager with dymu's tasks included; lmms-eval's logging quieted to warnings."""
+    _quiet_logging()
+    return _task_manager()
+
+
+@functools.lru_cache(maxsize=1)
+def _task_manager():
+    """Built once per process: indexing lmms-eval's ~2000 task files takes seconds, and the index only names the
+    YAML files (a task's config is read from its file each time the task is loaded)."""
     from lmms_eval.tasks import TaskManager
 
     import dymu_lmms
 
-    _quiet_logging()
     return TaskManager("WARNING", include_path=dymu_lmms.TASKS)
 
 
@@ -138,8 +151,17 @@ def evaluate(lm, manager, task: str, limit: int | None) -> dict:
     from lmms_eval import evaluator
 
     started = time.time()
-    output = evaluator.simple_evaluate(model=lm, tasks=[task], limit=limit, bootstrap_iters=0, log_samples=True,
-                                       task_manager=manager, batch_size=lm.batch_size, verbosity="WARNING")
+    try:
+        output = evaluator.simple_evaluate(model=lm, tasks=[task], limit=limit, bootstrap_iters=0, log_samples=True,
+                                           task_manager=manager, batch_size=lm.batch_size, verbosity="WARNING")
+    except Exception as error:
+        failed = dataset_failure(error)
+        if failed is None:
+            raise
+        dataset, cause = failed
+        reason = " ".join(f"{type(cause).__name__}: {cause}".split())
+        raise DymuError(f"--tasks {task}: its dataset {dataset} could not be loaded ({reason}); {OFFLINE_ROUTE}; "
+                        "finished (method, task) pairs are kept: rerun to continue") from None
     if output is None:  # another process of an accelerate launch: rank 0 has the results
         return {}
     metrics = {name.split(",")[0]: value for name, value in output["results"][task].items()
@@ -155,3 +177,23 @@ def evaluate(lm, manager, task: str, limit: int | None) -> dict:
     return {"format": RESULT_FORMAT, "version": RESULT_VERSION, "task": task, "limit": limit, "metrics": metrics,
             "main_metric": main, "higher_is_better": output.get("higher_is_better", {}).get(task, {}),
             "seconds": time.time() - started, "samples": samples}
+
+
+def dataset_failure(error: BaseException) -> tuple[str, BaseException] | None:
+    """(dataset, the exception) if ``error`` was raised while lmms-eval loaded a task's dataset (``Task.download``,
+    which tenacity retries: its ``RetryError`` holds the last attempt's exception), else None."""
+    pending, seen = [error], set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        for frame, _ in traceback.walk_tb(current.__traceback__):
+            if frame.f_code.co_name == "download" and f"lmms_eval{os.sep}api" in frame.f_code.co_filename:
+                task = frame.f_locals.get("self")
+                return str(getattr(task, "DATASET_PATH", None) or "(unnamed)"), current
+        attempt = getattr(current, "last_attempt", None)  # tenacity.RetryError
+        if attempt is not None and hasattr(attempt, "exception"):
+            pending.append(attempt.exception())
+        pending += [current.__cause__, current.__context__]
+    return None
