@@ -140,7 +140,7 @@ class DymuLMM(lmms):
         texts = self.tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         seconds = (time.perf_counter() - started) / len(batch)
         costs = batch_costs(self.model, inputs["input_ids"], inputs["attention_mask"], [len(v) for v in visuals],
-                            self.setting.vtu)
+                            self.setting.vtu, inputs.get("image_sizes"), inputs.get("batch_num_images"))
         return [{"response": cut_at(text, until), "seconds": seconds, **cost} for text, cost in zip(texts, costs)]
 
     def prompt(self, context: str, images: int) -> str:
