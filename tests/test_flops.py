@@ -75,6 +75,19 @@ def test_language_plan_shapes_by_hand():
         F.language_plan(MERGED, 2, "fast", "fastv:k=1,r=0.5,rerank=step")
 
 
+def test_newlines_are_tokens_of_their_own_never_pruned():
+    """OneVision's newlines among the image positions: each its own token, kept by FastV and VTW."""
+    shape = F.LayerShape
+    # 6 text, 6 image positions: 2 newlines and 4 patches merged into 1 token -> 6 + 1 + 2 unique rows
+    newlines = F.Prompt(text=6, image_positions=6, image_tokens=3, newlines=2)
+    assert F.language_plan(newlines, 2, "fast") == [shape(9, 12, 12)] * 2
+    assert F.language_plan(newlines, 2, "none") == [shape(9, 9, 9)] * 2
+    assert F.language_plan(newlines, 2, "fast", "vtw:k=1") == [shape(9, 12, 12), shape(8, 8, 8)]  # text + newlines
+    # unmerged: FastV ranks the 4 patch tokens and drops round(0.5 x 4) = 2 of them, never a newline
+    unmerged = F.Prompt(text=6, image_positions=6, image_tokens=6, newlines=2)
+    assert F.language_plan(unmerged, 2, "fast", DROP_ONE) == [shape(12, 12, 12, ranking_queries=1), shape(10, 10, 10)]
+
+
 def by_hand(rows, queries, keys, score_width=1, ranking=0):
     """One SMALL layer, matrix by matrix (2 FLOPs per multiply-accumulate)."""
     q, k, v, o = 2 * rows * 8 * 8, 2 * rows * 8 * 4, 2 * rows * 8 * 4, 2 * rows * 8 * 8

@@ -813,10 +813,10 @@ def cmd_flops(args) -> None:
     print("\n".join(lines))
     _print_flops_table(rows)
     if estimated:
-        print(f"estimated: the plan's language-model, decode and KV-cache figures (which merge groups the unpadded"
-              f"{' and down-scaled' if image.blends else ''} grid keeps depends on the image: {tokens} of {image.patches} "
-              "tokens per crop applied to the layout's positions); its vision figure is exact for crops that merge to "
-              f"{tokens}; dymu generate prints an image's exact prefill FLOPs")
+        print(f"estimated: the plan's language-model figures rest on {prompt.image_tokens} unique image tokens, {tokens} "
+              f"of {image.patches} per crop applied to the layout's positions (which merge groups the unpadded"
+              f"{' and down-scaled' if image.blends else ''} grid keeps depends on the image); its vision figure is exact "
+              f"for crops that merge to {tokens}; `dymu generate` prints an image's exact prefill FLOPs")
     if prune is not None:
         formula = F.fastv_formula(decoder, args.prompt_tokens + prompt.image_tokens, prompt.image_tokens, prune)
         base = F.fastv_formula(decoder, args.prompt_tokens + stock.image_positions, stock.image_positions)

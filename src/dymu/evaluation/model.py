@@ -1,7 +1,7 @@
 """``dymu``: the lmms-eval model (``lmms-eval --model dymu --model_args pretrained=DIR,method=SPEC``).
 
-A LLaVA-1.5 checkpoint (``dymu.models.load_model``) with a method of :mod:`dymu.evaluation.settings` applied through
-``dymu.apply``, answering lmms-eval's ``generate_until`` requests in left-padded batches of ``batch_size`` with stock
+A LLaVA-1.5 or LLaVA-OneVision checkpoint (``dymu.models.load_model``) with a method of :mod:`dymu.evaluation.settings`
+applied through ``dymu.apply``, answering lmms-eval's ``generate_until`` requests in left-padded batches of ``batch_size`` with stock
 ``generate`` (greedy unless the task asks to sample). Prompts are built as lmms-eval's own ``llava_hf`` builds them
 (``<image>`` lines before the task's text, the tokenizer's chat template), so ``method=full`` answers as it does.
 
