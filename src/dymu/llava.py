@@ -397,7 +397,8 @@ def last_crops(model: nn.Module) -> list[int]:
 
 
 def last_prefill_plan(model: nn.Module) -> TokenPlan | None:
-    """The token plan as the last planned prefill of ``model`` (patched by ``dymu.apply``) ran it, or None."""
+    """The token plan as the last prefill of ``model`` (patched by ``dymu.apply``) ran it, or None (nothing ran, or
+    the last prefill with images ran the stock computation)."""
     patch = get_vlm_patch(model)
     return None if patch is None else patch.state.language.last_prefill_plan
 
