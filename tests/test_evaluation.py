@@ -165,13 +165,12 @@ def test_eval_without_lmms_eval_says_how_to_install(tmp_path, capsys):
     assert "needs lmms-eval: pip install -e '.[eval]'" in capsys.readouterr().err
 
 
-def test_onevision_is_refused_until_its_costs_are_counted(tmp_path):
+def test_a_model_that_is_not_a_vlm_is_refused(model_dirs):
     from dymu.evaluation.vlm import load_vlm
-    from dymu.models import make_model
 
-    folder = make_model("tiny-llava-onevision", tmp_path / "ov")
-    with pytest.raises(DymuError, match="OneVision is not evaluated"):
-        load_vlm(str(folder))
+    with pytest.raises(DymuError, match="is not a VLM dymu evaluates") as info:
+        load_vlm(str(model_dirs["tiny-clip"]))
+    assert "\n" not in str(info.value)
 
 
 def _raised_in(filename, source, call):
@@ -213,3 +212,131 @@ def test_dataset_failure_is_found_inside_lmms_eval_retries():
     assert dataset_failure(_raised_in(task_file, source, lambda ns: ns["Task"]().generate())) is None
     assert dataset_failure(_raised_in(str(Path("dymu", "task.py")), source, lambda ns: ns["Task"]().download())) is None
     assert dataset_failure(DymuError("a model error")) is None
+
+
+# ---------------------------------------------------------------------------------------------- OneVision costs
+@pytest.fixture(scope="module")
+def ov():
+    from .test_onevision import tiny_onevision
+
+    model, processor = tiny_onevision()
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+def _ov_batch():
+    """Three prompts: two images in OneVision's multi-image mode (a base crop each), one down-scaled grid, one
+    unpadded grid; (images per prompt, prompts)."""
+    from .test_onevision import DOWNSCALED, UNPADDED, photo
+
+    images = [[photo(UNPADDED, "astronaut"), photo(DOWNSCALED, "coffee")], [photo(DOWNSCALED, "chelsea")],
+              [photo(UNPADDED, "camera")]]
+    prompts = ["<image>\n<image>\nCompare them.", "<image>\nWhat is it?", "<image>\nWhat is shown in this picture?"]
+    return images, prompts
+
+
+def _ov_costs(model, processor, images, prompts, vtu):
+    """Generate one token for the prompts, then their batch_costs."""
+    from dymu.evaluation.costs import batch_costs
+    from dymu.llava import model_inputs
+
+    inputs = model_inputs(model, processor, images, prompts)
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    return batch_costs(model, inputs["input_ids"], inputs["attention_mask"], [len(i) for i in images], vtu,
+                       inputs.get("image_sizes"), inputs.get("batch_num_images"))
+
+
+ONEVISION_SETTINGS = {"full": None, "no-merge": {"vtu": "fast"}, "fast": {"merge": "MERGING", "vtu": "fast"},
+                      "exact": {"merge": "MERGING", "vtu": "exact"}, "compact": {"merge": "MERGING", "vtu": "none"},
+                      "fastv": {"merge": "MERGING", "vtu": "fast", "prune": "fastv:k=1,r=0.5"},
+                      "compact+vtw": {"merge": "MERGING", "vtu": "none", "prune": "vtw:k=1"}}
+
+
+def _ov_apply(model, setting):
+    import dymu
+
+    from .test_onevision import MERGING
+
+    dymu.remove(model)
+    if setting is not None:
+        setting = dict(setting)
+        merge = MERGING if setting.pop("merge", None) else None
+        dymu.apply(model, merge, **setting)
+
+
+@pytest.mark.parametrize("name", ONEVISION_SETTINGS)
+def test_onevision_batch_costs_equal_the_flops_counter_per_prompt(ov, name):
+    """LLaVA-OneVision (AnyRes crops, the stock layout): row r of a left-padded batch costs what
+    dymu.flops.last_prefill counts for prompt r alone: vision over the row's images' crops, the layout tokens
+    (newlines included) its images give the language model, the plan the prefill ran."""
+    import dymu
+    from dymu.flops import last_prefill, prefill_flops
+    from dymu.llava import last_images, model_inputs
+
+    model, processor = ov
+    setting = ONEVISION_SETTINGS[name]
+    vtu = (setting or {}).get("vtu", "fast")
+    images, prompts = _ov_batch()
+    _ov_apply(model, setting)
+    try:
+        batch = _ov_costs(model, processor, images, prompts, vtu)
+        if setting is None:
+            dymu.apply(model, vtu="fast")  # last_prefill needs a patch; nothing merged
+        for row in range(len(prompts)):
+            alone = model_inputs(model, processor, [images[row]], [prompts[row]])
+            with torch.no_grad():
+                model.generate(**alone, max_new_tokens=1, do_sample=False)
+            counted = last_prefill(model, alone["input_ids"].shape[1], vtu)
+            assert batch[row]["flops"] == counted.vision + prefill_flops(counted.decoder, counted.plan).flops
+            assert batch[row]["stock_flops"] == counted.stock_vision + prefill_flops(counted.decoder, counted.stock_plan).flops
+            assert batch[row]["visual_tokens"] == sum(tokens for _, tokens in last_images(model))
+    finally:
+        dymu.remove(model)
+    if "merge" in (setting or {}):
+        assert all(row["flops"] < row["stock_flops"] for row in batch)
+
+
+def test_onevision_unmerged_costs_by_hand_and_infinite_thresholds_equal_them(ov):
+    """The unpatched model's figures by hand: its placeholders (the stock features' lengths) and every crop of the
+    processor's pixel_values through the unmerged tower; thresholds = +inf in every VTU mode cost exactly that."""
+    import math
+
+    import dymu
+    from dymu import flops as F
+    from dymu.vision import tower_info
+
+    model, processor = ov
+    images, prompts = _ov_batch()
+    _ov_apply(model, None)
+    full = _ov_costs(model, processor, images, prompts, "fast")
+    info, decoder = tower_info(model), F.Decoder.from_config(model.config)
+    for row, (own, prompt) in enumerate(zip(images, prompts)):
+        alone = processor(images=[own], text=[prompt], return_tensors="pt")
+        with torch.no_grad():
+            stock = model.model.get_image_features(pixel_values=alone["pixel_values"], image_sizes=alone["image_sizes"],
+                                                   batch_num_images=alone["batch_num_images"]).pooler_output
+        positions = sum(feature.shape[0] for feature in stock)
+        crops = sum(int(pixels.flatten(1).any(-1).sum()) for pixels in alone["pixel_values"])  # non-padding crops
+        text = alone["input_ids"].shape[1] - positions
+        language = F.prefill_flops(decoder, F.language_plan(F.Prompt(text, positions, positions), decoder.layers)).flops
+        assert full[row] == {"visual_tokens": positions, "flops": crops * F.vision_flops(info, decoder.hidden) + language,
+                             "stock_flops": crops * F.vision_flops(info, decoder.hidden) + language}
+    assert len({row["visual_tokens"] for row in full}) == len(prompts), "three different layouts"
+    try:
+        for vtu in ("fast", "exact", "none"):
+            dymu.apply(model, [math.inf] * info.merge_layers, vtu=vtu)
+            assert _ov_costs(model, processor, images, prompts, vtu) == full, vtu
+    finally:
+        dymu.remove(model)
+
+
+def test_the_toy_benchmark_is_rendered_at_the_tower_input(ov):
+    """LLaVA-1.5: its crop (192 px for the toy model); OneVision: one AnyRes crop (its processor has no crop_size)."""
+    from dymu.evaluation.runner import toy_image_size
+    from dymu.models import load_processor
+
+    from .test_onevision import CROP
+
+    assert toy_image_size(load_processor(TOY)) == 192
+    assert toy_image_size(ov[1].image_processor) == CROP

@@ -226,3 +226,31 @@ def test_a_missing_dataset_is_one_line_and_finished_pairs_stay(bench, tmp_path, 
     assert "OfflineModeIsEnabled" in errors[0] and "copy $HF_HOME" in errors[0] and "HF_HUB_OFFLINE=1" in errors[0]
     assert finished(out / "full" / "dymu_toy_qa" / "result.json", "full", 2)
     assert not (out / "full" / "pope" / "result.json").exists()
+
+
+def test_eval_runs_on_llava_onevision(tmp_path, monkeypatch):
+    """A tiny random LLaVA-OneVision through dymu eval, the toy benchmark rendered at one crop (384 px: a base crop
+    and one grid crop per scene): each sample's visual tokens are its layout's (the processor's placeholders unmerged;
+    ToMe's 329 tokens per crop x 2 crops + 27 newlines merged) and merging costs fewer FLOPs."""
+    from PIL import Image
+
+    from dymu.models import load_processor, make_model
+
+    folder = make_model("tiny-llava-onevision", tmp_path / "ov")
+    data = tmp_path / "bench"
+    subprocess.run([sys.executable, "-m", "toyvlm.data", "--out", str(data), "--num-scenes", "2", "--image-size", "384"],
+                   check=True, capture_output=True)
+    monkeypatch.setenv("DYMU_TOY_BENCHMARK", str(data))
+    out = tmp_path / "out"
+    assert main(["eval", str(folder), "--tasks", "dymu_toy_qa", "--methods", "full,tome:r=100+vtu=none", "--out",
+                 str(out), "--limit", "3", "--batch-size", "2"]) == 0
+    processor = load_processor(folder, full=True)
+    batch = processor(images=[Image.new("RGB", (384, 384))], text=["<image>"], return_tensors="pt")
+    placeholders = int((batch["input_ids"] == processor.image_token_id).sum())
+    full, merged = ({s["doc_id"]: s for s in _result(out, method, "dymu_toy_qa")["samples"]}
+                    for method in ("full", "tome_r=100+vtu=none"))
+    assert len(full) == 3 and merged.keys() == full.keys()
+    assert all(s["visual_tokens"] == placeholders and s["flops"] == s["stock_flops"] for s in full.values())
+    for doc, sample in merged.items():
+        assert sample["visual_tokens"] == 2 * (729 - 4 * 100) + 27
+        assert sample["flops"] < sample["stock_flops"] == full[doc]["stock_flops"]

@@ -75,6 +75,19 @@ def test_language_plan_shapes_by_hand():
         F.language_plan(MERGED, 2, "fast", "fastv:k=1,r=0.5,rerank=step")
 
 
+def test_newlines_are_tokens_of_their_own_never_pruned():
+    """OneVision's newlines among the image positions: each its own token, kept by FastV and VTW."""
+    shape = F.LayerShape
+    # 6 text, 6 image positions: 2 newlines and 4 patches merged into 1 token -> 6 + 1 + 2 unique rows
+    newlines = F.Prompt(text=6, image_positions=6, image_tokens=3, newlines=2)
+    assert F.language_plan(newlines, 2, "fast") == [shape(9, 12, 12)] * 2
+    assert F.language_plan(newlines, 2, "none") == [shape(9, 9, 9)] * 2
+    assert F.language_plan(newlines, 2, "fast", "vtw:k=1") == [shape(9, 12, 12), shape(8, 8, 8)]  # text + newlines
+    # unmerged: FastV ranks the 4 patch tokens and drops round(0.5 x 4) = 2 of them, never a newline
+    unmerged = F.Prompt(text=6, image_positions=6, image_tokens=6, newlines=2)
+    assert F.language_plan(unmerged, 2, "fast", DROP_ONE) == [shape(12, 12, 12, ranking_queries=1), shape(10, 10, 10)]
+
+
 def by_hand(rows, queries, keys, score_width=1, ranking=0):
     """One SMALL layer, matrix by matrix (2 FLOPs per multiply-accumulate)."""
     q, k, v, o = 2 * rows * 8 * 8, 2 * rows * 8 * 4, 2 * rows * 8 * 4, 2 * rows * 8 * 8
@@ -250,7 +263,7 @@ def one_line_error(code, err, fragment):
 
 def test_flops_cli_errors(capsys, tiny_llava_dir, model_dirs, tmp_path):
     one_line_error(*run(capsys, "flops", tiny_llava_dir, "--prune", "fastv:k=x")[::2], "invalid prune spec")
-    one_line_error(*run(capsys, "flops", model_dirs["tiny-clip"])[::2], "needs a LLaVA-1.5 config")
+    one_line_error(*run(capsys, "flops", model_dirs["tiny-clip"])[::2], "needs a LLaVA-1.5 or LLaVA-OneVision config")
     one_line_error(*run(capsys, "flops", tiny_llava_dir, "--image-tokens", 577)[::2], "between 1 and 576")
     one_line_error(*run(capsys, "flops", tiny_llava_dir, "--image-tokens", 3)[::2], "out of reach")
     one_line_error(*run(capsys, "flops", tiny_llava_dir, "--image-tokens", 9, "--thresholds", "x.json")[::2], "not both")
@@ -258,3 +271,136 @@ def test_flops_cli_errors(capsys, tiny_llava_dir, model_dirs, tmp_path):
     unmeasured = tmp_path / "thr.json"
     dymu.Thresholds(values=[0.9] * 4).save(unmeasured)
     one_line_error(*run(capsys, "flops", tiny_llava_dir, "--thresholds", unmeasured)[::2], "no measured token count")
+
+
+# ---------------------------------------------------------------------------------------------- OneVision from a config
+@pytest.fixture(scope="module")
+def tiny_onevision_dir(tmp_path_factory):
+    """A random-weight tiny-llava-onevision checkpoint (384 px crops of 729 patches, anyres_max_9)."""
+    from dymu.models import make_model
+
+    return make_model("tiny-llava-onevision", tmp_path_factory.mktemp("ov") / "tiny-llava-onevision")
+
+
+def _ov_run(model, processor, size, vtu="fast", **apply):
+    """Generate one token for a photo of ``size`` (width, height) under ``dymu.apply(model, vtu=vtu, **apply)``:
+    (its dymu.flops.last_prefill, prompt length, image placeholders in the prompt, crops the tower encoded)."""
+    import torch
+
+    from dymu.llava import last_encoding, model_inputs
+
+    from .test_onevision import photo
+
+    dymu.apply(model, vtu=vtu, **apply)
+    try:
+        batch = model_inputs(model, processor, [photo(size)], ["<image>\nWhat is it?"])
+        with torch.no_grad():
+            model.generate(**batch, max_new_tokens=1, do_sample=False)
+        length = batch["input_ids"].shape[1]
+        placeholders = int((batch["input_ids"] == model.config.image_token_id).sum())
+        return F.last_prefill(model, length, vtu), length, placeholders, len(last_encoding(model))
+    finally:
+        dymu.remove(model)
+
+
+def _ov_models(tiny_onevision_dir):
+    """(model, processor, image sizes) of the tiny-llava-onevision preset at the default size and a square one, and of
+    tests.test_onevision's geometry (112 px crops, anyres_max_2) at an unpadded and a down-scaled size."""
+    from dymu.models import load_model, load_processor
+    from dymu.onevision_flops import DEFAULT_IMAGE_SIZE
+
+    from .test_onevision import DOWNSCALED, UNPADDED, tiny_onevision
+
+    preset = load_model(tiny_onevision_dir), load_processor(tiny_onevision_dir, full=True)
+    return [(*preset, (DEFAULT_IMAGE_SIZE, (768, 768))), (*tiny_onevision(), (UNPADDED, DOWNSCALED))]
+
+
+def test_onevision_config_count_of_an_unmerged_image_equals_a_run(tiny_onevision_dir):
+    """From the config alone: the crops, stock positions, vision FLOPs and language-model plan of one image equal what
+    dymu.flops.last_prefill counts on a real run of that image (unpadded grids, a down-scaled one); with FastV too
+    (newlines never pruned)."""
+    from dymu.onevision_flops import anyres_image, config_prefill
+
+    for model, processor, sizes in _ov_models(tiny_onevision_dir):
+        for size in sizes:
+            ran, length, placeholders, crops = _ov_run(model, processor, size)
+            image = anyres_image(model.config, *size)
+            assert (image.crops, image.positions) == (crops, placeholders), size
+            count = config_prefill(model.config, image, length - image.positions)
+            assert count.stock_vision == count.vision == ran.stock_vision == ran.vision
+            assert F.prefill_flops(ran.decoder, count.stock_plan) == F.prefill_flops(ran.decoder, ran.stock_plan)
+            assert count.plan == ran.plan and not count.estimated
+            pruned, *_ = _ov_run(model, processor, size, prune="fastv:k=1,r=0.5")
+            assert config_prefill(model.config, image, length - image.positions, prune="fastv:k=1,r=0.5").plan == pruned.plan
+    assert anyres_image(model.config, *sizes[1]).blends > 0, "the down-scaled grid blends patches"
+
+
+def test_onevision_config_count_of_a_merged_image(tiny_onevision_dir):
+    """ToMe merges every crop to the same count: the config count's vision FLOPs equal the run's; the language model's
+    tokens are an estimate where the grid is unpadded, and exact (every VTU mode) where every patch is a position."""
+    from dymu.onevision_flops import DEFAULT_IMAGE_SIZE, anyres_image, config_prefill
+    from dymu.vision import config_tower_info
+
+    r, [(model, processor, _), _] = 100, _ov_models(tiny_onevision_dir)
+    info = config_tower_info(model.config)
+    layer_tokens = F.schedule_layer_tokens(info, info.num_patches - r * info.merge_layers)
+    for size in (DEFAULT_IMAGE_SIZE, (768, 768)):
+        image = anyres_image(model.config, *size)
+        for vtu in ("fast", "none"):
+            ran, length, placeholders, _ = _ov_run(model, processor, size, vtu, merge=f"tome:r={r}")
+            count = config_prefill(model.config, image, length - placeholders, layer_tokens, [True] * info.merge_layers, vtu)
+            assert count.vision == ran.vision < ran.stock_vision == count.stock_vision
+            assert count.estimated == (size == DEFAULT_IMAGE_SIZE)
+            if not count.estimated:
+                assert count.plan == ran.plan, (size, vtu)
+
+
+def test_flops_cli_on_onevision(capsys, tiny_onevision_dir):
+    """The table's cells are config_prefill's counts; a merged count says that its language-model side is estimated
+    where the grid is unpadded (the default 1000x700) and not where every patch is a position (768x768)."""
+    from dymu.cli import _si
+    from dymu.models import load_config
+    from dymu.onevision_flops import anyres_image, config_prefill
+
+    code, out, err = run(capsys, "flops", tiny_onevision_dir, "--image-size", "768x768", "--prompt-tokens", 20)
+    assert code == 0, err
+    config = load_config(tiny_onevision_dir)[1]
+    image = anyres_image(config, 768, 768)
+    count = config_prefill(config, image, 20)
+    decoder = F.Decoder.from_config(config)
+    assert f"one 768x768 image: 5 AnyRes crops of 729 patches (base + 4 grid), {image.positions} stock positions" in out
+    assert table(out)["unmerged"][:6] == [*_si(count.stock_vision, "FLOPs").split(),
+                                          *_si(F.prefill_flops(decoder, count.stock_plan).flops, "FLOPs").split(),
+                                          *_si(count.stock_vision + F.prefill_flops(decoder, count.stock_plan).flops, "FLOPs").split()]
+    assert table(out)["plan"] == table(out)["unmerged"] and "estimated" not in out
+    code, out, err = run(capsys, "flops", tiny_onevision_dir, "--image-tokens", 200, "--vtu", "none")
+    assert code == 0 and "1000x700 image" in out and "200 visual tokens per crop" in out and "(estimated)" in out
+    assert any(line.startswith("estimated: ") for line in out.splitlines())
+    code, out, err = run(capsys, "flops", tiny_onevision_dir, "--image-size", "768x768", "--image-tokens", 200)
+    assert code == 0 and "estimated" not in out and "200 visual tokens per crop" in out
+
+
+def test_flops_cli_onevision_presets_count_the_processors_layout(capsys):
+    """A preset by name (its config, no weights): the stock positions are those the processor writes for the image."""
+    from PIL import Image
+
+    from dymu.models import onevision_preset_config, onevision_processor_for
+    from dymu.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer(video=True)
+    processor = onevision_processor_for(onevision_preset_config("llava-onevision-qwen2-7b", tokenizer), tokenizer)
+    for size in ((1000, 700), (2304, 2304)):
+        code, out, err = run(capsys, "flops", "llava-onevision-qwen2-7b", "--image-size", "x".join(map(str, size)),
+                             "--image-tokens", 200, "--prune", "fastv:k=3,r=0.5")
+        assert code == 0, err
+        batch = processor(images=[Image.new("RGB", size)], text=["<image>"], return_tensors="pt")
+        placeholders = int((batch["input_ids"] == processor.image_token_id).sum())
+        assert f"{placeholders} stock positions" in out and "28-layer decoder" in out and "fastv-formula" in out
+    assert "bilinearly down-scaled" in out
+
+
+def test_flops_cli_onevision_errors(capsys, tiny_onevision_dir, tiny_llava_dir):
+    for bad in ("1000", "0x5", "axb", "10x10x10"):
+        one_line_error(*run(capsys, "flops", tiny_onevision_dir, "--image-size", bad)[::2], "--image-size must be WIDTHxHEIGHT")
+    one_line_error(*run(capsys, "flops", tiny_llava_dir, "--image-size", "100x100")[::2], "is for LLaVA-OneVision configs")
+    one_line_error(*run(capsys, "flops", tiny_onevision_dir, "--image-tokens", 730)[::2], "between 1 and 729")

@@ -275,5 +275,7 @@ def test_cli_make_model_find_thresholds_generate(tmp_path, image_dir, capsys):
     enabled = dymu.from_pretrained(folder)
     assert get_vlm_patch(enabled) is not None and dymu.vision.get_patch(enabled).thresholds.values[0] < math.inf
     capsys.readouterr()
-    assert main(["flops", str(folder)]) == 2
-    assert "dymu generate" in capsys.readouterr().err
+    assert main(["flops", str(folder), "--image-size", "400x300"]) == 0  # the enabled thresholds' mean per crop
+    mean = dymu.Thresholds.load(thresholds).achieved_tokens["mean"]
+    out = capsys.readouterr().out
+    assert "one 400x300 image: 3 AnyRes crops" in out and f"{round(mean)} visual tokens per crop (mean {mean:.1f}" in out

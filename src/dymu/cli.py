@@ -752,13 +752,15 @@ def _print_flops_table(rows: dict) -> None:
 
 
 def _flops_config(name: str):
-    """dymu flops: the config of a checkpoint folder or hub id, or of a LLaVA preset (``dymu make-model``'s names)
-    when no folder of that name exists."""
-    from .models import LLAVA_PRESETS, llava_preset_config, load_config
+    """dymu flops: the config of a checkpoint folder or hub id, or of a LLaVA / LLaVA-OneVision preset (``dymu
+    make-model``'s names) when no folder of that name exists."""
+    from .models import LLAVA_PRESETS, ONEVISION_PRESETS, llava_preset_config, load_config, onevision_preset_config
 
-    if name in LLAVA_PRESETS and not Path(name).exists():
+    if name in (*LLAVA_PRESETS, *ONEVISION_PRESETS) and not Path(name).exists():
         from .tokenizer import build_tokenizer
 
+        if name in ONEVISION_PRESETS:
+            return onevision_preset_config(name, build_tokenizer(video=True))
         return llava_preset_config(name, build_tokenizer())
     return load_config(name)[1]
 
@@ -774,35 +776,50 @@ def cmd_flops(args) -> None:
     if args.prompt_tokens < 0 or args.new_tokens < 1:
         raise DymuError(f"--prompt-tokens must be >= 0 and --new-tokens >= 1, got {args.prompt_tokens} and {args.new_tokens}")
     config = _flops_config(args.model)
-    if config.model_type == "llava_onevision":
-        raise DymuError(f"{args.model}: dymu flops counts LLaVA-1.5 configs; a OneVision image's tokens depend on its size "
-                        "and crops: `dymu generate ... --thresholds FILE` prints the exact prefill FLOPs of a run")
-    if config.model_type != "llava":
-        raise DymuError(f"{args.model}: dymu flops needs a LLaVA-1.5 config (model_type 'llava'), got {config.model_type!r}")
+    onevision = config.model_type == "llava_onevision"
+    if config.model_type not in ("llava", "llava_onevision"):
+        raise DymuError(f"{args.model}: dymu flops needs a LLaVA-1.5 or LLaVA-OneVision config (model_type 'llava' or "
+                        f"'llava_onevision'), got {config.model_type!r}")
+    if args.image_size is not None and not onevision:
+        raise DymuError("--image-size is for LLaVA-OneVision configs (LLaVA-1.5 reads every image at its tower's size)")
     info = config_tower_info(config)
     decoder = F.Decoder.from_config(config)
     vtu = settings_from_config(args.model, None, args.vtu)[1]
     layer_tokens, merging, origin = _planned_images(args, info)
     cls = cls_tokens(config, info)
-    positions = placeholders_per_image(config, info)
-    tokens = (info.num_patches if layer_tokens is None else layer_tokens[-1]) + cls
-    stock = F.Prompt(args.prompt_tokens, positions, positions)
-    prompt = F.Prompt(args.prompt_tokens, positions, tokens)
-    rows = {
-        "unmerged": _costs(decoder, F.language_plan(stock, decoder.layers), F.vision_flops(info, decoder.hidden, cls=cls),
-                           args.new_tokens),
-        f"plan (vtu={vtu}{f', {args.prune}' if prune else ''})": _costs(
-            decoder, F.language_plan(prompt, decoder.layers, vtu, prune),
-            F.vision_flops(info, decoder.hidden, layer_tokens, merging, cls), args.new_tokens),
-    }
+    tokens = (info.num_patches if layer_tokens is None else layer_tokens[-1]) + cls  # per image (OneVision: per crop)
+    label = f"plan (vtu={vtu}{f', {args.prune}' if prune else ''})"
+    if onevision:
+        from . import onevision_flops as OF
+
+        image = OF.anyres_image(config, *OF.parse_image_size(args.image_size))
+        count = OF.config_prefill(config, image, args.prompt_tokens, layer_tokens, merging, vtu, prune)
+        stock, prompt, estimated = count.stock, count.prompt, count.estimated
+        rows = {"unmerged": _costs(decoder, count.stock_plan, count.stock_vision, args.new_tokens),
+                label: _costs(decoder, count.plan, count.vision, args.new_tokens)}
+        lines = [OF.describe(image), f"{tokens} visual tokens per crop ({origin}): {prompt.image_tokens} unique image "
+                 f"tokens in the language model{' (estimated)' if estimated else ''}"]
+    else:
+        positions = placeholders_per_image(config, info)
+        stock, prompt = F.Prompt(args.prompt_tokens, positions, positions), F.Prompt(args.prompt_tokens, positions, tokens)
+        rows = {"unmerged": _costs(decoder, F.language_plan(stock, decoder.layers),
+                                   F.vision_flops(info, decoder.hidden, cls=cls), args.new_tokens),
+                label: _costs(decoder, F.language_plan(prompt, decoder.layers, vtu, prune),
+                              F.vision_flops(info, decoder.hidden, layer_tokens, merging, cls), args.new_tokens)}
+        estimated, lines = False, [f"one image, {tokens} visual tokens ({origin})"]
     print(f"model: {args.model}: {decoder.layers}-layer decoder (hidden {decoder.hidden}, {decoder.heads} heads, "
           f"{decoder.kv_heads} kv heads, mlp {decoder.intermediate}), {info.num_patches}-patch vision tower")
-    print(f"one image, {tokens} visual tokens ({origin}), {args.prompt_tokens} text tokens; "
-          f"decode: mean of steps 1-{args.new_tokens}; KV cache after the prefill")
+    lines[-1] += f", {args.prompt_tokens} text tokens; decode: mean of steps 1-{args.new_tokens}; KV cache after the prefill"
+    print("\n".join(lines))
     _print_flops_table(rows)
+    if estimated:
+        print(f"estimated: the plan's language-model figures rest on {prompt.image_tokens} unique image tokens, {tokens} "
+              f"of {image.patches} per crop applied to the layout's positions (which merge groups the unpadded"
+              f"{' and down-scaled' if image.blends else ''} grid keeps depends on the image); its vision figure is exact "
+              f"for crops that merge to {tokens}; `dymu generate` prints an image's exact prefill FLOPs")
     if prune is not None:
-        formula = F.fastv_formula(decoder, args.prompt_tokens + tokens, tokens, prune)
-        base = F.fastv_formula(decoder, args.prompt_tokens + positions, positions)
+        formula = F.fastv_formula(decoder, args.prompt_tokens + prompt.image_tokens, prompt.image_tokens, prune)
+        base = F.fastv_formula(decoder, args.prompt_tokens + stock.image_positions, stock.image_positions)
         print(f"{formula.counter} (FastV Eq. 5, language-model prefill, per-layer average; no VTU, GQA or vision): "
               f"{_si(formula.flops, 'FLOPs')} vs {_si(base.flops, 'FLOPs')} unmerged ({100 * formula.flops / base.flops:.1f}%)")
 
@@ -1003,12 +1020,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="images per forward (default: %(default)s)")
     p.set_defaults(func=cmd_calibrate_vtw)
 
-    p = sub.add_parser("flops", help="FLOPs and KV cache of a LLaVA plan (merging, VTU, pruning) vs unmerged, from the config alone")
-    p.add_argument("model", help="local LLaVA checkpoint folder, hub id (only its config is read), or a LLaVA preset name: "
-                   "llava-1.5-7b, tiny-llava")
-    p.add_argument("--thresholds", help="thresholds file whose measured mean tokens per image to count (default: the "
-                   "checkpoint's \"dymu\" config section, else unmerged)")
-    p.add_argument("--image-tokens", type=int, metavar="N", help="visual tokens per image instead, merged on a constant schedule (default: none)")
+    from .onevision_flops import DEFAULT_IMAGE_SIZE
+
+    p = sub.add_parser("flops", help="FLOPs and KV cache of a LLaVA / LLaVA-OneVision plan (merging, VTU, pruning) vs "
+                       "unmerged, from the config alone")
+    p.add_argument("model", help="local LLaVA or LLaVA-OneVision checkpoint folder, hub id (only its config is read), or a "
+                   "preset name: llava-1.5-7b, tiny-llava, llava-onevision-qwen2-7b, tiny-llava-onevision")
+    p.add_argument("--thresholds", help="thresholds file whose measured mean tokens per image (OneVision: per AnyRes crop) "
+                   "to count (default: the checkpoint's \"dymu\" config section, else unmerged)")
+    p.add_argument("--image-tokens", type=int, metavar="N", help="visual tokens per image (OneVision: per AnyRes crop) "
+                   "instead, merged on a constant schedule (default: none)")
+    p.add_argument("--image-size", metavar="WxH", help="LLaVA-OneVision: the image's width x height in pixels, which sets "
+                   "its crops and layout (default: %dx%d)" % DEFAULT_IMAGE_SIZE)
     p.add_argument("--vtu", choices=["fast", "exact", "none"], help="virtual token unmerging mode (default: the checkpoint's, else fast)")
     p.add_argument("--prune", metavar="SPEC", help=f"prune image tokens in the language model: {PRUNE_HELP}; k must be below the "
                    "language model's depth; fastv:k=0 ranks at random (no attention exists before layer 0) (default: none)")

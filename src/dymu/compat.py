@@ -288,8 +288,8 @@ def bind_arguments(function, *args, **kwargs) -> tuple[dict, dict]:
 
 # ---------------------------------------------------------------------------------------------- LLaVA-OneVision
 #: what ``dymu.llava`` relies on in ``LlavaOnevisionModel``: its layout function (called on dymu's own features and
-#: on probe tensors, so the language model sees exactly the stock token layout), the newline parameter, and the
-#: module-level crop count of an image size
+#: on probe tensors, so the language model sees exactly the stock token layout; ``dymu flops`` calls it on a
+#: config-only stand-in, ``onevision_pack``), the newline parameter, and the module-level crop count of an image size
 ONEVISION_ATTRIBUTES = ("pack_image_features", "image_newline")
 ONEVISION_PACK_PARAMETERS = ("image_features", "image_sizes", "image_newline", "vision_aspect_ratio")
 
@@ -313,6 +313,26 @@ def onevision_crops(base: nn.Module, image_sizes, batch_num_images=None) -> list
         single = [int(n) == 1 for n in batch_num_images for _ in range(int(n))]
     counts = anyres_crops(image_sizes, base.config.image_grid_pinpoints, base.config.vision_config.image_size)
     return [n if alone else 1 for n, alone in zip(counts, single)]
+
+
+def onevision_pack(config):
+    """``LlavaOnevisionModel.pack_image_features`` of a OneVision ``config`` without a model (for counts from a config
+    alone): the stock method, called on a stand-in that holds only ``config`` (the method reads nothing else of its
+    model: the crop and patch size, ``image_grid_pinpoints``)."""
+    from types import SimpleNamespace
+
+    from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
+
+    pack = getattr(LlavaOnevisionModel, "pack_image_features", None)
+    if pack is None or [p for p in ONEVISION_PACK_PARAMETERS if p not in _parameters(pack)]:
+        raise refuse("LlavaOnevisionModel.pack_image_features is missing or takes other parameters")
+    stand_in = SimpleNamespace(config=config)
+
+    def packed(image_features, image_sizes, image_newline=None, vision_aspect_ratio=None):
+        return pack(stand_in, image_features, image_sizes, image_newline=image_newline,
+                    vision_aspect_ratio=vision_aspect_ratio)
+
+    return packed
 
 
 def anyres_crops(image_sizes, grid_pinpoints, crop_size: int) -> list[int]:

@@ -121,6 +121,7 @@ class Prompt:
     text: int  # positions that are not image placeholders
     image_positions: int  # image placeholder positions of the unmerged prompt (one per patch)
     image_tokens: int  # unique image tokens after merging (== image_positions when nothing merged)
+    newlines: int = 0  # of those positions and tokens: layout tokens of their own, never merged or pruned (OneVision)
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,8 @@ def language_plan(prompt: Prompt, layers: int, vtu: str = "fast", prune=None,
     prune = _static(parse_prune(prune))
     if isinstance(prune, FastV) and prune.rerank != "prefill":
         raise DymuError(f"FastV rerank={prune.rerank} has no FLOPs count yet (counted: rerank=prefill)")
-    plan = synthetic_plan(prompt, layers, vtu, _kept_image_tokens(prune, prompt.image_tokens), kept_image_positions)
+    kept = _kept_image_tokens(prune, prompt.image_tokens - prompt.newlines)
+    plan = synthetic_plan(prompt, layers, vtu, kept, kept_image_positions)
     if prune is not None:
         policy = policy_for(prune, layers)
         for layer, kind in policy.scores_at(plan).items():
@@ -164,22 +166,27 @@ def language_plan(prompt: Prompt, layers: int, vtu: str = "fast", prune=None,
 def synthetic_plan(prompt: Prompt, layers: int, vtu: str = "fast", kept_tokens: int | None = None,
                    kept_image_positions: int | None = None):
     """A one-row prefill ``TokenPlan`` with ``prompt``'s counts: its text, then its image positions in
-    ``image_tokens`` merge groups (VTU; compact mode: the merged tokens are the positions). Group sizes are as even as
-    possible, and the first ``kept_tokens`` groups (those an equal ranking keeps) cover ``kept_image_positions``
-    positions (default: their share at the mean group size, rounded)."""
+    ``image_tokens`` merge groups (VTU; compact mode: the merged tokens are the positions), the last ``newlines`` of
+    them newline tokens of their own. Group sizes are as even as possible, and the first ``kept_tokens`` groups
+    (those an equal ranking keeps) cover ``kept_image_positions`` positions (default: their share at the mean group
+    size, rounded)."""
     merged = vtu != "none" and prompt.image_tokens < prompt.image_positions
     positions = prompt.image_positions if vtu != "none" else prompt.image_tokens
     image = torch.zeros(1, prompt.text + positions, dtype=torch.bool)
     image[0, prompt.text:] = True
+    newline = torch.zeros_like(image)
+    newline[0, prompt.text + positions - prompt.newlines:] = True
     vmap = None
     if merged:
-        tokens = prompt.image_tokens
+        tokens, spots = prompt.image_tokens - prompt.newlines, positions - prompt.newlines  # merged: not newlines
         kept = tokens if kept_tokens is None else kept_tokens
-        covered = round(kept * positions / tokens) if kept_image_positions is None else kept_image_positions
-        sizes = _even(covered, kept) + _even(positions - covered, tokens - kept)
-        source = torch.repeat_interleave(torch.arange(tokens), torch.tensor(sizes, dtype=torch.long))
+        covered = round(kept * spots / tokens) if kept_image_positions is None else kept_image_positions
+        sizes = _even(covered, kept) + _even(spots - covered, tokens - kept) + [1] * prompt.newlines
+        source = torch.repeat_interleave(torch.arange(tokens + prompt.newlines), torch.tensor(sizes, dtype=torch.long))
         vmap = V.build_map(image, [source])
-    return TokenPlan.build(image, None, vmap, layers)
+    if not prompt.newlines:
+        return TokenPlan.build(image, None, vmap, layers)
+    return TokenPlan.build(image & ~newline, None, vmap, layers, newline=newline)
 
 
 def _even(total: int, parts: int) -> list[int]:

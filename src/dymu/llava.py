@@ -41,6 +41,8 @@ class LlavaState:
     last_encoding: object = None  # dymu.Encoding of the last images (crops) encoded (token counts, per-layer counts)
     last_images: list = field(default_factory=list)  # per image of the last encoding: (placeholders, tokens) it gives
     # the language model (stock placeholder positions; tokens they hold: merged groups, blends, newlines, CLS)
+    last_crops: list = field(default_factory=list)  # per image of the last encoding: its crops (entries of
+    # last_encoding, in order; LLaVA-1.5: 1, OneVision: base + AnyRes grid, base only in multi-image prompts)
     merges: bool = True  # the vision tower merges in some layer (image features then carry merge groups)
 
 
@@ -106,6 +108,7 @@ def _get_image_features(state: LlavaState):
         encoding = encode(self, pixel_values)
         state.last_encoding = encoding
         state.last_images = []
+        state.last_crops = [1] * len(encoding)
         features = []
         for i in range(len(encoding)):
             tokens, source = _selected_tokens(encoding, i, strategy, info.protected)
@@ -150,6 +153,7 @@ def _onevision_image_features(state: LlavaState):
             raise DymuError(f"pixel_values hold {pixel_values.shape[0]} crops but image_sizes give {sum(crops)}")
         encoding = encode(self, pixel_values)  # every crop of every image in one batch
         state.last_encoding = encoding
+        state.last_crops = list(crops)
         tokens = self.multi_modal_projector(torch.cat(encoding.tokens)[None])[0]  # (merged tokens of all crops, text hidden)
         projected = tokens.split(encoding.num_tokens)
         starts = [sum(crops[:i]) for i in range(len(crops))]
@@ -308,6 +312,8 @@ def _vlm_forward(state: LlavaState):
         image_outputs = (arguments.get("mm_encoder_outputs") or {}).get("image")
         if image_outputs is not None:
             language.pending = _plan(self, state, arguments, list(image_outputs.pooler_output))
+            if language.pending is None:  # this prefill runs the stock computation: no plan of an earlier one stays
+                language.last_prefill_plan = None
         elif arguments.get("input_ids") is not None:
             _check_images_arrive(self, arguments)
         try:
@@ -382,8 +388,17 @@ def last_images(model: nn.Module) -> list[tuple[int, int]]:
     return [] if patch is None else list(patch.state.last_images)
 
 
+def last_crops(model: nn.Module) -> list[int]:
+    """Per image ``model`` (patched by ``dymu.apply``) encoded last: how many consecutive entries (crops) of
+    ``last_encoding`` it has (LLaVA-1.5: 1; OneVision: base + AnyRes grid crops, the base crop alone in a
+    multi-image prompt)."""
+    patch = get_vlm_patch(model)
+    return [] if patch is None else list(patch.state.last_crops)
+
+
 def last_prefill_plan(model: nn.Module) -> TokenPlan | None:
-    """The token plan as the last planned prefill of ``model`` (patched by ``dymu.apply``) ran it, or None."""
+    """The token plan as the last prefill of ``model`` (patched by ``dymu.apply``) ran it, or None (nothing ran, or
+    the last prefill with images ran the stock computation)."""
     patch = get_vlm_patch(model)
     return None if patch is None else patch.state.language.last_prefill_plan
 

@@ -91,7 +91,7 @@ def add_commands(sub) -> None:
     from .runner import DEFAULT_BATCH_SIZE
 
     p = sub.add_parser("eval", help="evaluate methods on lmms-eval tasks: the paper-layout table (needs the eval extra)")
-    p.add_argument("model", help="LLaVA-1.5 checkpoint folder or hub id (e.g. assets/toy-llava)")
+    p.add_argument("model", help="LLaVA-1.5 or LLaVA-OneVision checkpoint folder or hub id (e.g. assets/toy-llava)")
     p.add_argument("--tasks", required=True, help="lmms-eval tasks, comma separated (dymu_toy_qa, dymu_toy_describe, "
                    "pope, gqa, ...)")
     p.add_argument("--methods", default=DEFAULT_METHODS, help="methods, comma separated: full, dymu-low|mid|high (the "

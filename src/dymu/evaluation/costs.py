@@ -2,48 +2,66 @@
 the prefill FLOPs (vision tower + projector + language model, ``dymu.flops`` cache-aware counter) of the method and
 of the same prompt unmerged.
 
-As ``toyvlm.baselines`` counts a question: the vision side at each image's measured per-layer token counts
-(``dymu.llava.last_encoding``), the language side from the plan the prefill ran (``dymu.llava.last_prefill_plan``,
-``dymu.flops.plan_shapes`` of the row), or from the counts alone when nothing ran a plan.
+As ``dymu.flops.last_prefill`` counts a prompt, per batch row: the vision side over the row's images' crops (LLaVA-1.5:
+one per image; LLaVA-OneVision: base + AnyRes grid crops, ``dymu.llava.last_crops``) at each crop's measured
+per-layer token counts (``dymu.llava.last_encoding``), the visual tokens and stock placeholder positions of the
+row's images (``dymu.llava.last_images``: OneVision's layout tokens, newlines included), the language side from the
+plan the prefill ran (``dymu.llava.last_prefill_plan``, ``dymu.flops.plan_shapes`` of the row), or from the counts
+alone when nothing ran a plan. An unpatched model costs its stock figures: its placeholders, every crop unmerged.
 """
 
 from __future__ import annotations
 
+import itertools
+
 from .. import flops as F
+from ..errors import DymuError
 
 
-def batch_costs(model, input_ids, attention_mask, images_per_row: list[int], vtu: str) -> list[dict]:
+def batch_costs(model, input_ids, attention_mask, images_per_row: list[int], vtu: str, image_sizes=None,
+                batch_num_images=None) -> list[dict]:
     """One dict per row of a batch ``model`` just generated: ``visual_tokens`` (unique image tokens entering the
     language model, all the row's images), ``flops`` and ``stock_flops`` (prefill, vision + language model).
 
     input_ids / attention_mask: (batch, prompt) as given to ``generate`` (placeholders compact when ``vtu`` is
-    "none"); images_per_row: images of each row, in batch order."""
-    from ..llava import cls_tokens, get_vlm_patch, last_encoding, last_prefill_plan, placeholders_per_image
+    "none"); images_per_row: images of each row, in batch order; image_sizes / batch_num_images: the processor's
+    (OneVision: each image's crops when the model is not patched, which then records none)."""
+    from ..llava import cls_tokens, get_vlm_patch, last_crops, last_encoding, last_images, last_prefill_plan
     from ..vision import tower_info
 
     info = tower_info(model)
     decoder = F.Decoder.from_config(model.config)
     cls = cls_tokens(model.config, info)
-    per_image = placeholders_per_image(model.config, info)
     patched = get_vlm_patch(model) is not None
     encoding = last_encoding(model) if patched else None
     plan = last_prefill_plan(model) if patched else None
+    count = sum(images_per_row)
+    if encoding is not None:
+        images, crops = last_images(model), last_crops(model)
+        if len(images) != count or len(encoding) != sum(crops):
+            raise DymuError(f"the model last encoded {len(images)} image(s) ({len(encoding)} crops) but the batch has "
+                            f"{count}: count the costs right after the batch's generate")
+    else:
+        images, crops = None, image_crops(model, count, image_sizes, batch_num_images)
+    first_crop = list(itertools.accumulate([0, *crops]))  # image i's crops: first_crop[i] .. first_crop[i + 1] - 1
     merging = F.merging_layers(model, info)
-    stock_vision = F.vision_flops(info, decoder.hidden, cls=cls)
+    stock_crop = F.vision_flops(info, decoder.hidden, cls=cls)  # one crop (LLaVA-1.5: one image), unmerged
     image_token = model.config.image_token_id
     rows, first = [], 0
     for row, count in enumerate(images_per_row):
-        images = range(first, first + count)
+        own = range(first, first + count)  # the row's images
         first += count
+        row_crops = range(first_crop[own.start], first_crop[own.stop])
         ids = input_ids[row][attention_mask[row].bool()]
         placeholders = int((ids == image_token).sum())
         text = int(ids.numel()) - placeholders
-        positions = per_image * count
-        if encoding is None:
-            tokens, vision = positions, stock_vision * count
+        if images is None:  # unpatched: every placeholder its own token, every crop unmerged
+            positions = tokens = placeholders
+            vision = stock_crop * len(row_crops)
         else:
-            tokens = sum(encoding.num_tokens[i] + cls for i in images)
-            vision = sum(F.vision_flops(info, decoder.hidden, encoding.layer_tokens[i], merging, cls) for i in images)
+            positions = sum(images[i][0] for i in own)
+            tokens = sum(images[i][1] for i in own)
+            vision = sum(F.vision_flops(info, decoder.hidden, encoding.layer_tokens[c], merging, cls) for c in row_crops)
         if plan is not None:
             language = F.plan_shapes(plan, row, vtu)
         else:
@@ -51,5 +69,21 @@ def batch_costs(model, input_ids, attention_mask, images_per_row: list[int], vtu
         stock = F.language_plan(F.Prompt(text, positions, positions), decoder.layers)
         rows.append({"visual_tokens": tokens,
                      "flops": vision + F.prefill_flops(decoder, language).flops,
-                     "stock_flops": stock_vision * count + F.prefill_flops(decoder, stock).flops})
+                     "stock_flops": stock_crop * len(row_crops) + F.prefill_flops(decoder, stock).flops})
     return rows
+
+
+def image_crops(model, count: int, image_sizes=None, batch_num_images=None) -> list[int]:
+    """Tower passes (crops) of each of ``count`` images the stock ``model`` reads: 1 each for LLaVA-1.5; OneVision's
+    AnyRes crops from the processor's ``image_sizes`` (``dymu.compat.onevision_crops``, as the model splits them)."""
+    from .. import compat
+    from ..llava import is_onevision
+
+    if not is_onevision(model):
+        return [1] * count
+    if image_sizes is None:
+        raise DymuError("LLaVA-OneVision: the costs of an unpatched model need the processor's image_sizes")
+    crops = compat.onevision_crops(getattr(model, "model", model), image_sizes, batch_num_images)
+    if len(crops) != count:
+        raise DymuError(f"image_sizes hold {len(crops)} image(s) but the batch has {count}")
+    return crops

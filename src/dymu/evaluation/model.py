@@ -1,7 +1,7 @@
 """``dymu``: the lmms-eval model (``lmms-eval --model dymu --model_args pretrained=DIR,method=SPEC``).
 
-A LLaVA-1.5 checkpoint (``dymu.models.load_model``) with a method of :mod:`dymu.evaluation.settings` applied through
-``dymu.apply``, answering lmms-eval's ``generate_until`` requests in left-padded batches of ``batch_size`` with stock
+A LLaVA-1.5 or LLaVA-OneVision checkpoint (``dymu.models.load_model``) with a method of :mod:`dymu.evaluation.settings`
+applied through ``dymu.apply``, answering lmms-eval's ``generate_until`` requests in left-padded batches of ``batch_size`` with stock
 ``generate`` (greedy unless the task asks to sample). Prompts are built as lmms-eval's own ``llava_hf`` builds them
 (``<image>`` lines before the task's text, the tokenizer's chat template), so ``method=full`` answers as it does.
 
@@ -140,7 +140,7 @@ class DymuLMM(lmms):
         texts = self.tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         seconds = (time.perf_counter() - started) / len(batch)
         costs = batch_costs(self.model, inputs["input_ids"], inputs["attention_mask"], [len(v) for v in visuals],
-                            self.setting.vtu)
+                            self.setting.vtu, inputs.get("image_sizes"), inputs.get("batch_num_images"))
         return [{"response": cut_at(text, until), "seconds": seconds, **cost} for text, cost in zip(texts, costs)]
 
     def prompt(self, context: str, images: int) -> str:

@@ -83,7 +83,7 @@ def toy_benchmark(model_dir, folder=None, scenes: int = TOY_SCENES) -> Path:
             raise DymuError(f"--toy-data {folder}: no toy benchmark there (write one with `python -m toyvlm.data "
                             f"--out {folder}`)")
     else:
-        size = int(load_processor(model_dir).crop_size["height"])
+        size = toy_image_size(load_processor(model_dir))
         folder = cache_dir() / "toy-benchmark" / f"test-{scenes}-{size}px"
         if not (folder / "captions.json").is_file():
             print(f"writing the toy benchmark ({scenes} test scenes, {size} px) to {folder}", flush=True)
@@ -91,6 +91,13 @@ def toy_benchmark(model_dir, folder=None, scenes: int = TOY_SCENES) -> Path:
                             "--image-size", str(size)], check=True, stdout=subprocess.DEVNULL)
     os.environ["DYMU_TOY_BENCHMARK"] = str(folder)
     return folder
+
+
+def toy_image_size(image_processor) -> int:
+    """The side the toy benchmark's square scenes are rendered at: the tower's input (LLaVA-1.5's crop; OneVision:
+    one AnyRes crop, so a scene is read as its base crop and one grid crop)."""
+    size = getattr(image_processor, "crop_size", None) or image_processor.size
+    return int(size["height"])
 
 
 def run(model_dir, tasks: list[str], methods: list[str], out, limit: int | None = None,

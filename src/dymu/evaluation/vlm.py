@@ -6,17 +6,15 @@ from ..errors import DymuError
 
 
 def load_vlm(pretrained: str, dtype=None):
-    """(model, processor) of a LLaVA-1.5 checkpoint; a model dymu cannot generate with is refused in one line."""
-    from ..llava import is_onevision, is_vlm, supports_language_side
+    """(model, processor) of a LLaVA-1.5 or LLaVA-OneVision checkpoint; a model dymu cannot generate with is refused
+    in one line."""
+    from ..llava import is_vlm, supports_language_side
     from ..models import load_model, load_processor
 
     model = load_model(pretrained, dtype=dtype)
-    if is_vlm(model) and is_onevision(model):  # its per-sample costs (crops, layout tokens) are not counted yet
-        raise DymuError(f"{pretrained}: LLaVA-OneVision is not evaluated by dymu eval yet (per-sample tokens and FLOPs "
-                        "of AnyRes crops are not counted yet): use dymu generate, or a LLaVA-1.5 checkpoint")
     if not (is_vlm(model) and supports_language_side(model)):
         raise DymuError(f"{pretrained}: {type(model).__name__} is not a VLM dymu evaluates (LLaVA-1.5, "
-                        "LlavaForConditionalGeneration, so far)")
+                        "LlavaForConditionalGeneration, or LLaVA-OneVision, LlavaOnevisionForConditionalGeneration)")
     processor = load_processor(pretrained, full=True)
     processor.tokenizer.padding_side = "left"
     return model, processor
