@@ -167,7 +167,7 @@ class MergeState:
     lengths: torch.Tensor | None = None  # (batch,) valid tokens
     sizes: torch.Tensor | None = None  # (batch, tokens) patches per token, None until the first merge
     source: torch.Tensor | None = None  # (batch, original_tokens) current index of every original token
-    keys: dict = field(default_factory=dict)  # layer -> keys captured by the k_proj hook (list of calls)
+    keys: dict = field(default_factory=dict)  # layer -> (batch, tokens, dim) keys the k_proj hook captured
     statistics: dict = field(default_factory=dict)  # layer -> batch threshold statistic (budget mode)
     layer_lengths: list = field(default_factory=list)  # per executed layer: (batch,) tokens after the merge
 
@@ -200,13 +200,7 @@ class MergeState:
 
     def merge(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         batch, tokens, _ = hidden.shape  # (batch, tokens, dim)
-        parts = self.keys.pop(layer)  # one (batch, tokens, dim) tensor, or one (1, n_b, dim) per image
-        if len(parts) == 1:
-            keys = parts[0]
-        else:
-            keys = hidden.new_zeros(batch, tokens, parts[0].shape[-1])
-            for b, part in enumerate(parts):
-                keys[b, : part.shape[1]] = part[0]
+        keys = self.keys.pop(layer)  # (batch, tokens, dim)
         metric = keys.view(batch, tokens, self.info.num_heads, -1).mean(dim=2)  # (batch, tokens, head_dim)
         scores = M.match_scores(metric, self.lengths, self.info.protected)
         if self.mode == "budget":
@@ -251,8 +245,7 @@ def _layer_forward(state: MergeState, index: int) -> Callable:
         batch, tokens, _ = hidden_states.shape
         if batch > 1 and bool((state.lengths < tokens).any()):
             valid = M.valid_mask(state.lengths, tokens)  # (batch, tokens)
-            packed = hidden_states[valid][None]  # (1, valid tokens, dim)
-            return _unpack((packed + self.mlp(self.layer_norm2(packed)))[0], valid)
+            return _packed_mlp(self, hidden_states[valid], valid)
         residual = hidden_states
         hidden_states = self.layer_norm2(hidden_states)
         hidden_states = self.mlp(hidden_states)
@@ -274,13 +267,18 @@ def _packed_layer(layer: nn.Module, state: MergeState, index: int, hidden: torch
     attended, keys = _packed_attention(layer.self_attn, layer.layer_norm1(packed), state.lengths, state.sizes)
     packed = packed + attended
     if state.merges_at(index):
-        state.keys[index] = [_unpack(keys, valid)]  # the matching's keys, in place of what the k_proj hook saw
+        state.keys[index] = _unpack(keys, valid)  # the matching's keys, in place of the packed ones the hook saw
         merged = state.merge(index, _unpack(packed, valid))  # (batch, tokens', dim)
         valid = M.valid_mask(state.lengths, merged.shape[1])
         packed = merged[valid]
     state.layer_lengths.append(state.lengths)
-    packed = packed + layer.mlp(layer.layer_norm2(packed[None]))[0]
-    return _unpack(packed, valid)
+    return _packed_mlp(layer, packed, valid)
+
+
+def _packed_mlp(layer: nn.Module, packed: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The block's second half (layer_norm2, MLP, residual) on packed valid tokens ((valid tokens, dim)), returned in
+    the padded layout of ``valid`` ((batch, tokens) bool): (batch, tokens, dim), zeros on padding."""
+    return _unpack(packed + layer.mlp(layer.layer_norm2(packed[None]))[0], valid)
 
 
 def _packed_attention(attention: nn.Module, hidden: torch.Tensor, lengths: torch.Tensor, sizes: torch.Tensor | None):
@@ -331,7 +329,7 @@ def _encoder_forward(state: MergeState) -> Callable:
 def _key_hook(state: MergeState, index: int) -> Callable:
     def hook(module, args, output):
         if state.merges_at(index):
-            state.keys.setdefault(index, []).append(output)  # (batch, tokens, dim) or (1, n_b, dim) per image
+            state.keys[index] = output  # (batch, tokens, dim); the packed path replaces it with the padded keys
 
     return hook
 
