@@ -767,7 +767,7 @@ def _flops_config(name: str):
 
 def cmd_flops(args) -> None:
     from . import flops as F
-    from .llava import cls_tokens, placeholders_per_image
+    from .llava import cls_tokens
     from .methods import parse_prune
     from .models import settings_from_config
     from .vision import config_tower_info
@@ -794,19 +794,14 @@ def cmd_flops(args) -> None:
 
         image = OF.anyres_image(config, *OF.parse_image_size(args.image_size))
         count = OF.config_prefill(config, image, args.prompt_tokens, layer_tokens, merging, vtu, prune)
-        stock, prompt, estimated = count.stock, count.prompt, count.estimated
-        rows = {"unmerged": _costs(decoder, count.stock_plan, count.stock_vision, args.new_tokens),
-                label: _costs(decoder, count.plan, count.vision, args.new_tokens)}
-        lines = [OF.describe(image), f"{tokens} visual tokens per crop ({origin}): {prompt.image_tokens} unique image "
-                 f"tokens in the language model{' (estimated)' if estimated else ''}"]
+        lines = [OF.describe(image), f"{tokens} visual tokens per crop ({origin}): {count.prompt.image_tokens} unique "
+                 f"image tokens in the language model{' (estimated)' if count.estimated else ''}"]
     else:
-        positions = placeholders_per_image(config, info)
-        stock, prompt = F.Prompt(args.prompt_tokens, positions, positions), F.Prompt(args.prompt_tokens, positions, tokens)
-        rows = {"unmerged": _costs(decoder, F.language_plan(stock, decoder.layers),
-                                   F.vision_flops(info, decoder.hidden, cls=cls), args.new_tokens),
-                label: _costs(decoder, F.language_plan(prompt, decoder.layers, vtu, prune),
-                              F.vision_flops(info, decoder.hidden, layer_tokens, merging, cls), args.new_tokens)}
-        estimated, lines = False, [f"one image, {tokens} visual tokens ({origin})"]
+        count = F.config_prefill(config, args.prompt_tokens, layer_tokens, merging, vtu, prune)
+        lines = [f"one image, {tokens} visual tokens ({origin})"]
+    stock, prompt, estimated = count.stock, count.prompt, count.estimated
+    rows = {"unmerged": _costs(decoder, count.stock_plan, count.stock_vision, args.new_tokens),
+            label: _costs(decoder, count.plan, count.vision, args.new_tokens)}
     print(f"model: {args.model}: {decoder.layers}-layer decoder (hidden {decoder.hidden}, {decoder.heads} heads, "
           f"{decoder.kv_heads} kv heads, mlp {decoder.intermediate}), {info.num_patches}-patch vision tower")
     lines[-1] += f", {args.prompt_tokens} text tokens; decode: mean of steps 1-{args.new_tokens}; KV cache after the prefill"

@@ -299,6 +299,45 @@ def schedule_layer_tokens(info, tokens: int, schedule: str = "constant") -> list
     return [info.num_patches - removed for removed in itertools.accumulate(budgets)]
 
 
+@dataclass(frozen=True)
+class ConfigPrefill:
+    """A prefill of one image and its prompt counted from a config alone (``dymu flops``): the prompt unmerged and
+    under the plan, their plans (``LayerShape`` per layer) and vision FLOPs (tower and projector)."""
+
+    stock: Prompt
+    prompt: Prompt
+    stock_plan: list
+    plan: list
+    stock_vision: int
+    vision: int
+
+    @property
+    def estimated(self) -> bool:
+        """The plan's language-model figures are an estimate: never for LLaVA-1.5 (every patch is a position)."""
+        return False
+
+
+def config_prefill(config, text: int, layer_tokens: list[int] | None = None, merging=False, vtu: str = "fast",
+                   prune=None) -> ConfigPrefill:
+    """One image with ``text`` text tokens under LLaVA-1.5 ``config``: the image's tokens after each executed tower
+    layer ``layer_tokens`` (None: unmerged), ``merging``: which of those layers compute the matching; the language
+    model in VTU mode ``vtu`` with pruning ``prune`` (a ``dymu.methods`` spec or object). LLaVA-OneVision:
+    ``dymu.onevision_flops.config_prefill``."""
+    from .llava import cls_tokens, placeholders_per_image
+    from .vision import config_tower_info
+
+    info = config_tower_info(config)
+    decoder = Decoder.from_config(config)
+    cls = cls_tokens(config, info)
+    positions = placeholders_per_image(config, info)
+    tokens = positions if layer_tokens is None else layer_tokens[-1] + cls
+    stock, prompt = Prompt(text, positions, positions), Prompt(text, positions, tokens)
+    return ConfigPrefill(stock=stock, prompt=prompt, stock_plan=language_plan(stock, decoder.layers),
+                         plan=language_plan(prompt, decoder.layers, vtu, prune),
+                         stock_vision=vision_flops(info, decoder.hidden, cls=cls),
+                         vision=vision_flops(info, decoder.hidden, layer_tokens, merging, cls))
+
+
 # ---------------------------------------------------------------------------------------------- from a patched model
 @dataclass(frozen=True)
 class LastPrefill:
@@ -331,30 +370,43 @@ def last_prefill(model, prompt_length: int, vtu: str) -> LastPrefill:
     """``LastPrefill`` of a model patched by ``dymu.apply`` after a generation or forward of one prompt of
     ``prompt_length`` input ids (as the processor produced them: placeholders unmerged unless ``vtu`` is "none"):
     the plan its language model ran (row 0), counted by ``plan_shapes``."""
-    from .llava import cls_tokens, last_encoding, last_images, last_prefill_plan
-    from .vision import tower_info
+    from .llava import last_encoding, last_images
 
-    info = tower_info(model)
     encoding = last_encoding(model)  # every image (OneVision: every crop) the tower ran on
     if encoding is None:
         raise DymuError("no images were encoded since dymu.apply: last_prefill counts the prefill that encoded them "
                         "(with pre-encoded inputs, count after dymu.prepare_inputs under the same dymu.apply)")
-    decoder = Decoder.from_config(model.config)
-    cls = cls_tokens(model.config, info)
     images = last_images(model)
     positions = sum(p for p, _ in images)
     tokens = sum(t for _, t in images)
     text = prompt_length - (tokens if vtu == "none" else positions)
+    return row_prefill(model, 0, text, images, encoding.layer_tokens, vtu)
+
+
+def row_prefill(model, row: int, text: int, images: list, crop_tokens: list, vtu: str) -> LastPrefill:
+    """``LastPrefill`` of batch row ``row`` of ``model``'s last prefill: ``text`` positions that are not image
+    placeholders, its images' (stock placeholder positions, visual tokens) pairs (``dymu.llava.last_images``), the
+    per-layer token counts of each crop the tower ran for them (``last_encoding().layer_tokens``; None per crop: that
+    crop unmerged). The language side is the plan the prefill ran (``dymu.llava.last_prefill_plan``), or the counts
+    alone when nothing ran a plan (the model unpatched, or patched and nothing to change)."""
+    from .llava import cls_tokens, get_vlm_patch, last_prefill_plan
+    from .vision import tower_info
+
+    info = tower_info(model)
+    decoder = Decoder.from_config(model.config)
+    cls = cls_tokens(model.config, info)
+    positions = sum(p for p, _ in images)
+    tokens = sum(t for _, t in images)
     merging = merging_layers(model, info)
-    vision = sum(vision_flops(info, decoder.hidden, t, merging, cls) for t in encoding.layer_tokens)
-    stock_vision = len(encoding) * vision_flops(info, decoder.hidden, cls=cls)
-    ran = last_prefill_plan(model)
+    vision = sum(vision_flops(info, decoder.hidden, t, merging, cls) for t in crop_tokens)
+    stock_vision = len(crop_tokens) * vision_flops(info, decoder.hidden, cls=cls)
+    ran = last_prefill_plan(model) if get_vlm_patch(model) is not None else None
     if ran is None:  # nothing to change: the stock computation on the prompt as given
         plan = language_plan(Prompt(text, positions, tokens), decoder.layers, vtu)
         image = [tokens] * decoder.layers
     else:
-        plan = plan_shapes(ran, 0, vtu)
-        image = [int(ran.image_tokens(ran.keep_at(layer))[0]) for layer in range(decoder.layers)]
+        plan = plan_shapes(ran, row, vtu)
+        image = [int(ran.image_tokens(ran.keep_at(layer))[row]) for layer in range(decoder.layers)]
     spans, start = [], 0
     for layer in range(1, decoder.layers + 1):
         if layer == decoder.layers or image[layer] != image[start]:

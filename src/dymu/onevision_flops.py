@@ -100,17 +100,11 @@ def prompts(image: AnyresImage, text: int, tokens_per_crop: int | None = None) -
 
 
 @dataclass(frozen=True)
-class ConfigPrefill:
-    """A prefill of one image and its prompt counted from a OneVision config: the plan and the unmerged prompt's
-    (``dymu.flops.LayerShape`` per layer) and their vision FLOPs (every crop through the tower and the projector)."""
+class ConfigPrefill(F.ConfigPrefill):
+    """``dymu.flops.ConfigPrefill`` of one image under a OneVision config (vision: every crop through the tower and
+    the projector), with the image's AnyRes reading."""
 
-    image: AnyresImage
-    stock: F.Prompt
-    prompt: F.Prompt
-    stock_plan: list
-    plan: list
-    stock_vision: int
-    vision: int
+    image: AnyresImage = None
 
     @property
     def estimated(self) -> bool:

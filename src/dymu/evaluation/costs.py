@@ -2,12 +2,12 @@
 the prefill FLOPs (vision tower + projector + language model, ``dymu.flops`` cache-aware counter) of the method and
 of the same prompt unmerged.
 
-As ``dymu.flops.last_prefill`` counts a prompt, per batch row: the vision side over the row's images' crops (LLaVA-1.5:
-one per image; LLaVA-OneVision: base + AnyRes grid crops, ``dymu.llava.last_crops``) at each crop's measured
-per-layer token counts (``dymu.llava.last_encoding``), the visual tokens and stock placeholder positions of the
-row's images (``dymu.llava.last_images``: OneVision's layout tokens, newlines included), the language side from the
-plan the prefill ran (``dymu.llava.last_prefill_plan``, ``dymu.flops.plan_shapes`` of the row), or from the counts
-alone when nothing ran a plan. An unpatched model costs its stock figures: its placeholders, every crop unmerged.
+Each batch row is counted by ``dymu.flops.row_prefill`` (which ``dymu.flops.last_prefill`` uses for a lone prompt):
+the vision side over the row's images' crops (LLaVA-1.5: one per image; LLaVA-OneVision: base + AnyRes grid crops,
+``dymu.llava.last_crops``) at each crop's measured per-layer token counts (``dymu.llava.last_encoding``), the visual
+tokens and stock placeholder positions of the row's images (``dymu.llava.last_images``: OneVision's layout tokens,
+newlines included), the language side from the plan the prefill ran, or from the counts alone when nothing ran a
+plan. An unpatched model costs its stock figures: its placeholders, every crop unmerged.
 """
 
 from __future__ import annotations
@@ -26,50 +26,33 @@ def batch_costs(model, input_ids, attention_mask, images_per_row: list[int], vtu
     input_ids / attention_mask: (batch, prompt) as given to ``generate`` (placeholders compact when ``vtu`` is
     "none"); images_per_row: images of each row, in batch order; image_sizes / batch_num_images: the processor's
     (OneVision: each image's crops when the model is not patched, which then records none)."""
-    from ..llava import cls_tokens, get_vlm_patch, last_crops, last_encoding, last_images, last_prefill_plan
-    from ..vision import tower_info
+    from ..llava import get_vlm_patch, last_crops, last_encoding, last_images
 
-    info = tower_info(model)
-    decoder = F.Decoder.from_config(model.config)
-    cls = cls_tokens(model.config, info)
     patched = get_vlm_patch(model) is not None
     encoding = last_encoding(model) if patched else None
-    plan = last_prefill_plan(model) if patched else None
     count = sum(images_per_row)
     if encoding is not None:
-        images, crops = last_images(model), last_crops(model)
+        images, crops, crop_tokens = last_images(model), last_crops(model), encoding.layer_tokens
         if len(images) != count or len(encoding) != sum(crops):
             raise DymuError(f"the model last encoded {len(images)} image(s) ({len(encoding)} crops) but the batch has "
                             f"{count}: count the costs right after the batch's generate")
-    else:
+    else:  # unpatched: every placeholder its own token, every crop unmerged
         images, crops = None, image_crops(model, count, image_sizes, batch_num_images)
+        crop_tokens = [None] * sum(crops)
     first_crop = list(itertools.accumulate([0, *crops]))  # image i's crops: first_crop[i] .. first_crop[i + 1] - 1
-    merging = F.merging_layers(model, info)
-    stock_crop = F.vision_flops(info, decoder.hidden, cls=cls)  # one crop (LLaVA-1.5: one image), unmerged
     image_token = model.config.image_token_id
     rows, first = [], 0
     for row, count in enumerate(images_per_row):
         own = range(first, first + count)  # the row's images
         first += count
-        row_crops = range(first_crop[own.start], first_crop[own.stop])
         ids = input_ids[row][attention_mask[row].bool()]
         placeholders = int((ids == image_token).sum())
-        text = int(ids.numel()) - placeholders
-        if images is None:  # unpatched: every placeholder its own token, every crop unmerged
-            positions = tokens = placeholders
-            vision = stock_crop * len(row_crops)
-        else:
-            positions = sum(images[i][0] for i in own)
-            tokens = sum(images[i][1] for i in own)
-            vision = sum(F.vision_flops(info, decoder.hidden, encoding.layer_tokens[c], merging, cls) for c in row_crops)
-        if plan is not None:
-            language = F.plan_shapes(plan, row, vtu)
-        else:
-            language = F.language_plan(F.Prompt(text, positions, tokens), decoder.layers, vtu if patched else "fast")
-        stock = F.language_plan(F.Prompt(text, positions, positions), decoder.layers)
-        rows.append({"visual_tokens": tokens,
-                     "flops": vision + F.prefill_flops(decoder, language).flops,
-                     "stock_flops": stock_crop * len(row_crops) + F.prefill_flops(decoder, stock).flops})
+        row_images = [images[i] for i in own] if images is not None else [(placeholders, placeholders)]
+        cost = F.row_prefill(model, row, int(ids.numel()) - placeholders, row_images,
+                             crop_tokens[first_crop[own.start]:first_crop[own.stop]], vtu)
+        rows.append({"visual_tokens": sum(tokens for _, tokens in row_images),
+                     "flops": cost.vision + F.prefill_flops(cost.decoder, cost.plan).flops,
+                     "stock_flops": cost.stock_vision + F.prefill_flops(cost.decoder, cost.stock_plan).flops})
     return rows
 
 
