@@ -340,3 +340,33 @@ def test_the_toy_benchmark_is_rendered_at_the_tower_input(ov):
 
     assert toy_image_size(load_processor(TOY)) == 192
     assert toy_image_size(ov[1].image_processor) == CROP
+
+
+def test_the_toy_onevision_reads_the_toy_benchmark_at_its_scene_sizes(tmp_path, monkeypatch):
+    """dymu eval writes the dymu_toy tasks' scenes for a OneVision checkpoint each at its own size (its test set, as
+    toyvlm.evaluate_onevision renders it: 2-5 AnyRes crops), for LLaVA-1.5 square at its crop."""
+    from PIL import Image
+
+    from dymu.evaluation.runner import toy_benchmark
+    from toyvlm import data as D
+    from toyvlm.evaluate_onevision import scene_renderer
+
+    monkeypatch.setenv("DYMU_CACHE", str(tmp_path))
+    monkeypatch.setenv("DYMU_TOY_BENCHMARK", "")  # unset for toy_benchmark (which sets it), restored after the test
+    onevision = TOY.parent / "toy-llava-onevision"
+    crop = 112
+    folder = toy_benchmark(onevision, scenes=4)
+    assert folder.name == f"test-4-{crop}px-anyres"
+    render = scene_renderer(D.DEFAULT_SEED, crop)
+    sizes = set()
+    for example in D.make_split("test", num_scenes=4):
+        written = Image.open(folder / "images" / f"{example.id}.png").convert("RGB")
+        expected = render(example).convert("RGB")
+        assert written.size == expected.size
+        assert written.tobytes() == expected.tobytes(), example.id
+        sizes.add(written.size)
+    assert len(sizes) > 1, "scenes of different sizes"
+    monkeypatch.setenv("DYMU_TOY_BENCHMARK", "")
+    square = toy_benchmark(TOY, scenes=2)
+    assert square.name == "test-2-192px"
+    assert {Image.open(p).size for p in (square / "images").glob("*.png")} == {(192, 192)}

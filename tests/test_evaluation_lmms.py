@@ -254,3 +254,35 @@ def test_eval_runs_on_llava_onevision(tmp_path, monkeypatch):
     for doc, sample in merged.items():
         assert sample["visual_tokens"] == 2 * (729 - 4 * 100) + 27
         assert sample["flops"] < sample["stock_flops"] == full[doc]["stock_flops"]
+
+
+def test_dymu_eval_answers_the_toy_onevision_as_its_own_evaluation(tmp_path, monkeypatch):
+    """The shipped toy OneVision through dymu eval (lmms-eval, batches of 4, the toy tasks at each scene's own size:
+    `python -m toyvlm.data --anyres`) gives every question the answer toyvlm.evaluate_onevision gives it (one by
+    one in its batches, its own prompts), unmerged and at DToMe-mid with fast VTU."""
+    import dymu
+    from dymu.methods import DToMe
+    from toyvlm import data as D
+    from toyvlm import evaluate as E
+    from toyvlm.evaluate_onevision import load, scene_renderer
+
+    onevision = ROOT / "assets" / "toy-llava-onevision"
+    data = tmp_path / "bench"
+    subprocess.run([sys.executable, "-m", "toyvlm.data", "--out", str(data), "--num-scenes", "4", "--image-size", "112",
+                    "--anyres"], check=True, capture_output=True)
+    monkeypatch.setenv("DYMU_TOY_BENCHMARK", str(data))
+    out = tmp_path / "out"
+    assert main(["eval", str(onevision), "--tasks", "dymu_toy_qa", "--methods", "full,dymu-mid", "--out", str(out),
+                 "--batch-size", "4"]) == 0
+    model, processor = load(onevision)
+    records, images = E.test_records(4, D.DEFAULT_SEED, render=scene_renderer(D.DEFAULT_SEED, 112))
+    for method, merge in (("full", None), ("dymu-mid", DToMe(str(onevision / "thresholds" / "mid.json")))):
+        samples = sorted(_result(out, method, "dymu_toy_qa")["samples"], key=lambda s: s["doc_id"])
+        if merge is not None:
+            dymu.apply(model, merge=merge, vtu="fast")
+        try:
+            expected = E.answer(model, processor, records, images)
+        finally:
+            dymu.remove(model)
+        assert [s["response"] for s in samples] == expected, method
+        assert [s["target"] for s in samples] == [r["answer"] for r in records]

@@ -424,7 +424,7 @@ def load_processor(name_or_path, full: bool = False):
     if folder.is_dir() and not _has_processor(folder):
         raise DymuError(f"{name}: no image processor saved there (no {' or '.join(PROCESSOR_FILES)})")
     try:
-        if full and _model_type(folder if folder.is_dir() else name) == "llava_onevision":
+        if full and checkpoint_model_type(folder if folder.is_dir() else name) == "llava_onevision":
             from .compat import load_onevision_processor
 
             return load_onevision_processor(str(folder) if folder.is_dir() else name)
@@ -433,7 +433,7 @@ def load_processor(name_or_path, full: bool = False):
         raise DymuError(f"cannot load the {'processor' if full else 'image processor'} of {name} ({type(exc).__name__})") from None
 
 
-def _model_type(name_or_path) -> str | None:
+def checkpoint_model_type(name_or_path) -> str | None:
     """The model_type a checkpoint's config.json names (None when there is none to read)."""
     try:
         from transformers import AutoConfig

@@ -910,8 +910,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
     parser.add_argument("--per-kind", type=int, default=DEFAULT_PER_KIND)
+    parser.add_argument("--anyres", action="store_true",
+                        help="render each scene at its own size, as the toy OneVision reads them (--image-size: its crop)")
     args = parser.parse_args(argv)
-    examples = make_split(args.split, args.seed, args.num_scenes, args.image_size, args.per_kind)
+    if args.anyres:
+        from .onevision import anyres_split
+
+        examples = anyres_split(args.split, args.seed, args.num_scenes, args.image_size, args.per_kind)
+    else:
+        examples = make_split(args.split, args.seed, args.num_scenes, args.image_size, args.per_kind)
     out = write_benchmark(args.out, examples)
     num_questions = sum(len(ex.qas) for ex in examples)
     print(f"wrote {len(examples)} images and {num_questions} questions to {out}")

@@ -29,7 +29,7 @@ new; the stage-1 tower pre-training then does not move the word embeddings the l
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +79,28 @@ def render(scene: D.Scene, size: tuple[int, int]) -> Image.Image:
     side = max(size)
     image = D.render(scene, side)
     return image if tuple(size) == (side, side) else image.resize(tuple(size), Image.Resampling.BILINEAR)
+
+
+@dataclass
+class AnyresExample(D.Example):
+    """A :class:`toyvlm.data.Example` rendered at its scene's own size (:func:`render`), as the toy OneVision is
+    trained and tested."""
+
+    size: tuple[int, int] | None = None  # (width, height) in pixels
+
+    @property
+    def image(self) -> Image.Image:
+        if self._image is None:
+            self._image = render(self.scene, self.size)
+        return self._image
+
+
+def anyres_split(name: str, seed: int, num_scenes: int, crop: int, per_kind: int = D.DEFAULT_PER_KIND) -> list:
+    """:func:`toyvlm.data.make_split`'s examples, each at its scene's size (:func:`scene_shape` at ``crop`` px crops):
+    the toy OneVision's test set when ``name`` is "test"."""
+    examples = D.make_split(name, seed, num_scenes, crop, per_kind)
+    return [AnyresExample(**{f.name: getattr(e, f.name) for f in fields(e)}, size=example_size(e, seed, crop))
+            for e in examples]
 
 
 def probe_map(scene: D.Scene, size: tuple[int, int]) -> np.ndarray:

@@ -71,9 +71,11 @@ def check_tasks(manager, tasks: list[str]) -> None:
 def toy_benchmark(model_dir, folder=None, scenes: int = TOY_SCENES) -> Path:
     """The toy benchmark folder the dymu_toy tasks read (``$DYMU_TOY_BENCHMARK`` is set to it): ``folder``, else the
     environment's, else ``toy-benchmark/test-{scenes}-{size}px`` in dymu's cache folder, written by
-    ``python -m toyvlm.data`` at the model's image size when it is not there yet."""
+    ``python -m toyvlm.data`` at the model's image size when it is not there yet (LLaVA-OneVision:
+    ``...-{size}px-anyres``, every scene at its own size in crops of ``size``, ``--anyres``: the toy OneVision's test
+    set)."""
     from ..demo import cache_dir
-    from ..models import load_processor
+    from ..models import checkpoint_model_type, load_processor
 
     if folder is None and os.environ.get("DYMU_TOY_BENCHMARK"):
         folder = os.environ["DYMU_TOY_BENCHMARK"]
@@ -84,18 +86,21 @@ def toy_benchmark(model_dir, folder=None, scenes: int = TOY_SCENES) -> Path:
                             f"--out {folder}`)")
     else:
         size = toy_image_size(load_processor(model_dir))
-        folder = cache_dir() / "toy-benchmark" / f"test-{scenes}-{size}px"
+        anyres = checkpoint_model_type(model_dir) == "llava_onevision"  # each scene at its own size, in 2-5 AnyRes crops
+        folder = cache_dir() / "toy-benchmark" / f"test-{scenes}-{size}px{'-anyres' if anyres else ''}"
         if not (folder / "captions.json").is_file():
-            print(f"writing the toy benchmark ({scenes} test scenes, {size} px) to {folder}", flush=True)
+            shape = f"{size} px crops, each scene at its own size" if anyres else f"{size} px"
+            print(f"writing the toy benchmark ({scenes} test scenes, {shape}) to {folder}", flush=True)
             subprocess.run([sys.executable, "-m", "toyvlm.data", "--out", str(folder), "--num-scenes", str(scenes),
-                            "--image-size", str(size)], check=True, stdout=subprocess.DEVNULL)
+                            "--image-size", str(size), *(["--anyres"] if anyres else [])], check=True,
+                           stdout=subprocess.DEVNULL)
     os.environ["DYMU_TOY_BENCHMARK"] = str(folder)
     return folder
 
 
 def toy_image_size(image_processor) -> int:
     """The side the toy benchmark's square scenes are rendered at: the tower's input (LLaVA-1.5's crop; OneVision:
-    one AnyRes crop, so a scene is read as its base crop and one grid crop)."""
+    one AnyRes crop, the unit of the sizes ``--anyres`` renders its scenes at)."""
     size = getattr(image_processor, "crop_size", None) or image_processor.size
     return int(size["height"])
 
