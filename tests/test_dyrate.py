@@ -417,7 +417,8 @@ def _eval_loss(trainable, predictor_file):
 
 def test_training_lowers_the_loss_and_the_penalty_moves_the_rates(trainable, tmp_path):
     """Issue 25 test 4: training on a tiny set lowers its loss (argmax rates, no noise); a larger penalty weight picks
-    larger rates; the file it writes loads as ``prune="dyrate:FILE"``."""
+    rates at least as large (the penalty 5 one: the largest, from an untrained predictor that prunes nothing); the
+    file it writes loads as ``prune="dyrate:FILE"``."""
     from dymu.dyrate_train import chosen_rates, initial_predictor, read_records
 
     folder, model, processor, data = trainable
@@ -428,7 +429,11 @@ def test_training_lowers_the_loss_and_the_penalty_moves_the_rates(trainable, tmp
     assert _eval_loss(trainable, high) < _eval_loss(trainable, untrained)
     rate_low = chosen_rates(model, processor, records, low.predictor(), low.config)
     rate_high = chosen_rates(model, processor, records, high.predictor(), high.config)
-    assert rate_high > rate_low, (rate_low, rate_high)
+    rate_untrained = chosen_rates(model, processor, records, untrained.predictor(), high.config)
+    # the untrained predictor prunes nothing and the penalty earns the largest rate; without a penalty the rates follow
+    # the cross-entropy alone, which on a random tiny model may favour pruning as well (a CI run: both 3/4)
+    assert rate_untrained == 0.0 and rate_high == (high.config.rates - 1) / high.config.rates, (rate_untrained, rate_high)
+    assert rate_high >= rate_low, (rate_low, rate_high)
     assert D.PredictorFile.load(tmp_path / "high.json").config == high.config
     assert not (tmp_path / "high.json.state").exists()
     dymu.apply(model, None, prune=f"dyrate:{tmp_path / 'high.json'}")
