@@ -47,7 +47,7 @@ from dymu.compat import find_cache
 from dymu.data import write_bundled_images
 from dymu.demo import cache_dir
 from dymu.finder import find_thresholds
-from dymu.flops import Decoder, LayerShape, decode_step_flops, decoder_layer_flops, last_prefill, plan_shapes, prefill_flops
+from dymu.flops import Decoder, LayerShape, decode_step_flops, decoder_layer_flops, last_prefill, prefill_flops
 from dymu.images import load_batch, open_image
 from dymu.llava import last_prefill_plan
 from dymu.models import build_llava_preset
@@ -161,37 +161,39 @@ def main(argv=None) -> None:
         return dymu.prepare_inputs(model, processor, [photo], [text]) if vtu == "none" else stock_inputs
 
     best = {label: [math.inf, math.inf] for label, *_ in CONFIGS}  # label -> [prefill, mean decode step] seconds
-    shapes = {}  # label -> the prefill's per-layer shapes (dymu.flops.LayerShape), from the warm-up round
+    shapes = {}  # label -> the prefill's per-layer shapes (dymu.flops.LayerShape), from its first turn
     ideal = ShapeTimer(model.model.language_model.layers[0], model.config.text_config)
+
+    def turn(config, run) -> list[float]:  # one configuration's turn: run(inputs) patched, no grad; the LM's times
+        label, merged, vtu, spec = config
+        prune = spec(args.llm_layers)
+        dymu.apply(model, low if merged else None, vtu=vtu, prune=prune)
+        inputs = inputs_for(vtu)
+        _restart(prune)
+        timer.times = []
+        with torch.no_grad():
+            run(inputs)
+        if label not in shapes:  # the first turn: the shapes its prefill ran
+            shapes[label] = last_prefill(model, inputs["input_ids"].shape[1], vtu).plan
+        dymu.remove(model)
+        return timer.times
+
+    def generate(inputs):
+        model.generate(**inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
+
     for round_ in range(args.repeats + 1):  # round 0 warms up; configurations take turns, so host noise hits all alike
-        for label, merged, vtu, spec in CONFIGS:
-            prune = spec(args.llm_layers)
-            dymu.apply(model, low if merged else None, vtu=vtu, prune=prune)
-            inputs = inputs_for(vtu)
-            _restart(prune)
-            timer.times = []
-            with torch.no_grad():
-                model.generate(**inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
+        for config in CONFIGS:
+            times = turn(config, generate)
             if round_:
-                best[label][0] = min(best[label][0], timer.times[0])
-                best[label][1] = min(best[label][1], sum(timer.times[1:]) / len(timer.times[1:]))
-            elif isinstance(prune, str) or prune is None:
-                shapes[label] = last_prefill(model, inputs["input_ids"].shape[1], vtu).plan
-            else:
-                shapes[label] = plan_shapes(last_prefill_plan(model), 0, vtu)
-            dymu.remove(model)
+                label = config[0]
+                best[label][0] = min(best[label][0], times[0])
+                best[label][1] = min(best[label][1], sum(times[1:]) / len(times[1:]))
     # the prefill alone, many more turns (a prefill takes 1/20 of a generation): the best of several turns is what
     # holds still on a shared host; the same shapes without dymu take a turn in each round ("ideal")
     for round_ in range(args.prefill_repeats):
-        for label, merged, vtu, spec in CONFIGS:
-            prune = spec(args.llm_layers)
-            dymu.apply(model, low if merged else None, vtu=vtu, prune=prune)
-            _restart(prune)
-            timer.times = []
-            with torch.no_grad():
-                model(**inputs_for(vtu), use_cache=True, logits_to_keep=1)
-            best[label][0] = min(best[label][0], timer.times[0])
-            dymu.remove(model)
+        for config in CONFIGS:
+            times = turn(config, lambda inputs: model(**inputs, use_cache=True, logits_to_keep=1))
+            best[config[0]][0] = min(best[config[0]][0], times[0])
         ideal.measure(shapes.values())
     rows = []
     for label, merged, vtu, spec in CONFIGS:

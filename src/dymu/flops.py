@@ -316,6 +316,22 @@ class ConfigPrefill:
         """The plan's language-model figures are an estimate: never for LLaVA-1.5 (every patch is a position)."""
         return False
 
+    @classmethod
+    def count(cls, config, stock: Prompt, prompt: Prompt, layer_tokens: list[int] | None, merging, vtu: str, prune,
+              crops: int = 1, cls_tokens: int = 0, **fields):
+        """The plans of ``stock`` and ``prompt`` under ``config`` (the language model in VTU mode ``vtu`` with pruning
+        ``prune``) and the vision FLOPs of ``crops`` tower passes, unmerged and at ``layer_tokens`` (None: unmerged;
+        ``merging``: which executed layers compute the matching), with ``cls_tokens`` besides the patches; ``fields``:
+        a subclass's own."""
+        from .vision import config_tower_info
+
+        info = config_tower_info(config)
+        decoder = Decoder.from_config(config)
+        return cls(stock=stock, prompt=prompt, stock_plan=language_plan(stock, decoder.layers),
+                   plan=language_plan(prompt, decoder.layers, vtu, prune),
+                   stock_vision=crops * vision_flops(info, decoder.hidden, cls=cls_tokens),
+                   vision=crops * vision_flops(info, decoder.hidden, layer_tokens, merging, cls_tokens), **fields)
+
 
 def config_prefill(config, text: int, layer_tokens: list[int] | None = None, merging=False, vtu: str = "fast",
                    prune=None) -> ConfigPrefill:
@@ -327,15 +343,11 @@ def config_prefill(config, text: int, layer_tokens: list[int] | None = None, mer
     from .vision import config_tower_info
 
     info = config_tower_info(config)
-    decoder = Decoder.from_config(config)
     cls = cls_tokens(config, info)
     positions = placeholders_per_image(config, info)
     tokens = positions if layer_tokens is None else layer_tokens[-1] + cls
-    stock, prompt = Prompt(text, positions, positions), Prompt(text, positions, tokens)
-    return ConfigPrefill(stock=stock, prompt=prompt, stock_plan=language_plan(stock, decoder.layers),
-                         plan=language_plan(prompt, decoder.layers, vtu, prune),
-                         stock_vision=vision_flops(info, decoder.hidden, cls=cls),
-                         vision=vision_flops(info, decoder.hidden, layer_tokens, merging, cls))
+    return ConfigPrefill.count(config, Prompt(text, positions, positions), Prompt(text, positions, tokens), layer_tokens,
+                               merging, vtu, prune, cls_tokens=cls)
 
 
 # ---------------------------------------------------------------------------------------------- from a patched model

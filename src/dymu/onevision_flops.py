@@ -18,7 +18,7 @@ unpadding nor down-scaling (every patch of every crop is a position).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -104,7 +104,7 @@ class ConfigPrefill(F.ConfigPrefill):
     """``dymu.flops.ConfigPrefill`` of one image under a OneVision config (vision: every crop through the tower and
     the projector), with the image's AnyRes reading."""
 
-    image: AnyresImage = None
+    image: AnyresImage = field(kw_only=True)
 
     @property
     def estimated(self) -> bool:
@@ -117,16 +117,8 @@ def config_prefill(config, image: AnyresImage, text: int, layer_tokens: list[int
     """``image`` with ``text`` text tokens under OneVision ``config``: every crop's tokens after each executed tower
     layer ``layer_tokens`` (None: unmerged), ``merging``: which of those layers compute the matching; the language
     model in VTU mode ``vtu`` with pruning ``prune`` (a ``dymu.methods`` spec or object)."""
-    from .vision import config_tower_info
-
-    info = config_tower_info(config)
-    decoder = F.Decoder.from_config(config)
     stock, prompt = prompts(image, text, None if layer_tokens is None else layer_tokens[-1])
-    return ConfigPrefill(image=image, stock=stock, prompt=prompt,
-                         stock_plan=F.language_plan(stock, decoder.layers),
-                         plan=F.language_plan(prompt, decoder.layers, vtu, prune),
-                         stock_vision=image.crops * F.vision_flops(info, decoder.hidden),
-                         vision=image.crops * F.vision_flops(info, decoder.hidden, layer_tokens, merging))
+    return ConfigPrefill.count(config, stock, prompt, layer_tokens, merging, vtu, prune, crops=image.crops, image=image)
 
 
 def describe(image: AnyresImage) -> str:
