@@ -171,6 +171,10 @@ class MergeState:
     statistics: dict = field(default_factory=dict)  # layer -> batch threshold statistic (budget mode)
     layer_lengths: list = field(default_factory=list)  # per executed layer: (batch,) tokens after the merge
 
+    def ragged(self, batch: int, tokens: int) -> bool:
+        """Images of the batch have different lengths: some rows of the padded (batch, tokens) layout are padding."""
+        return batch > 1 and bool((self.lengths < tokens).any())
+
     def merges_at(self, layer: int) -> bool:
         if layer > self.info.read_layer:
             return False
@@ -230,7 +234,7 @@ def _layer_forward(state: MergeState, index: int) -> Callable:
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         batch, tokens, _ = hidden_states.shape  # (batch, tokens, dim)
-        if attention_mask is None and batch > 1 and bool((state.lengths < tokens).any()):
+        if attention_mask is None and state.ragged(batch, tokens):
             return _packed_layer(self, state, index, hidden_states)
         residual = hidden_states
         hidden_states = self.layer_norm1(hidden_states)
@@ -243,7 +247,7 @@ def _layer_forward(state: MergeState, index: int) -> Callable:
             hidden_states = state.merge(index, hidden_states)
         state.layer_lengths.append(state.lengths)
         batch, tokens, _ = hidden_states.shape
-        if batch > 1 and bool((state.lengths < tokens).any()):
+        if state.ragged(batch, tokens):
             valid = M.valid_mask(state.lengths, tokens)  # (batch, tokens)
             return _packed_mlp(self, hidden_states[valid], valid)
         residual = hidden_states
